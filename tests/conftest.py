@@ -1,0 +1,32 @@
+"""Shared test set-up: offline by default, small thread count, paths to ../shared."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Offline and quiet before anything imports huggingface_hub or gradio (both read env at import).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SHARED = ROOT.parent / "shared"
+SHARED_ZOO = SHARED / "zoo" / "cifar10-resnet"
+SHARED_DATA = SHARED / "data" / "cifar10-test"
+
+
+def need_shared() -> None:
+    """Skip (with the reason) where ../shared is absent, as on a user's fresh machine."""
+    if not (SHARED_ZOO.is_dir() and SHARED_DATA.is_dir()):
+        pytest.skip(f"needs the team's shared data at {SHARED} (absent on a fresh machine)")
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    import torch
+    torch.set_num_threads(2)
+    yield
