@@ -1,0 +1,247 @@
+"""Which stitches exist: SN-Net's default enumeration, options, and user-chosen stitch points.
+
+A stitch is a route through anchors: run anchor f's stem and units 0..j, map the activation with
+a stitching layer, then run anchor b's units k..end and b's head (final norm included). Anchors
+themselves are one-segment routes. Anchors are ordered by MACs and stitching goes small -> large.
+
+SN-Net's defaults (arXiv 2302.06586 and its code), reproduced here:
+- nearest stitching: only anchors adjacent in MACs are stitched (all pairs on request);
+- plain models of equal depth (DeiT): a sliding window (kernel 2, stride 1) over block ids; every
+  (j, k) pair inside a window is a stitch, and the window's stitches share one stitching layer;
+- hierarchical models (Swin, ResNet, ...): stitching inside a stage only, never in the last stage;
+  equal stage depths use the same windows but only j < k (front block j feeds back block k);
+  unequal depths use the unpaired nearest-index mapping, one layer per stitch.
+With these, DeiT-Ti/S/B gives 3 + 34 + 34 = 71 stitches and Swin-Ti/S/B 3 + 2 + 2 + 34 = 41.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from composer.costs import AnchorInfo, Cost, channels, positions, stitch_layer_cost
+
+
+class PlanError(ValueError):
+    """An impossible stitch or plan; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    anchor: int          # index into StitchPlan.anchors
+    first: int           # first unit run (inclusive)
+    last: int            # last unit run (inclusive)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One stitching layer: maps anchor `front`'s activations into anchor `back`'s."""
+    key: str
+    front: int
+    back: int
+    in_channels: int
+    out_channels: int
+    in_layout: str
+    out_layout: str
+
+
+@dataclass(frozen=True)
+class Stitch:
+    id: int
+    route: tuple[Segment, ...]
+    layers: tuple[str, ...] = ()        # layer key between consecutive segments
+
+    @property
+    def is_anchor(self) -> bool:
+        return len(self.route) == 1
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "route": [{"anchor": s.anchor, "blocks": [s.first, s.last]} for s in self.route],
+                "layers": list(self.layers)}
+
+
+@dataclass
+class StitchPlan:
+    anchors: list[str]
+    infos: list[AnchorInfo]
+    stitches: list[Stitch]
+    layers: dict[str, LayerSpec]
+    options: dict = field(default_factory=dict)
+
+    def cost(self, stitch: Stitch | int) -> Cost:
+        """MACs / params / activations of running exactly this route (per image)."""
+        s = self.stitches[stitch] if isinstance(stitch, int) else stitch
+        first, last = self.infos[s.route[0].anchor], self.infos[s.route[-1].anchor]
+        total = first.stem + last.head
+        for seg in s.route:
+            for u in range(seg.first, seg.last + 1):
+                total = total + self.infos[seg.anchor].units[u]
+        for key, seg in zip(s.layers, s.route[:-1]):
+            spec = self.layers[key]
+            info = self.infos[seg.anchor]
+            total = total + stitch_layer_cost(spec.in_channels, spec.out_channels,
+                                              positions(info.out_shapes[seg.last], info.layout))
+        return total
+
+    def describe_route(self, stitch: Stitch | int) -> str:
+        s = self.stitches[stitch] if isinstance(stitch, int) else stitch
+        return " -> ".join(f"{_short(self.anchors[g.anchor])}[{g.first}..{g.last}]" for g in s.route)
+
+    def to_json(self) -> dict:
+        """The CLI's `plan --json` shape, plus what is needed to rebuild the plan."""
+        stitches = []
+        for s in self.stitches:
+            d = s.to_json()
+            d.update(self.cost(s).to_dict())
+            stitches.append(d)
+        return {"anchors": list(self.anchors), "options": self.options,
+                "layers": {k: asdict(v) for k, v in self.layers.items()}, "stitches": stitches}
+
+    def save(self, path) -> None:
+        from composer.io import write_text_atomic
+        write_text_atomic(path, json.dumps(self.to_json(), indent=1))
+
+
+def _short(name: str) -> str:
+    return name.rsplit("/", 1)[-1]
+
+
+def load_plan(data: dict, infos: list[AnchorInfo]) -> StitchPlan:
+    """Rebuild a plan saved by `to_json` (infos are re-measured from the anchors)."""
+    layers = {k: LayerSpec(**v) for k, v in data["layers"].items()}
+    stitches = [Stitch(d["id"], tuple(Segment(r["anchor"], *r["blocks"]) for r in d["route"]), tuple(d["layers"]))
+                for d in data["stitches"]]
+    return StitchPlan(list(data["anchors"]), infos, stitches, layers, dict(data.get("options", {})))
+
+
+# --- SN-Net's enumeration ------------------------------------------------------------------------
+
+def paired_positions(depth: int, kernel: int, stride: int, strict: bool) -> list[tuple[int, int, int]]:
+    """(j, k, window) for equal depths: every pair inside a sliding window, new pairs only.
+    strict keeps only j < k (hierarchical models, where the back anchor must not repeat j)."""
+    seen, out, window = set(), [], -1
+    for start in range(0, depth, stride):
+        ids = range(start, min(start + kernel, depth))
+        new = [(j, k) for j in ids for k in ids if (j, k) not in seen and (j < k or not strict)]
+        if new:
+            window += 1
+            for jk in new:
+                seen.add(jk)
+                out.append((*jk, window))
+    return out
+
+
+def unpaired_positions(front_depth: int, back_depth: int) -> list[tuple[int, int]]:
+    """SN-Net's mapping for unequal depths: back block i takes front block idx when
+    nearest-interpolating front ids to back_depth gives idx, and idx < i."""
+    ids = torch.arange(front_depth, dtype=torch.float32)[None, None]
+    mapping = torch.nn.functional.interpolate(ids, back_depth).long().flatten().tolist()
+    return [(idx, i) for idx in range(front_depth) for i, e in enumerate(mapping) if e == idx and idx < i]
+
+
+def _layout_ok(front: AnchorInfo, back: AnchorInfo, j: int, k: int) -> str | None:
+    """None if front unit j's output can feed back unit k's input through a stitching layer."""
+    # The layer maps each position (pixel or token) independently, so positions must match one to
+    # one; this also refuses a class-token ViT fed from a CNN (197 tokens vs 196 pixels).
+    out_shape, in_shape = front.out_shapes[j], back.in_shapes[k]
+    if positions(out_shape, front.layout) != positions(in_shape, back.layout):
+        return (f"{front.name} block {j} outputs {out_shape} ({front.layout}) but {back.name} block {k} "
+                f"takes {in_shape} ({back.layout}): spatial sizes / token counts differ")
+    return None
+
+
+def _layer(plan_layers: dict, key: str, fi: int, bi: int, front: AnchorInfo, back: AnchorInfo,
+           j: int, k: int) -> str:
+    if key not in plan_layers:
+        plan_layers[key] = LayerSpec(key, fi, bi, channels(front.out_shapes[j], front.layout),
+                                     channels(back.in_shapes[k], back.layout), front.layout, back.layout)
+    return key
+
+
+def build_plan(infos: list[AnchorInfo], kernel: int = 2, stride: int = 1, all_pairs: bool = False,
+               points: list[tuple[tuple[int, int], tuple[int, int]]] | None = None) -> StitchPlan:
+    """SN-Net's stitches between anchors (sorted by MACs here), or exactly the given points.
+
+    points: ((front anchor, front block), (back anchor, back block)) pairs, anchor indices in
+    MACs order; a point equal to a default stitch keeps its (possibly shared) default layer.
+    """
+    if len(infos) < 1:
+        raise PlanError("a plan needs at least one anchor")
+    if kernel < 1 or stride < 1:
+        raise PlanError(f"kernel and stride must be >= 1 (got kernel={kernel}, stride={stride})")
+    infos = sorted(infos, key=lambda a: a.total.macs)
+    layers: dict[str, LayerSpec] = {}
+    stitches = [Stitch(i, (Segment(i, 0, a.depth - 1),)) for i, a in enumerate(infos)]
+    defaults: dict[tuple[int, int, int, int], str] = {}   # (f, j, b, k) -> layer key
+    pairs = [(f, b) for f in range(len(infos)) for b in range(f + 1, len(infos))
+             if all_pairs or b == f + 1]
+    for f, b in pairs:
+        for (j, k, key) in _default_positions(infos, f, b, kernel, stride):
+            defaults[(f, j, b, k)] = key
+    if points is None:
+        wanted = list(defaults)
+    else:
+        wanted = [_check_point(infos, p) for p in points]
+    for (f, j, b, k) in wanted:
+        front, back = infos[f], infos[b]
+        if (err := _layout_ok(front, back, j, k)) is not None:
+            raise PlanError(err)
+        key = defaults.get((f, j, b, k)) or f"a{f}_a{b}_p{j}_{k}"
+        _layer(layers, key, f, b, front, back, j, k)
+        stitches.append(Stitch(len(stitches), (Segment(f, 0, j), Segment(b, k, back.depth - 1)), (key,)))
+    _check_layers(layers, stitches, infos)
+    options = {"kernel": kernel, "stride": stride, "all_pairs": all_pairs, "custom_points": points is not None}
+    return StitchPlan([a.name for a in infos], infos, stitches, layers, options)
+
+
+def _default_positions(infos, f, b, kernel, stride):
+    """(front unit, back unit, layer key) of SN-Net's default stitches between anchors f and b."""
+    front, back = infos[f], infos[b]
+    if front.num_stages != back.num_stages:
+        raise PlanError(f"{front.name} has {front.num_stages} stages and {back.name} {back.num_stages}: "
+                        "give stitch points explicitly to stitch models of different structure")
+    plain = front.num_stages == 1
+    stages = [0] if plain else range(front.num_stages - 1)   # SN-Net skips the last stage
+    for s in stages:
+        fu, bu = front.stage_units(s), back.stage_units(s)
+        if len(fu) == len(bu):
+            for j, k, w in paired_positions(len(fu), kernel, stride, strict=not plain):
+                yield fu[j], bu[k], f"a{f}_a{b}_s{s}_w{w}"
+        else:
+            for j, k in unpaired_positions(len(fu), len(bu)):
+                yield fu[j], bu[k], f"a{f}_a{b}_s{s}_u{j}_{k}"
+
+
+def _check_point(infos: list[AnchorInfo], point) -> tuple[int, int, int, int]:
+    try:
+        (f, j), (b, k) = point
+        f, j, b, k = int(f), int(j), int(b), int(k)
+    except (TypeError, ValueError):
+        raise PlanError(f"a stitch point is ((anchor, block), (anchor, block)), got {point!r}") from None
+    n = len(infos)
+    for a, blk in ((f, j), (b, k)):
+        if not 0 <= a < n:
+            raise PlanError(f"anchor {a} does not exist (there are {n} anchors, 0..{n - 1})")
+        if not 0 <= blk < infos[a].depth:
+            raise PlanError(f"{infos[a].name} has blocks 0..{infos[a].depth - 1}, not {blk}")
+    if f >= b:
+        raise PlanError(f"stitches go from a smaller to a larger anchor (by MACs): anchor {f} "
+                        f"({infos[f].name}) -> anchor {b} ({infos[b].name}) goes the wrong way")
+    front, back = infos[f], infos[b]
+    if front.num_stages > 1 and front.num_stages == back.num_stages and front.stages[j] != back.stages[k]:
+        raise PlanError(f"{front.name} block {j} is in stage {front.stages[j]} but {back.name} block {k} "
+                        f"is in stage {back.stages[k]}: stitch within one stage")
+    return f, j, b, k
+
+
+def _check_layers(layers, stitches, infos):
+    """Stitches sharing a layer must agree on its input and output widths."""
+    for s in stitches:
+        for key, seg, nxt in zip(s.layers, s.route[:-1], s.route[1:]):
+            spec = layers[key]
+            fi, bi = infos[seg.anchor], infos[nxt.anchor]
+            cin, cout = channels(fi.out_shapes[seg.last], fi.layout), channels(bi.in_shapes[nxt.first], bi.layout)
+            if (cin, cout) != (spec.in_channels, spec.out_channels):
+                raise PlanError(f"stitch {s.id} needs a {cin}->{cout} layer but shares {key} "
+                                f"({spec.in_channels}->{spec.out_channels}); use a larger stride or kernel 1")

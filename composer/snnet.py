@@ -1,0 +1,128 @@
+"""The stitched network (SN-Net): anchors + stitching layers, one route selected at a time.
+
+`StitchedNetwork.select(i)` switches instantly: it only changes which route `forward` runs.
+A route runs the first anchor's stem, its units, a stitching layer, the next anchor's units, and
+the last anchor's head (its final norm included).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from composer.plan import LayerSpec, Stitch, StitchPlan
+from zoo.adapters import BlockAdapter, adapt
+
+
+class StitchLayer(nn.Module):
+    """A per-position affine map between two anchors' widths.
+
+    Stored as a Linear (weight out x in, bias); applied as a 1x1 conv on channels-first maps
+    (SN-Net's CNN stitching layer) and as a Linear on tokens / channels-last maps. Between
+    layouts (a CNN into Swin, say) it also reshapes, which is all cross-family stitching needs.
+    """
+
+    def __init__(self, spec: LayerSpec):
+        super().__init__()
+        self.in_layout, self.out_layout = spec.in_layout, spec.out_layout
+        self.weight = nn.Parameter(torch.zeros(spec.out_channels, spec.in_channels))
+        self.bias = nn.Parameter(torch.zeros(spec.out_channels))
+        with torch.no_grad():  # identity where widths allow: a harmless start before fitting
+            n = min(spec.in_channels, spec.out_channels)
+            self.weight[:n, :n] = torch.eye(n)
+
+    def forward(self, x: torch.Tensor, out_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        if self.in_layout == self.out_layout == "nchw":
+            return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+        rows = x.flatten(2).transpose(1, 2) if self.in_layout == "nchw" else x   # (B, ..., C)
+        y = F.linear(rows, self.weight, self.bias)
+        if self.out_layout == self.in_layout:
+            return y
+        b = x.shape[0]
+        if self.out_layout == "nchw":      # (B, P, C) or (B, H, W, C) -> (B, C, H, W)
+            return y.reshape(b, -1, y.shape[-1]).transpose(1, 2).reshape(b, -1, *out_shape[1:])
+        if self.out_layout == "nhwc":
+            return y.reshape(b, *out_shape)
+        return y.reshape(b, -1, y.shape[-1])  # tokens
+
+
+class StitchedNetwork(nn.Module):
+    """All stitches of a plan in one module; `select` picks the route `forward` runs."""
+
+    def __init__(self, anchors: list[nn.Module], plan: StitchPlan):
+        super().__init__()
+        if len(anchors) != len(plan.anchors):
+            raise ValueError(f"plan has {len(plan.anchors)} anchors, got {len(anchors)} models")
+        self.plan = plan
+        self.anchors = nn.ModuleList(anchors)
+        self.adapters: list[BlockAdapter] = [adapt(m) for m in anchors]
+        self.stitch_layers = nn.ModuleDict({k: StitchLayer(s) for k, s in plan.layers.items()})
+        self.stitch_id = 0
+
+    @property
+    def stitches(self) -> list[Stitch]:
+        return self.plan.stitches
+
+    def select(self, stitch_id: int) -> "StitchedNetwork":
+        if not 0 <= stitch_id < len(self.plan.stitches):
+            raise IndexError(f"stitch {stitch_id} does not exist (0..{len(self.plan.stitches) - 1})")
+        self.stitch_id = stitch_id
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(self.plan.stitches[self.stitch_id], x)
+
+    def run(self, stitch: Stitch, x: torch.Tensor) -> torch.Tensor:
+        """Logits of one route from images."""
+        first = stitch.route[0]
+        return self.run_from(stitch, self.adapters[first.anchor].stem(x), start=first.first)
+
+    def run_from(self, stitch: Stitch, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Finish a route from the input of unit `start` of its first segment (shared prefixes)."""
+        for i, seg in enumerate(stitch.route):
+            a = self.adapters[seg.anchor]
+            for u in range(start if i == 0 else seg.first, seg.last + 1):
+                x = a.unit(u, x)
+            if i < len(stitch.layers):
+                nxt = stitch.route[i + 1]
+                x = self.stitch_layers[stitch.layers[i]](x, self.plan.infos[nxt.anchor].in_shapes[nxt.first])
+        return self.adapters[stitch.route[-1].anchor].head(x)
+
+    def route_prefixes(self, stitch: Stitch) -> list[str]:
+        """State-dict prefixes of everything a route runs (to count, train or export exactly it)."""
+        first, last = stitch.route[0], stitch.route[-1]
+        prefixes = [f"anchors.{first.anchor}.{n}" for n in self.adapters[first.anchor].stem_modules]
+        for seg in stitch.route:
+            units = self.adapters[seg.anchor].units[seg.first:seg.last + 1]
+            prefixes += [f"anchors.{seg.anchor}.{n}" for u in units for n in u.modules]
+        prefixes += [f"stitch_layers.{k}" for k in stitch.layers]
+        prefixes += [f"anchors.{last.anchor}.{n}" for n in self.adapters[last.anchor].head_modules]
+        return prefixes
+
+    def route_parameters(self, stitch: Stitch) -> list[nn.Parameter]:
+        prefixes = tuple(self.route_prefixes(stitch))
+        return [p for n, p in self.named_parameters() if _owned(n, prefixes)]
+
+
+def _owned(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def prefix_outputs(net: StitchedNetwork, x: torch.Tensor, needed: dict[int, set[int]]) -> dict[tuple[int, int], torch.Tensor]:
+    """Run each anchor once, keeping the output of unit j for every j in needed[anchor]
+    (j = -1 is the stem's output). Anchors run only as deep as their deepest needed unit."""
+    out = {}
+    for a, js in needed.items():
+        if not js:
+            continue
+        ad = net.adapters[a]
+        h = ad.stem(x)
+        if -1 in js:
+            out[(a, -1)] = h
+        for u in range(max(js) + 1):
+            h = ad.unit(u, h)
+            if u in js:
+                out[(a, u)] = h
+    return out
