@@ -118,7 +118,7 @@ def model_cost(model: nn.Module, input_size: tuple[int, int, int] | None = None)
     model.eval()
     try:
         with torch.no_grad():
-            _, macs = _count(meter, model, torch.zeros(1, *input_size))
+            _, macs = _count(meter, model, torch.zeros(1, *input_size, device=_device(model)))
     finally:
         meter.close()
         model.train(was_training)
@@ -140,7 +140,7 @@ def describe(name: str, adapter: BlockAdapter, input_size: tuple[int, int, int] 
 
     try:
         with torch.no_grad():
-            x, stem = measure("stem", adapter.stem, torch.zeros(1, *input_size))
+            x, stem = measure("stem", adapter.stem, torch.zeros(1, *input_size, device=_device(model)))
             in_shapes, out_shapes, units = [], [], []
             for i in range(len(adapter.units)):
                 in_shapes.append(tuple(x.shape[1:]))
@@ -153,6 +153,11 @@ def describe(name: str, adapter: BlockAdapter, input_size: tuple[int, int, int] 
         model.train(was_training)
     return AnchorInfo(name, adapter.layout, input_size, [u.stage for u in adapter.units],
                       in_shapes, out_shapes, stem, units, head)
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Counting also works on the meta device: shapes and MACs without computing anything."""
+    return next(model.parameters()).device
 
 
 def channels(shape: tuple[int, ...], layout: str) -> int:

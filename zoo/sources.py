@@ -13,6 +13,7 @@ import pickle
 from pathlib import Path
 
 import timm
+import torch
 from safetensors import SafetensorError
 from torch import nn
 
@@ -25,9 +26,12 @@ def is_sourced(spec: str) -> bool:
     return spec.startswith(("hf-hub:", "local-dir:"))
 
 
-def create_anchor(spec: str, pretrained: bool | None = None) -> nn.Module:
-    """Build an anchor from its spec, in eval mode. Sourced specs load weights by default."""
+def create_anchor(spec: str, pretrained: bool | None = None, device: str | None = None) -> nn.Module:
+    """Build an anchor from its spec, in eval mode. Sourced specs load weights by default.
+    device="meta" builds the architecture without memory or init (enough to plan and count)."""
     pretrained = is_sourced(spec) if pretrained is None else pretrained
+    if device == "meta" and pretrained:
+        raise AnchorError(f"{spec}: weights cannot be loaded on the meta device")
     if spec.startswith("local-dir:"):
         folder = Path(spec[len("local-dir:"):]).expanduser()
         if not (folder / "config.json").is_file():
@@ -40,7 +44,8 @@ def create_anchor(spec: str, pretrained: bool | None = None) -> nn.Module:
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise AnchorError(f"unknown model '{spec}': not a timm model name, hf-hub:org/repo or local-dir:DIR{hint}")
     try:
-        model = timm.create_model(spec, pretrained=pretrained)
+        with torch.device(device or "cpu"):
+            model = timm.create_model(spec, pretrained=pretrained)
     except (SafetensorError, pickle.UnpicklingError, EOFError) as e:
         raise AnchorError(f"{spec}: weight file is corrupted or not a safe checkpoint "
                           f"(only safetensors or plain-tensor files load): {_first_line(e)}") from None

@@ -1,0 +1,194 @@
+"""`python -m composer`: the headless face of the library.
+
+Results go to stdout (JSON with --json), progress bars to stderr. Any bad input ends with one
+line `error: ...` on stderr and exit code 2; a traceback means a bug in this program.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from composer.data import DataError
+from composer.plan import PlanError
+from composer.run import RunError
+from zoo.adapters import UnsupportedModel
+from zoo.sources import AnchorError
+
+USER_ERRORS = (AnchorError, UnsupportedModel, PlanError, DataError, RunError)
+COMMANDS = {}
+
+
+def command(fn):
+    COMMANDS[fn.__name__.removeprefix("cmd_").replace("_", "-")] = fn
+    return fn
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel", type=_positive, default=2, help="sliding-window size for equal depths (SN-Net: 2)")
+    p.add_argument("--stride", type=_positive, default=1, help="sliding-window stride (SN-Net: 1)")
+    p.add_argument("--all-pairs", action="store_true", help="stitch every pair of anchors, not only neighbours in MACs")
+    p.add_argument("--points", help="JSON list of [[front_anchor, block], [back_anchor, block]]: exactly these stitches")
+
+
+def _pretrained(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--pretrained", dest="pretrained", action="store_true", default=None,
+                   help="load weights for plain timm names too (needs the Hub or its cache)")
+    g.add_argument("--random-init", dest="pretrained", action="store_false",
+                   help="architectures only, even for hf-hub:/local-dir: anchors")
+
+
+def _plan_kwargs(args) -> dict:
+    points = None
+    if args.points:
+        try:
+            points = json.loads(args.points)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"--points is not valid JSON: {e}") from None
+    return {"kernel": args.kernel, "stride": args.stride, "all_pairs": args.all_pairs, "points": points}
+
+
+def stitch_rows(plan, extra: dict[int, dict] | None = None) -> list[dict]:
+    rows = []
+    for s in plan.stitches:
+        d = {"id": s.id, "route": s.to_json()["route"], **plan.cost(s).to_dict()}
+        d.update((extra or {}).get(s.id, {}))
+        rows.append(d)
+    return rows
+
+
+def _table(plan, rows: list[dict], extra_cols: list[str]) -> str:
+    lines = [f"{'id':>4}  {'MACs (M)':>10}  {'params (M)':>10}  " + "".join(f"{c:>8}  " for c in extra_cols) + "route"]
+    for r in rows:
+        vals = "".join(f"{r[c]:8.2f}  " if isinstance(r.get(c), float) else f"{str(r.get(c, '')):>8}  " for c in extra_cols)
+        lines.append(f"{r['id']:>4}  {r['macs'] / 1e6:10.2f}  {r['params'] / 1e6:10.3f}  {vals}{plan.describe_route(r['id'])}")
+    return "\n".join(lines) + "\nMACs: one multiply-add = 1 (FLOPs = 2 x MACs), per image."
+
+
+@command
+def cmd_plan(args) -> None:
+    """Enumerate stitches offline from architectures alone."""
+    from composer.plan import build_plan
+    from composer.run import load_anchors
+    # Planning needs shapes and counts only: build on the meta device unless weights are asked for.
+    _, infos = load_anchors(args.anchors, bool(args.pretrained), None if args.pretrained else "meta")
+    plan = build_plan(infos, **_plan_kwargs(args))
+    rows = stitch_rows(plan)
+    if args.json:
+        print(json.dumps({"anchors": plan.anchors, "stitches": rows}))
+    else:
+        print(_table(plan, rows, []))
+        print(f"{len(plan.stitches)} stitches ({len(plan.anchors)} anchors), {len(plan.layers)} stitching layers")
+
+
+@command
+def cmd_fit(args) -> None:
+    """Fit every stitching layer by least squares on calibration images; write RUN/."""
+    from composer import data
+    from composer.fit import fit_stitches
+    from composer.run import build_network, check_writable, save_fitted
+    out = check_writable(args.out)
+    net = build_network(args.anchors, args.pretrained, **_plan_kwargs(args))
+    cfg = data.data_config(net.anchors[0])
+    ds = data.subset(data.open_dataset(args.data, cfg), args.calib, seed=args.seed)
+    images = (x for x, _ in data.loader(ds, args.batch_size, workers=args.workers))
+    report = fit_stitches(net, tqdm(images, total=-(-len(ds) // args.batch_size), desc="fit", file=sys.stderr,
+                                    disable=None), ridge=args.ridge)
+    manifest = {"pretrained": args.pretrained, "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+                "fit": {"data": args.data, "calib": report.images, "held_out": report.held_out, "ridge": args.ridge,
+                        "r2": {str(k): v for k, v in report.r2.items()}}}
+    save_fitted(out, net, manifest)
+    rows = stitch_rows(net.plan, {k: {"r2": v} for k, v in report.r2.items()})
+    if args.json:
+        print(json.dumps({"run": str(out), "anchors": net.plan.anchors, "stitches": rows}))
+    else:
+        print(_table(net.plan, rows, ["r2"]))
+        print(f"fitted {len(net.plan.layers)} stitching layers on {report.images} images "
+              f"(R^2 on {report.held_out} held out); wrote {out}")
+
+
+@command
+def cmd_evaluate(args) -> None:
+    """Top-1 of every stitch (shared-prefix evaluation); also saved as RUN/evaluation.json."""
+    from composer import data
+    from composer.evaluate import evaluate_all
+    from composer.io import write_json_atomic
+    from composer.run import load_run
+    run = load_run(args.run)
+    cfg = data.data_config(run.net.anchors[0])
+    ds = data.subset(data.open_dataset(args.data, cfg, split="validation"), args.limit, seed=args.seed)
+    bar = tqdm(total=len(ds), desc="evaluate", file=sys.stderr, disable=None)
+    res = evaluate_all(run.net, data.loader(ds, args.batch_size, workers=args.workers),
+                       progress=lambda n: bar.update(n - bar.n))
+    bar.close()
+    rows = stitch_rows(run.plan, {k: {"top1": v} for k, v in res.top1.items()})
+    write_json_atomic(Path(run.dir) / "evaluation.json",
+                      {"data": args.data, "images": res.images, "stitches": rows})
+    if args.json:
+        print(json.dumps({"images": res.images, "stitches": rows}))
+    else:
+        print(_table(run.plan, rows, ["top1"]))
+        print(f"top-1 (%) on {res.images} images of {args.data}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m composer", description="Zoo Composer: stitch a model family into a speed/accuracy curve (SN-Net).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("plan", help=cmd_plan.__doc__)
+    sp.add_argument("anchors", nargs="+", help="timm name, hf-hub:org/repo or local-dir:DIR")
+    _plan_options(sp)
+    _pretrained(sp)
+    sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("fit", help=cmd_fit.__doc__)
+    sp.add_argument("anchors", nargs="+")
+    sp.add_argument("--data", required=True, help="ImageFolder path, 'starter', or a timm dataset name")
+    sp.add_argument("--calib", type=_positive, default=256, help="calibration images (default 256)")
+    sp.add_argument("--out", required=True, type=Path, help="run folder to write")
+    sp.add_argument("--ridge", type=float, default=1e-4)
+    _plan_options(sp)
+    _pretrained(sp)
+    _common(sp)
+
+    sp = sub.add_parser("evaluate", help=cmd_evaluate.__doc__)
+    sp.add_argument("run", type=Path)
+    sp.add_argument("--data", required=True)
+    sp.add_argument("--limit", type=_positive, default=None, help="evaluate on a seeded random subset of N images")
+    _common(sp)
+    return p
+
+
+def _common(sp) -> None:
+    sp.add_argument("--batch-size", type=_positive, default=64)
+    sp.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--json", action="store_true")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)   # argparse itself exits 2 with one usage line + error
+    try:
+        COMMANDS[args.command](args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
