@@ -19,12 +19,15 @@ from zoo.adapters import UnsupportedModel
 from zoo.sources import AnchorError
 
 USER_ERRORS = (AnchorError, UnsupportedModel, PlanError, DataError, RunError)
-COMMANDS = {}
+COMMANDS = {}   # name -> (function that adds the command's arguments, function that runs it)
 
 
-def command(fn):
-    COMMANDS[fn.__name__.removeprefix("cmd_").replace("_", "-")] = fn
-    return fn
+def command(name: str, arguments):
+    """Register a subcommand: `arguments(subparser)` declares its options; the docstring is its help."""
+    def register(fn):
+        COMMANDS[name] = (arguments, fn)
+        return fn
+    return register
 
 
 def _positive(text: str) -> int:
@@ -79,7 +82,14 @@ def _table(plan, rows: list[dict], extra_cols: list[str]) -> str:
     return "\n".join(lines) + "\nMACs: one multiply-add = 1 (FLOPs = 2 x MACs), per image."
 
 
-@command
+def _plan_args(sp) -> None:
+    sp.add_argument("anchors", nargs="+", help="timm name, hf-hub:org/repo or local-dir:DIR")
+    _plan_options(sp)
+    _pretrained(sp)
+    sp.add_argument("--json", action="store_true")
+
+
+@command("plan", _plan_args)
 def cmd_plan(args) -> None:
     """Enumerate stitches offline from architectures alone."""
     from composer.plan import build_plan
@@ -95,7 +105,18 @@ def cmd_plan(args) -> None:
         print(f"{len(plan.stitches)} stitches ({len(plan.anchors)} anchors), {len(plan.layers)} stitching layers")
 
 
-@command
+def _fit_args(sp) -> None:
+    sp.add_argument("anchors", nargs="+")
+    sp.add_argument("--data", required=True, help="ImageFolder path, 'starter', or a timm dataset name")
+    sp.add_argument("--calib", type=_positive, default=256, help="calibration images (default 256)")
+    sp.add_argument("--out", required=True, type=Path, help="run folder to write")
+    sp.add_argument("--ridge", type=float, default=1e-4)
+    _plan_options(sp)
+    _pretrained(sp)
+    _common(sp)
+
+
+@command("fit", _fit_args)
 def cmd_fit(args) -> None:
     """Fit every stitching layer by least squares on calibration images; write RUN/."""
     from composer import data
@@ -121,7 +142,14 @@ def cmd_fit(args) -> None:
               f"(R^2 on {report.held_out} held out); wrote {out}")
 
 
-@command
+def _evaluate_args(sp) -> None:
+    sp.add_argument("run", type=Path)
+    sp.add_argument("--data", required=True)
+    sp.add_argument("--limit", type=_positive, default=None, help="evaluate on a seeded random subset of N images")
+    _common(sp)
+
+
+@command("evaluate", _evaluate_args)
 def cmd_evaluate(args) -> None:
     """Top-1 of every stitch (shared-prefix evaluation); also saved as RUN/evaluation.json."""
     from composer import data
@@ -145,34 +173,6 @@ def cmd_evaluate(args) -> None:
         print(f"top-1 (%) on {res.images} images of {args.data}")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m composer", description="Zoo Composer: stitch a model family into a speed/accuracy curve (SN-Net).")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    sp = sub.add_parser("plan", help=cmd_plan.__doc__)
-    sp.add_argument("anchors", nargs="+", help="timm name, hf-hub:org/repo or local-dir:DIR")
-    _plan_options(sp)
-    _pretrained(sp)
-    sp.add_argument("--json", action="store_true")
-
-    sp = sub.add_parser("fit", help=cmd_fit.__doc__)
-    sp.add_argument("anchors", nargs="+")
-    sp.add_argument("--data", required=True, help="ImageFolder path, 'starter', or a timm dataset name")
-    sp.add_argument("--calib", type=_positive, default=256, help="calibration images (default 256)")
-    sp.add_argument("--out", required=True, type=Path, help="run folder to write")
-    sp.add_argument("--ridge", type=float, default=1e-4)
-    _plan_options(sp)
-    _pretrained(sp)
-    _common(sp)
-
-    sp = sub.add_parser("evaluate", help=cmd_evaluate.__doc__)
-    sp.add_argument("run", type=Path)
-    sp.add_argument("--data", required=True)
-    sp.add_argument("--limit", type=_positive, default=None, help="evaluate on a seeded random subset of N images")
-    _common(sp)
-    return p
-
-
 def _common(sp) -> None:
     sp.add_argument("--batch-size", type=_positive, default=64)
     sp.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -180,11 +180,20 @@ def _common(sp) -> None:
     sp.add_argument("--json", action="store_true")
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m composer",
+                                description="Zoo Composer: stitch a model family into a speed/accuracy curve (SN-Net).")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (arguments, fn) in COMMANDS.items():
+        arguments(sub.add_parser(name, help=fn.__doc__, description=fn.__doc__))
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)   # argparse itself exits 2 with one usage line + error
     try:
-        COMMANDS[args.command](args)
+        COMMANDS[args.command][1](args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
