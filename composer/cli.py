@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
+from composer.curve import CurveError
 from composer.data import DataError
 from composer.plan import PlanError
 from composer.run import RunError
+from composer.train import TrainError
 from zoo.adapters import UnsupportedModel
 from zoo.sources import AnchorError
 
-USER_ERRORS = (AnchorError, UnsupportedModel, PlanError, DataError, RunError)
+USER_ERRORS = (AnchorError, UnsupportedModel, PlanError, DataError, RunError, CurveError, TrainError)
 COMMANDS = {}   # name -> (function that adds the command's arguments, function that runs it)
 
 
@@ -171,6 +174,98 @@ def cmd_evaluate(args) -> None:
     else:
         print(_table(run.plan, rows, ["top1"]))
         print(f"top-1 (%) on {res.images} images of {args.data}")
+
+
+def _curve_args(sp) -> None:
+    sp.add_argument("run", type=Path)
+    sp.add_argument("--x", choices=["macs", "params", "activations", "latency"], default="macs",
+                    help="x axis (MACs: 1 multiply-add = 1; latency needs RUN/latency.json)")
+    sp.add_argument("--out", required=True, type=Path, help="FILE.html (offline, plotly inline), FILE.json or FILE.png")
+
+
+@command("curve", _curve_args)
+def cmd_curve(args) -> None:
+    """Draw the accuracy curve of a run (one point per stitch, Pareto front) from its latest evaluation."""
+    from composer.curve import curve_figure, curve_rows, load_plan_of_run, read_latency, read_top1, write_curve
+    plan = load_plan_of_run(args.run)
+    top1, source = read_top1(args.run)
+    latency = read_latency(args.run) if args.x == "latency" else None
+    fig = curve_figure(plan, top1, args.x, latency=latency, title=f"{args.run.name}: {source}")
+    rows = curve_rows(plan, top1, args.x, latency)
+    write_curve(fig, rows, args.out)
+    print(f"wrote {args.out}: {len(rows['stitches'])} stitches, Pareto front {rows['pareto']} ({source})")
+
+
+def _train_args(sp) -> None:
+    sp.add_argument("run", type=Path, help="run folder made by `fit` (resumes from its checkpoint if any)")
+    sp.add_argument("--data", required=True, help="training images: ImageFolder path, 'starter', or a timm dataset name")
+    sp.add_argument("--eval-data", help="held-out images for evaluation (default: the validation split of --data)")
+    g = sp.add_argument_group("when to stop (at least one)")
+    g.add_argument("--steps", type=_positive, help="total optimizer steps, counted across resumes")
+    g.add_argument("--time-budget", type=float, metavar="MIN", help="wall-clock minutes for this invocation")
+    sp.add_argument("--lr", type=float, help="learning rate (default: per family, see composer.train)")
+    sp.add_argument("--optimizer", choices=["sgd", "adamw"], help="default: AdamW for ViT-like anchors, SGD for CNNs")
+    sp.add_argument("--weight-decay", type=float)
+    sp.add_argument("--warmup-steps", type=int)
+    sp.add_argument("--anchor-lr-scale", type=float, help="anchors' lr = lr x this (stitching layers get lr)")
+    sp.add_argument("--sampling", choices=["uniform", "macs_grouped"], default="uniform",
+                    help="uniform over stitches (SN-Net) or a MACs group first, then a stitch (SN-Netv2)")
+    sp.add_argument("--groups", type=_positive, default=4, help="MACs groups for --sampling macs_grouped")
+    sp.add_argument("--stitch-layers-only", action="store_true", help="freeze the anchors, train the stitching layers")
+    sp.add_argument("--distill", metavar="largest|anchors|SPEC",
+                    help="distil from the largest anchor, from each route's last anchor, or from any anchor spec")
+    sp.add_argument("--distill-weight", type=float, default=0.5)
+    sp.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
+    sp.add_argument("--eval-limit", type=_positive, default=500, help="held-out images per evaluation")
+    sp.add_argument("--checkpoint-every", type=_positive, default=50, help="steps between checkpoints")
+    _common(sp)
+
+
+@command("train", _train_args)
+def cmd_train(args) -> None:
+    """Fine-tune the SN-Net of a run (one sampled stitch per step); Ctrl-C stops with a checkpoint."""
+    import signal
+    import threading
+
+    from composer.train import TrainConfig, train
+    config = TrainConfig(steps=args.steps, time_budget_min=args.time_budget, lr=args.lr, batch_size=args.batch_size,
+                         optimizer=args.optimizer, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                         sampling=args.sampling, groups=args.groups, stitch_layers_only=args.stitch_layers_only,
+                         distill=args.distill, distill_weight=args.distill_weight, eval_every=args.eval_every,
+                         eval_limit=args.eval_limit, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                         workers=args.workers, anchor_lr_scale=args.anchor_lr_scale)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    cancel = threading.Event()
+    # The first Ctrl-C (or a SIGTERM from torchrun / a job scheduler) finishes the step, saves, exits.
+    previous = {s: signal.signal(s, lambda *_: cancel.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = tqdm(desc="train", unit="step", file=sys.stderr, disable=None if rank0 else True)
+
+    def show(e: dict) -> None:
+        if e["type"] == "start":
+            bar.reset(total=e["total_steps"])
+            bar.update(e["step"])
+        elif e["type"] == "step":
+            bar.update(e["step"] - bar.n)
+            bar.set_postfix(loss=f"{e['loss']:.3f}", lr=f"{e['lr']:.2g}", stitch=e["stitch"], refresh=False)
+        elif e["type"] == "eval" and rank0:
+            best = max(e["top1"].values()) if e["top1"] else float("nan")
+            bar.write(f"step {e['step']}: evaluated {len(e['top1'])} stitches, best top-1 {best:.2f} %", file=sys.stderr)
+
+    try:
+        result = train(args.run, args.data, config, events=show, cancel=cancel, eval_data=args.eval_data)
+    finally:
+        bar.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if not rank0:
+        return
+    if args.json:
+        print(json.dumps({**result, "top1": {str(k): v for k, v in result["top1"].items()}}))
+    else:
+        top1 = result["top1"]
+        spread = f"top-1 {min(top1.values()):.2f}..{max(top1.values()):.2f} %" if top1 else "not evaluated"
+        print(f"{result['status']} at step {result['step']} ({result['steps_per_s']:.2f} steps/s); "
+              f"{len(top1)} stitches, {spread}; checkpoint in {result['checkpoint']}")
 
 
 def _common(sp) -> None:

@@ -1,0 +1,265 @@
+"""The MACs/accuracy curve of an SN-Net: one point per stitch, anchors marked, Pareto front drawn.
+
+`curve_figure` builds the plotly figure that both the CLI (`python -m composer curve RUN`) and the
+app show. Costs come from the plan (MACs with 1 multiply-add = 1, params, activations, all per
+image); accuracy from RUN/evaluation.json (written by `evaluate`) or the latest "eval" line of
+RUN/metrics.jsonl (written by training), whichever is newer. Latency, when chosen as the x axis,
+comes from RUN/latency.json (written by `measure_latency`).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from composer.io import write_json_atomic, write_text_atomic
+from composer.plan import StitchPlan
+
+if TYPE_CHECKING:  # plotly is imported when a figure is drawn, keeping the CLI quick to start
+    import plotly.graph_objects as go
+
+EVALUATION, METRICS, LATENCY = "evaluation.json", "metrics.jsonl", "latency.json"
+
+# x axis name -> (axis title, divisor turning the raw count into the unit shown)
+AXES = {
+    "macs": ("MACs (M) per image · 1 multiply-add = 1", 1e6),
+    "params": ("params (M)", 1e6),
+    "activations": ("activations (M) per image", 1e6),
+    "latency": ("latency (ms) per image, batch 1", 1.0),
+}
+ANCHOR_COLOUR, STITCH_COLOUR, FRONT_COLOUR, HIGHLIGHT_COLOUR = "#1f3b73", "#7aa6d8", "#e4572e", "#f2a900"
+
+
+class CurveError(ValueError):
+    """A curve that cannot be drawn or written; the message says why."""
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: lower x and higher y are better.
+
+    Returned in increasing x (and so increasing y). Of points with equal x only the best y can
+    be on the front; a point equal to an earlier one is dropped (the first of equals is kept).
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1], i))
+    front, best_y = [], float("-inf")
+    for i in order:
+        if points[i][1] > best_y:
+            front.append(i)
+            best_y = points[i][1]
+    return front
+
+
+def best_under(points: Sequence[tuple[float, float]], budget: float) -> int | None:
+    """Index of the most accurate point whose x is within the budget (cheapest among equals)."""
+    fits = [i for i, (x, _) in enumerate(points) if x <= budget]
+    if not fits:
+        return None
+    return max(fits, key=lambda i: (points[i][1], -points[i][0]))
+
+
+@dataclass
+class CurvePoint:
+    id: int
+    route: str
+    x: float          # in the axis unit (M or ms)
+    top1: float
+    is_anchor: bool
+
+
+def curve_points(plan: StitchPlan, top1: dict[int, float], x: str = "macs",
+                 latency: dict[int, float] | None = None) -> list[CurvePoint]:
+    """The stitches that have an accuracy, with their x value in the axis unit."""
+    if x not in AXES:
+        raise CurveError(f"x must be one of {', '.join(AXES)}, not '{x}'")
+    if x == "latency" and not latency:
+        raise CurveError("no latency measured for this run yet (measure it first)")
+    _, scale = AXES[x]
+    out = []
+    for s in plan.stitches:
+        if s.id not in top1:
+            continue
+        if x == "latency":
+            if s.id not in latency:
+                continue
+            value = latency[s.id]
+        else:
+            value = getattr(plan.cost(s), x) / scale
+        out.append(CurvePoint(s.id, plan.describe_route(s), float(value), float(top1[s.id]), s.is_anchor))
+    return out
+
+
+def curve_figure(plan: StitchPlan, top1: dict[int, float], x: str = "macs", highlight: int | None = None,
+                 latency: dict[int, float] | None = None, title: str | None = None) -> "go.Figure":
+    """One point per evaluated stitch; anchors as diamonds; the Pareto front as a line.
+
+    Every point carries its stitch id as customdata (the app selects a stitch by clicking it)
+    and names its route in the hover text.
+    """
+    import plotly.graph_objects as go
+    pts = curve_points(plan, top1, x, latency)
+    axis_title, _ = AXES[x]
+    unit = "ms" if x == "latency" else "M"
+    fig = go.Figure()
+
+    def trace(sel: list[CurvePoint], name: str, **style) -> None:
+        fig.add_trace(go.Scatter(
+            x=[p.x for p in sel], y=[p.top1 for p in sel], customdata=[p.id for p in sel], name=name,
+            text=[f"stitch {p.id}: {p.route}" for p in sel],
+            hovertemplate=f"%{{text}}<br>%{{x:.3g}} {unit} · top-1 %{{y:.2f}}%<extra></extra>", **style))
+
+    front = [pts[i] for i in pareto_front([(p.x, p.top1) for p in pts])]
+    if len(front) > 1:
+        trace(front, "Pareto front", mode="lines", line=dict(color=FRONT_COLOUR, width=2, shape="hv"),
+              hoverinfo="skip")
+    trace([p for p in pts if not p.is_anchor], "stitches", mode="markers",
+          marker=dict(color=STITCH_COLOUR, size=9, line=dict(color="white", width=1)))
+    anchors = [p for p in pts if p.is_anchor]
+    trace(anchors, "anchors", mode="markers+text", textposition="top center",
+          marker=dict(color=ANCHOR_COLOUR, size=13, symbol="diamond", line=dict(color="white", width=1)))
+    fig.data[-1].update(text=[f"stitch {p.id}: {p.route}" for p in anchors],
+                        texttemplate=[_short_anchor(plan, p.id) for p in anchors])
+    chosen = [p for p in pts if p.id == highlight]
+    if chosen:
+        trace(chosen, "selected", mode="markers",
+              marker=dict(color="rgba(0,0,0,0)", size=20, line=dict(color=HIGHLIGHT_COLOUR, width=3)))
+    fig.update_layout(
+        template="plotly_white", title=title, margin=dict(l=60, r=20, t=40 if title else 20, b=50),
+        xaxis_title=axis_title, yaxis_title="top-1 (%)", legend=dict(orientation="h", y=-0.2),
+        hovermode="closest", clickmode="event", uirevision=x)
+    return fig
+
+
+def _short_anchor(plan: StitchPlan, anchor: int) -> str:
+    return plan.anchors[anchor].rstrip("/").rsplit("/", 1)[-1]
+
+
+# --- reading a run ---------------------------------------------------------------------------
+
+def read_top1(run_dir: Path) -> tuple[dict[int, float], str]:
+    """Top-1 per stitch id from the newer of RUN/evaluation.json and RUN/metrics.jsonl, and
+    a phrase saying where it came from."""
+    run_dir = Path(run_dir)
+    candidates = [f for f in (run_dir / EVALUATION, run_dir / METRICS) if f.is_file()]
+    if not candidates:
+        raise CurveError(f"{run_dir} has no accuracies yet: run `python -m composer evaluate {run_dir} "
+                         "--data ...` or fine-tune it")
+    for f in sorted(candidates, key=lambda f: f.stat().st_mtime, reverse=True):
+        try:
+            found = _top1_from(f)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CurveError(f"{f} is unreadable ({e})") from None
+        if found:
+            return found
+    raise CurveError(f"{run_dir}: no evaluation results in {', '.join(f.name for f in candidates)}")
+
+
+def _top1_from(path: Path) -> tuple[dict[int, float], str] | None:
+    if path.name == EVALUATION:
+        data = json.loads(path.read_text())
+        return ({int(s["id"]): float(s["top1"]) for s in data["stitches"] if s.get("top1") is not None},
+                f"evaluation on {data.get('images', '?')} images of {data.get('data', '?')}")
+    last = None
+    for line in path.read_text().splitlines():
+        if line.strip():
+            event = json.loads(line)
+            if event.get("top1"):
+                last = event
+    if last is None:
+        return None
+    step = last.get("step")
+    return ({int(k): float(v) for k, v in last["top1"].items()},
+            "training eval" + (f" at step {step}" if step is not None else ""))
+
+
+def read_latency(run_dir: Path) -> dict[int, float] | None:
+    f = Path(run_dir) / LATENCY
+    if not f.is_file():
+        return None
+    try:
+        return {int(k): float(v) for k, v in json.loads(f.read_text())["ms"].items()}
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise CurveError(f"{f} is unreadable ({e})") from None
+
+
+def load_plan_of_run(run_dir: Path) -> StitchPlan:
+    """The run's plan with costs, measured on the meta device (no weights are loaded)."""
+    from composer.plan import load_plan
+    from composer.run import MANIFEST, PLAN, RunError, load_anchors
+    run_dir = Path(run_dir)
+    try:
+        manifest = json.loads((run_dir / MANIFEST).read_text())
+        plan_data = json.loads((run_dir / PLAN).read_text())
+    except FileNotFoundError:
+        raise RunError(f"{run_dir} is not a run folder (no {MANIFEST} or {PLAN}); create one with `fit`") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"{run_dir}: unreadable run files ({e})") from None
+    _, infos = load_anchors(manifest["anchors"], pretrained=False, device="meta")
+    return load_plan(plan_data, infos)
+
+
+@torch.inference_mode()
+def measure_latency(net, stitch_ids: list[int] | None = None, repeats: int = 10,
+                    progress=None) -> dict[int, float]:
+    """Median wall time (ms) of one batch-1 forward per stitch on the network's device."""
+    net.eval()
+    info = net.plan.infos[0]
+    x = torch.zeros(1, *info.input_size, device=next(net.parameters()).device)
+    ids = list(range(len(net.plan.stitches))) if stitch_ids is None else stitch_ids
+    out = {}
+    for n, i in enumerate(ids):
+        net.select(i)
+        net(x)  # warm-up: first-call allocations are not the model's speed
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            net(x)
+            times.append(time.perf_counter() - t0)
+        out[i] = 1000 * statistics.median(times)
+        if progress is not None:
+            progress(n + 1, len(ids))
+    return out
+
+
+def save_latency(run_dir: Path, ms: dict[int, float]) -> None:
+    write_json_atomic(Path(run_dir) / LATENCY, {"device": "cpu", "threads": torch.get_num_threads(),
+                                                "batch": 1, "ms": {str(k): v for k, v in ms.items()}})
+
+
+def curve_rows(plan: StitchPlan, top1: dict[int, float], x: str = "macs",
+               latency: dict[int, float] | None = None) -> dict:
+    """The curve as data (what `--out FILE.json` writes)."""
+    pts = curve_points(plan, top1, x, latency)
+    front = {pts[i].id for i in pareto_front([(p.x, p.top1) for p in pts])}
+    return {"x": x, "x_title": AXES[x][0],
+            "stitches": [{"id": p.id, "route": p.route, "x": p.x, "top1": p.top1, "anchor": p.is_anchor,
+                          "pareto": p.id in front} for p in pts],
+            "pareto": [p.id for p in pts if p.id in front]}
+
+
+def write_curve(fig: "go.Figure", rows: dict, out: Path) -> None:
+    """Write .html (plotly.js inline: works offline), .json (the data) or .png (needs kaleido)."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix == ".html":
+        write_text_atomic(out, fig.to_html(include_plotlyjs=True, full_html=True))
+    elif suffix == ".json":
+        write_json_atomic(out, rows)
+    elif suffix == ".png":
+        try:
+            import kaleido  # noqa: F401  (plotly's static image export backend)
+        except ImportError:
+            raise CurveError("writing .png needs the 'kaleido' package (which also needs a Chrome "
+                             "browser); it is not installed: write .html or .json instead") from None
+        try:
+            png = fig.to_image(format="png", width=900, height=560, scale=2)
+        except Exception as e:  # kaleido fails in many ways without a usable browser
+            raise CurveError(f"writing .png failed ({str(e).splitlines()[0][:200]}): write .html or .json instead") from None
+        from composer.io import _atomic
+        _atomic(out, lambda f: f.write(png))
+    else:
+        raise CurveError(f"--out must end in .html, .png or .json, not '{out.name}'")
