@@ -1,0 +1,608 @@
+"""Fine-tuning an SN-Net (arXiv 2302.06586): every step samples one stitch and trains its route.
+
+Only the sampled route's modules run, so only its parameters get gradients that step; the
+optimizer keeps state for all of them (SGD / AdamW skip parameters whose grad is None).
+
+Robust jobs:
+- Checkpoints go to RUN/checkpoint/ every `checkpoint_every` steps: snnet.safetensors (every weight
+  of the SN-Net, which `composer.run.load_run` loads) and trainer-<step>.pt (optimizer, schedule,
+  step; plain tensors and containers, read back with torch.load(weights_only=True)). Each file is
+  written atomically, the weights record their step, and the trainer state of the previous
+  checkpoint is deleted only after the new weights are in place: a process killed at any moment
+  leaves a matching pair, so it loses at most one checkpoint interval.
+- Resuming is exact: which stitch a step trains, which images it sees and their augmentation are
+  functions of (seed, rank, step), not of a generator that lives in memory; so a stopped and
+  resumed run matches an uninterrupted one (tested bit for bit on CPU).
+- `cancel` (a threading.Event) stops within one step and writes a checkpoint.
+- Several processes (`torchrun --nproc_per_node N python -m composer train ...`): each rank samples
+  its own stitch per step, as SN-Net does; DistributedDataParallel with find_unused_parameters
+  averages the gradients (a parameter a rank's route did not use counts as zero there; one no rank
+  used keeps grad None, so no optimizer touches it). Rank 0 writes checkpoints and metrics.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from timm.data import create_transform
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from composer import data as data_mod
+from composer.evaluate import evaluate_all
+from composer.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
+from composer.run import CHECKPOINT, MANIFEST, TRAINED, RunError, load_run
+from composer.snnet import StitchedNetwork
+from zoo.sources import create_anchor, is_sourced
+
+METRICS = "metrics.jsonl"
+LOG_EVERY = 10            # steps per summary line in metrics.jsonl
+SAMPLINGS = ("uniform", "macs_grouped")
+STOP_REASONS = {1: "done", 2: "budget", 3: "cancelled"}
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class TrainError(ValueError):
+    """Training cannot start or resume as asked; the message says why."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None            # stop after this many optimizer steps (total, across resumes)
+    time_budget_min: float | None = None  # or when this wall-clock budget (this invocation) is spent
+    lr: float | None = None             # None: family default
+    batch_size: int = 64
+    optimizer: str | None = None        # None: AdamW for ViT-like (token layout) anchors, SGD momentum 0.9 for CNNs
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
+    label_smoothing: float = 0.1
+    sampling: str = "uniform"           # "uniform" (SN-Net) | "macs_grouped" (SN-Netv2: sort by MACs, pick a group, then a stitch)
+    groups: int = 4
+    stitch_layers_only: bool = False
+    distill: str | None = None          # None | "largest" (largest anchor, frozen copy) | "anchors" (each route
+    #                                     learns from the original of its last anchor) | any anchor spec as teacher
+    distill_weight: float = 0.5         # KL on logits (temperature 1)
+    eval_every: int = 0                 # steps; 0: only at the end
+    eval_limit: int | None = 500        # held-out images for periodic evaluation (shared-prefix evaluate_all)
+    checkpoint_every: int = 50
+    seed: int = 0
+    workers: int = 0
+    # Beyond SN-Net's recipe (None: family default, see `resolve`):
+    anchor_lr_scale: float | None = None  # anchors' lr = lr x this (stitching layers get lr)
+    freeze_bn: bool | None = None       # keep BatchNorm statistics fixed (BN layers in eval mode)
+    hflip: float | None = None          # None: 0.5, but 0 for the starter digits (not mirror-symmetric)
+
+
+# Family defaults. ViT-like (token / channels-last layouts): AdamW as in SN-Net's DeiT recipe, with a
+# learning rate for batch 64 short fine-tunes. CNNs: SGD momentum 0.9; the values below were chosen
+# on the CIFAR ResNets with bench/bench_train.py (see its docstring for the comparison).
+VIT_DEFAULTS = dict(optimizer="adamw", lr=1e-4, weight_decay=0.05, anchor_lr_scale=1.0, freeze_bn=False)
+CNN_DEFAULTS = dict(optimizer="sgd", lr=0.01, weight_decay=5e-5, anchor_lr_scale=1.0, freeze_bn=False)
+
+
+def token_family(net: StitchedNetwork) -> bool:
+    return any(a.layout != "nchw" for a in net.adapters)
+
+
+def resolve(config: TrainConfig, net: StitchedNetwork, data: str = "") -> TrainConfig:
+    """A copy of `config` with every None default filled in for this network, and checked."""
+    defaults = VIT_DEFAULTS if token_family(net) else CNN_DEFAULTS
+    c = replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
+    c.optimizer = c.optimizer.lower()
+    if c.hflip is None:
+        c.hflip = 0.0 if data.startswith("starter") else 0.5
+    if c.steps is None and c.time_budget_min is None:
+        raise TrainError("give a number of steps or a time budget (or both)")
+    checks = [
+        (c.steps is None or c.steps >= 0, f"steps must be >= 0, got {c.steps}"),
+        (c.time_budget_min is None or c.time_budget_min > 0, f"the time budget must be positive, got {c.time_budget_min}"),
+        (c.lr > 0, f"the learning rate must be positive, got {c.lr}"),
+        (c.batch_size >= 1, f"the batch size must be >= 1, got {c.batch_size}"),
+        (c.optimizer in OPTIMIZERS, f"unknown optimizer '{c.optimizer}' (choose {', '.join(OPTIMIZERS)})"),
+        (c.sampling in SAMPLINGS, f"unknown sampling '{c.sampling}' (choose {', '.join(SAMPLINGS)})"),
+        (c.groups >= 1, f"groups must be >= 1, got {c.groups}"),
+        (0 <= c.distill_weight <= 1, f"the distillation weight must be in [0, 1], got {c.distill_weight}"),
+        (c.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {c.checkpoint_every}"),
+        (c.eval_every >= 0, f"eval_every must be >= 0, got {c.eval_every}"),
+        (c.anchor_lr_scale >= 0, f"anchor_lr_scale must be >= 0, got {c.anchor_lr_scale}"),
+        (c.workers >= 0, f"workers must be >= 0, got {c.workers}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise TrainError(message)
+    if c.warmup_steps is None:
+        c.warmup_steps = min(100, c.steps // 20) if c.steps else 20
+    return c
+
+
+# --- which stitch, which images: functions of (seed, rank, step) ---------------------------------
+
+class StitchSampler:
+    """Picks the stitch each step trains. `uniform`: any stitch (anchors included), as SN-Net.
+    `macs_grouped` (SN-Netv2): stitches sorted by MACs in `groups` equal groups; a group is
+    drawn uniformly, then a stitch in it, so the crowded middle of the curve is not oversampled."""
+
+    def __init__(self, net: StitchedNetwork, sampling: str, groups: int, seed: int):
+        self.seed = seed
+        ids = sorted(range(len(net.plan.stitches)), key=lambda i: net.plan.cost(i).macs)
+        if sampling == "uniform":
+            self.groups = [ids]
+        else:
+            self.groups = [list(g) for g in np.array_split(ids, min(groups, len(ids))) if len(g)]
+
+    def pick(self, step: int, rank: int = 0) -> int:
+        rng = np.random.default_rng([self.seed, rank, step, 1])
+        group = self.groups[rng.integers(len(self.groups))]
+        return int(group[rng.integers(len(group))])
+
+
+def _item_seed(seed: int, position: int) -> int:
+    return int(np.random.SeedSequence([seed, position, 2]).generate_state(1)[0])
+
+
+class _SeededItems(Dataset):
+    """Items addressed as (index, seed): the augmentation of an image depends only on its seed,
+    whichever process or worker loads it."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            state = random.getstate()
+            random.seed(seed)          # timm's random-resized crop draws from `random`
+            try:
+                return self.ds[index]
+            finally:
+                random.setstate(state)
+
+
+class _StepBatches(Sampler):
+    """Batches for steps start, start+1, ...: a step's images are positions (step * world + rank)
+    * batch_size ... of an endless stream of seeded epoch permutations."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int | None, rank: int, world: int):
+        self.n, self.bs, self.seed, self.start, self.stop = n, batch_size, seed, start, stop
+        self.rank, self.world = rank, world
+        self._epoch, self._perm = -1, None
+
+    def _index(self, position: int) -> int:
+        epoch = position // self.n
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch, 3]).generate_state(1)[0]))
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return int(self._perm[position % self.n])
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start
+        while self.stop is None or step < self.stop:
+            first = (step * self.world + self.rank) * self.bs
+            yield [(self._index(p), _item_seed(self.seed, p)) for p in range(first, first + self.bs)]
+            step += 1
+
+
+def train_transform(cfg: dict, hflip: float):
+    """timm's training transform for the anchors' preprocessing, tamed for short fine-tunes of
+    pretrained models: a mild random-resized crop (64-100 % of the area) and no colour jitter."""
+    keys = ("input_size", "interpolation", "mean", "std")
+    return create_transform(**{k: cfg[k] for k in keys if k in cfg}, is_training=True,
+                            scale=(0.64, 1.0), hflip=hflip, color_jitter=0.0)
+
+
+def _eval_spec(data: str) -> tuple[str, str]:
+    """(spec, split) for evaluation when none is given: the validation split of the same source."""
+    if data.startswith("starter"):
+        return "starter:val", "validation"
+    return data, "validation"
+
+
+# --- the optimizer, the schedule, train modes ----------------------------------------------------
+
+def _param_groups(net: StitchedNetwork, c: TrainConfig) -> list[dict]:
+    """Stitching layers at lr, anchors at lr x anchor_lr_scale; no weight decay on biases and norms
+    (timm's convention). Order is fixed by named_parameters, so optimizer state maps back on resume."""
+    groups = {}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "stitch" if name.startswith("stitch_layers.") else "anchor"
+        decay = p.ndim >= 2
+        key = (part, decay)
+        if key not in groups:
+            scale = 1.0 if part == "stitch" else c.anchor_lr_scale
+            groups[key] = {"params": [], "lr_scale": scale, "weight_decay": c.weight_decay if decay else 0.0,
+                           "name": f"{part}{'' if decay else '_no_decay'}"}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def _make_optimizer(groups: list[dict], c: TrainConfig) -> torch.optim.Optimizer:
+    for g in groups:
+        g["lr"] = c.lr * g["lr_scale"]
+    if c.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=c.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=c.lr)
+
+
+def lr_factor(step: int, cycle_start: int, warmup: int, progress: float) -> float:
+    """Linear warmup over `warmup` steps from the cycle's start, then cosine to 0 over `progress`."""
+    into = step - cycle_start
+    warm = min(1.0, (into + 1) / warmup) if warmup > 0 else 1.0
+    return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
+def _set_train_modes(net: StitchedNetwork, c: TrainConfig) -> None:
+    """Train mode where weights learn; frozen anchors and fixed BN statistics run as at inference."""
+    net.train()
+    if c.stitch_layers_only or c.anchor_lr_scale == 0:
+        net.anchors.eval()
+    elif c.freeze_bn:
+        for m in net.anchors.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+# --- teachers ------------------------------------------------------------------------------------
+
+def _teachers(run, c: TrainConfig, device) -> Callable[[int], nn.Module] | None:
+    """stitch id -> frozen teacher model, or None without distillation. Teachers are rebuilt from
+    their specs (the original weights), never the anchors being trained."""
+    if not c.distill:
+        return None
+    plan, pretrained = run.plan, run.manifest.get("pretrained")
+
+    def build(spec: str) -> nn.Module:
+        if not (pretrained or is_sourced(spec)):
+            raise TrainError(f"teacher {spec} would have random weights (the run's anchors are not pretrained); "
+                             "distill from a pretrained anchor or hf-hub:/local-dir: spec")
+        m = create_anchor(spec, pretrained).to(device).eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        data_mod.check_same_preprocessing([run.net.anchors[0], m], [plan.anchors[0], spec])
+        return m
+
+    if c.distill == "anchors":
+        models = [build(s) for s in plan.anchors]
+        return lambda sid: models[plan.stitches[sid].route[-1].anchor]
+    teacher = build(plan.anchors[-1] if c.distill == "largest" else c.distill)
+    return lambda sid: teacher
+
+
+# --- distributed -----------------------------------------------------------------------------------
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @classmethod
+    def setup(cls) -> "_Dist":
+        """Single process unless launched by torchrun / accelerate (WORLD_SIZE > 1)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cuda = torch.cuda.is_available()
+        if world <= 1:
+            return cls(device=torch.device("cuda" if cuda else "cpu"))
+        import torch.distributed as dist
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        owns = not dist.is_initialized()
+        if owns:
+            dist.init_process_group("nccl" if cuda else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), device, owns)
+
+    def max(self, value: int) -> int:
+        """The largest value over all ranks, on every rank."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+        t = torch.tensor([value], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of RUN/checkpoint/snnet.safetensors, or None when there is none."""
+    f = Path(run_dir) / CHECKPOINT / TRAINED
+    if not f.is_file():
+        return None
+    with safe_open(f, "pt") as h:
+        meta = h.metadata() or {}
+    return int(meta["step"]) if "step" in meta else None
+
+
+def _trainer_file(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT / f"trainer-{step:08d}.pt"
+
+
+def _save_checkpoint(run_dir: Path, net: StitchedNetwork, state: dict) -> None:
+    """Trainer state first (a new name), then the weights (atomic replace), then old states."""
+    folder = Path(run_dir) / CHECKPOINT
+    folder.mkdir(parents=True, exist_ok=True)
+    step = state["step"]
+    target = _trainer_file(run_dir, step)
+    tmp = folder / f".{target.name}.tmp"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    save_safetensors_atomic(folder / TRAINED, net.state_dict(), metadata={"step": str(step)})
+    for old in folder.glob("trainer-*.pt"):
+        if old != target:
+            old.unlink(missing_ok=True)
+
+
+def _load_trainer_state(run_dir: Path) -> dict | None:
+    step = checkpoint_step(run_dir)
+    if step is None:
+        return None
+    f = _trainer_file(run_dir, step)
+    if not f.is_file():
+        raise TrainError(f"{run_dir}: checkpoint weights are at step {step} but {f.name} is missing; "
+                         "delete the checkpoint folder to start over from the fitted stitching layers")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupted or foreign file: say which, never unpickle code
+        raise TrainError(f"{f}: unreadable trainer state ({str(e).splitlines()[0][:200]})") from None
+
+
+def _trim_metrics(run_dir: Path, step: int) -> None:
+    """Drop records after the checkpoint we resume from (a killed run logged steps it lost)."""
+    f = Path(run_dir) / METRICS
+    if not f.is_file():
+        return
+    keep = []
+    for line in f.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            pass   # a line cut short by a kill
+    write_text_atomic(f, "".join(line + "\n" for line in keep))
+
+
+# Settings that decide the optimizer's shape; resuming with other values is refused.
+_STRUCTURAL = ("optimizer", "stitch_layers_only")
+
+
+def _check_resume(saved: dict, c: TrainConfig) -> None:
+    for k in _STRUCTURAL:
+        if saved.get(k) != getattr(c, k):
+            raise TrainError(f"this run was trained with {k}={saved.get(k)!r}; resume with the same setting "
+                             f"(or delete its checkpoint folder to start over), not {getattr(c, k)!r}")
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+def train(run_dir, data: str, config: TrainConfig, events: Callable[[dict], None] | None = None,
+          cancel: threading.Event | None = None, eval_data: str | None = None) -> dict:
+    """Fine-tune the SN-Net in `run_dir` on `data`, resuming from its checkpoint if there is one.
+
+    Returns {"status": "done" | "budget" | "cancelled", "step", "total_steps", "top1", "elapsed_s",
+    "steps_per_s", "checkpoint"}; `top1` is the final evaluation on `eval_limit` held-out images.
+    """
+    run_dir = Path(run_dir).expanduser()
+    dist = _Dist.setup()
+    try:
+        return _train(run_dir, data, config, events or (lambda e: None), cancel, eval_data, dist)
+    finally:
+        dist.close()
+
+
+def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dict:
+    if not (run_dir / MANIFEST).is_file():
+        raise RunError(f"{run_dir} is not a run folder (no {MANIFEST}); create one with `fit`")
+    main = dist.rank == 0
+    run = load_run(run_dir)                 # includes the checkpoint's weights if there is one
+    net = run.net
+    c = resolve(config, net, data)
+    state = _load_trainer_state(run_dir)
+    if state is not None:
+        _check_resume(state["config"], c)
+    step = state["step"] if state else 0
+    if main and state is not None:
+        _trim_metrics(run_dir, step)
+
+    # Data: train-time transform on `data`, eval transform on the held-out split.
+    cfg = data_mod.data_config(net.anchors[0])
+    train_ds = data_mod.open_dataset(data, cfg, train=True)
+    train_ds.transform = train_transform(cfg, c.hflip)  # timm datasets apply `.transform` per item
+    try:
+        n_train = len(train_ds)
+    except TypeError:
+        raise data_mod.DataError(f"{data}: streaming data sets cannot be fine-tuned on yet; use an image folder") from None
+    if n_train == 0:
+        raise data_mod.DataError(f"{data}: no training images")
+    ev_spec, ev_split = (eval_data, "validation") if eval_data else _eval_spec(data)
+    eval_ds = data_mod.subset(data_mod.open_dataset(ev_spec, cfg, split=ev_split), c.eval_limit, seed=c.seed) if main else None
+
+    # Model, optimizer, teachers.
+    device = dist.device
+    net.to(device)
+    if c.stitch_layers_only:
+        for p in net.anchors.parameters():
+            p.requires_grad_(False)
+    groups = _param_groups(net, c)
+    opt = _make_optimizer(groups, c)
+    if state is not None:
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise TrainError(f"{run_dir}: the saved optimizer state does not fit this network ({e})") from None
+        for g in opt.param_groups:     # the lr may be changed on resume; the schedule re-applies it
+            g["lr"] = c.lr * g["lr_scale"]
+    teacher_of = _teachers(run, c, device)
+    model: nn.Module = net
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=True, broadcast_buffers=False)
+
+    sampler = StitchSampler(net, c.sampling, c.groups, c.seed)
+    batches = _StepBatches(n_train, c.batch_size, c.seed, step, c.steps, dist.rank, dist.world)
+    loader = DataLoader(_SeededItems(train_ds), batch_sampler=batches, num_workers=c.workers,
+                        pin_memory=device.type == "cuda")
+    history = list(state.get("history", [])) if state else []
+    budget_s = c.time_budget_min * 60 if c.time_budget_min else None
+    cycle_start = step if budget_s else 0   # a time budget is one warmup + cosine cycle per invocation
+    metrics_f = run_dir / METRICS
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+
+    def trainer_state(status: str) -> dict:
+        return {"step": step, "optimizer": opt.state_dict(),
+                "schedule": {"cycle_start": cycle_start, "warmup_steps": c.warmup_steps, "lr": c.lr},
+                "sampler": {"kind": c.sampling, "groups": c.groups, "seed": c.seed, "world": dist.world},
+                "config": asdict(c), "history": history + [{"data": data, "from_step": start_step, "to_step": step,
+                                                            "status": status, "seconds": round(time.monotonic() - t0, 1)}]}
+
+    def log(record: dict) -> None:
+        if main:
+            with open(metrics_f, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint(status: str = "running") -> None:
+        if main:
+            _save_checkpoint(run_dir, net, trainer_state(status))
+            _record_in_manifest(run_dir, data, ev_spec, c, step, status)
+        events({"type": "checkpoint", "step": step})
+
+    def evaluate() -> dict[int, float]:
+        if not main:
+            return {}
+        res = evaluate_all(net, data_mod.loader(eval_ds, c.batch_size, workers=c.workers))
+        _set_train_modes(net, c)
+        log({"type": "eval", "step": step, "images": res.images, "top1": {str(k): v for k, v in res.top1.items()}})
+        events({"type": "eval", "step": step, "top1": res.top1})
+        return res.top1
+
+    start_step = step
+    t0 = time.monotonic()
+    events({"type": "start", "step": step, "total_steps": c.steps, "time_budget_min": c.time_budget_min,
+            "stitches": len(net.plan.stitches), "device": str(device), "world_size": dist.world,
+            "resumed": state is not None, "config": asdict(c)})
+    _set_train_modes(net, c)
+    status, window, images = None, [], 0
+    saved_step = step if state is not None else None   # the step whose checkpoint is on disk
+    it = iter(loader)
+    while True:
+        elapsed = time.monotonic() - t0
+        reason = (1 if c.steps is not None and step >= c.steps else
+                  2 if budget_s is not None and elapsed >= budget_s else
+                  3 if cancel is not None and cancel.is_set() else 0)
+        reason = dist.max(reason)      # every rank stops at the same step
+        if reason:
+            status = STOP_REASONS[reason]
+            break
+        # cosine over the steps (total, so a resumed run continues the same curve) or the budget
+        progress = max(step / c.steps if c.steps else 0.0, elapsed / budget_s if budget_s else 0.0)
+        factor = lr_factor(step, cycle_start, c.warmup_steps, progress)
+        for g in opt.param_groups:
+            g["lr"] = c.lr * g["lr_scale"] * factor
+
+        x, y = next(it)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        sid = sampler.pick(step, dist.rank)
+        net.select(sid)
+        torch.manual_seed(int(np.random.SeedSequence([c.seed, dist.rank, step, 4]).generate_state(1)[0]))  # dropout etc.
+        with autocast:
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=c.label_smoothing)
+            if teacher_of is not None:
+                with torch.no_grad():
+                    target = teacher_of(sid)(x).float()
+                kd = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(target, -1),
+                              log_target=True, reduction="batchmean")
+                loss = (1 - c.distill_weight) * loss + c.distill_weight * kd
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        images += x.shape[0] * dist.world
+
+        value = float(loss.detach())
+        window.append(value)
+        elapsed = time.monotonic() - t0
+        rate = (step - start_step) / max(elapsed, 1e-9)
+        eta = None
+        if c.steps is not None:
+            eta = (c.steps - step) / rate
+        if budget_s is not None:
+            eta = min(eta, budget_s - elapsed) if eta is not None else budget_s - elapsed
+        lr_now = c.lr * factor
+        events({"type": "step", "step": step, "total_steps": c.steps, "loss": value, "lr": lr_now,
+                "images_per_s": images / max(elapsed, 1e-9), "eta_s": max(0.0, eta), "stitch": sid})
+        if len(window) == LOG_EVERY:
+            log({"type": "step", "step": step, "loss": sum(window) / len(window), "lr": lr_now,
+                 "images_per_s": images / max(elapsed, 1e-9), "elapsed_s": round(elapsed, 2)})
+            window = []
+        if c.eval_every and step % c.eval_every == 0 and (c.steps is None or step < c.steps):
+            evaluate()
+        if step - (start_step if saved_step is None else saved_step) >= c.checkpoint_every:
+            checkpoint()
+            saved_step = step
+
+    if saved_step != step:
+        checkpoint(status)
+    elif main:      # weights already saved at this step: record how the run ended
+        _record_in_manifest(run_dir, data, ev_spec, c, step, status)
+    top1 = evaluate()
+    if main and top1:
+        write_json_atomic(run_dir / "evaluation.json", _evaluation_json(net, ev_spec, len(eval_ds), top1, step))
+    elapsed = time.monotonic() - t0
+    result = {"status": status, "step": step, "total_steps": c.steps, "top1": top1,
+              "elapsed_s": round(elapsed, 2), "steps_per_s": round((step - start_step) / max(elapsed, 1e-9), 3),
+              "checkpoint": str(run_dir / CHECKPOINT)}
+    events({"type": status, "step": step})
+    return result
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _evaluation_json(net: StitchedNetwork, spec: str, images: int, top1: dict[int, float], step: int) -> dict:
+    """RUN/evaluation.json in the shape `evaluate` writes, for the trained weights."""
+    rows = []
+    for s in net.plan.stitches:
+        rows.append({"id": s.id, "route": s.to_json()["route"], **net.plan.cost(s).to_dict(), "top1": top1.get(s.id)})
+    return {"data": spec, "images": images, "step": step, "stitches": rows}
+
+
+def _record_in_manifest(run_dir: Path, data: str, eval_spec: str, c: TrainConfig, step: int, status: str) -> None:
+    """Provenance for model cards: what the checkpoint was trained on and how long."""
+    f = run_dir / MANIFEST
+    manifest = json.loads(f.read_text())
+    manifest["train"] = {"data": data, "eval_data": eval_spec, "step": step, "status": status,
+                         "config": {k.name: getattr(c, k.name) for k in fields(c)},
+                         "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json_atomic(f, manifest)

@@ -1,0 +1,302 @@
+"""composer.train: SN-Net fine-tuning, checkpoints, exact resume, cancel, kill, CLI.
+
+Anchors are tiny random-weight models saved as timm local-dir: folders (so every load of the run
+rebuilds the same weights), data are random PNGs in ImageFolder layout; the helpers here are also
+used by test_export.py and test_ddp.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from timm.models import save_for_hf
+
+import zoo  # noqa: F401  (registers the CIFAR ResNets)
+import zoo.starter  # noqa: F401  (registers the starter ViTs)
+from composer import cli, data
+from composer.fit import fit_stitches
+from composer.run import CHECKPOINT, TRAINED, build_network, load_run, save_fitted
+from composer.train import (StitchSampler, TrainConfig, TrainError, checkpoint_step, lr_factor, resolve,
+                            train)
+
+ROOT = Path(__file__).resolve().parents[1]
+VIT = ("starter_vit_tiny", "starter_vit_small")
+CNN = ("cifar_resnet20", "cifar_resnet32")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: a second thread only adds synchronisation (and the machine is shared).
+    torch.set_num_threads(1)
+    yield
+
+
+def image_folder(root: Path, n: int, size: int, classes: int = 4, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = Path(root) / str(i % classes)
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return str(root)
+
+
+def make_family(tmp: Path, archs=VIT) -> tuple[list[str], str, str]:
+    """Random-weight anchors as local-dir: folders + train/val image folders."""
+    tmp = Path(tmp)
+    specs = []
+    for i, arch in enumerate(archs):
+        torch.manual_seed(i)
+        save_for_hf(timm.create_model(arch), str(tmp / "anchors" / arch), safe_serialization=True)
+        specs.append(f"local-dir:{tmp / 'anchors' / arch}")
+    size = timm.create_model(archs[0]).pretrained_cfg["input_size"][-1]
+    return specs, image_folder(tmp / "train", 32, size), image_folder(tmp / "val", 16, size, seed=1)
+
+
+def make_run(tmp: Path, family: tuple[list[str], str, str], name: str = "run") -> Path:
+    """A fitted run folder (least-squares stitching layers), as `python -m composer fit` makes."""
+    specs, train_dir, _ = family
+    net = build_network(specs, None)
+    ds = data.open_dataset(train_dir, data.data_config(net.anchors[0]))
+    fit_stitches(net, (x for x, _ in data.loader(ds, 16)))
+    save_fitted(Path(tmp) / name, net, {"pretrained": None})
+    return Path(tmp) / name
+
+
+@pytest.fixture(scope="module")
+def vit_family(tmp_path_factory):
+    return make_family(tmp_path_factory.mktemp("vit"), VIT)
+
+
+@pytest.fixture(scope="module")
+def cnn_family(tmp_path_factory):
+    return make_family(tmp_path_factory.mktemp("cnn"), CNN)
+
+
+def small(**kw) -> TrainConfig:
+    return TrainConfig(**{"batch_size": 4, "eval_limit": 8, "checkpoint_every": 100, **kw})
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / CHECKPOINT / TRAINED)
+
+
+# --- one step trains exactly the sampled route -----------------------------------------------------
+
+def test_one_step_changes_only_the_sampled_route(tmp_path, vit_family):
+    run = make_run(tmp_path, vit_family)
+    before = load_run(run).net
+    events = []
+    result = train(run, vit_family[1], small(steps=1, optimizer="sgd", lr=0.1), events=events.append,
+                   eval_data=vit_family[2])
+    assert result["status"] == "done" and result["step"] == 1
+    sid = [e for e in events if e["type"] == "step"][0]["stitch"]
+    assert sid == StitchSampler(before, "uniform", 4, seed=0).pick(0)
+    on_route = tuple(before.route_prefixes(before.plan.stitches[sid]))
+    after = weights(run)
+    changed = {k for k, v in before.state_dict().items() if not torch.equal(v, after[k])}
+    inside = {k for k, _ in before.named_parameters() if any(k == p or k.startswith(p + ".") for p in on_route)}
+    assert changed and changed <= inside          # nothing off the route moved
+    assert len(changed) > len(inside) // 2        # and the route did learn
+    # the checkpoint is what load_run gives back
+    reloaded = load_run(run).net.state_dict()
+    assert all(torch.equal(reloaded[k], v) for k, v in after.items())
+
+
+def test_events_metrics_and_evaluation(tmp_path, vit_family):
+    run = make_run(tmp_path, vit_family)
+    events = []
+    result = train(run, vit_family[1], small(steps=12, eval_every=5, checkpoint_every=4), events=events.append,
+                   eval_data=vit_family[2])
+    types = [e["type"] for e in events]
+    assert types[0] == "start" and types[-1] == "done" and types.count("step") == 12
+    assert [e["step"] for e in events if e["type"] == "checkpoint"] == [4, 8, 12]
+    assert [e["step"] for e in events if e["type"] == "eval"] == [5, 10, 12]
+    n = len(load_run(run).plan.stitches)
+    final = [e for e in events if e["type"] == "eval"][-1]["top1"]
+    assert sorted(final) == list(range(n)) and final == result["top1"]
+    steps = [e for e in events if e["type"] == "step"]
+    assert all(e["total_steps"] == 12 and e["loss"] > 0 and e["eta_s"] >= 0 for e in steps)
+    assert steps[-1]["eta_s"] == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "step"] == [10]
+    assert [r["step"] for r in records if r["type"] == "eval"] == [5, 10, 12]
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert {s["id"]: s["top1"] for s in evaluation["stitches"]} == final and evaluation["images"] == 8
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["train"]["step"] == 12 and manifest["train"]["status"] == "done"
+
+
+def test_warmup_then_cosine():
+    assert lr_factor(0, 0, 4, 0.0) == pytest.approx(0.25)
+    assert lr_factor(3, 0, 4, 0.0) == pytest.approx(1.0)
+    assert lr_factor(50, 0, 4, 0.5) == pytest.approx(0.5)
+    assert lr_factor(99, 0, 4, 1.0) == pytest.approx(0.0)
+
+
+# --- resume, cancel, kill --------------------------------------------------------------------------
+
+def test_stop_and_resume_equals_one_run(tmp_path, vit_family):
+    """2 x 3 steps with a cancel in the middle give the same weights as one 6-step run."""
+    cfg = dict(optimizer="adamw", lr=1e-3, warmup_steps=2)
+    straight = make_run(tmp_path, vit_family, "straight")
+    train(straight, vit_family[1], small(steps=6, **cfg), eval_data=vit_family[2])
+
+    resumed = make_run(tmp_path, vit_family, "resumed")
+    cancel = threading.Event()
+
+    def stop_after_three(e):
+        if e["type"] == "step" and e["step"] == 3:
+            cancel.set()
+
+    first = train(resumed, vit_family[1], small(steps=6, **cfg), events=stop_after_three, cancel=cancel,
+                  eval_data=vit_family[2])
+    assert first["status"] == "cancelled" and first["step"] == 3 and checkpoint_step(resumed) == 3
+    events = []
+    second = train(resumed, vit_family[1], small(steps=6, **cfg), events=events.append, eval_data=vit_family[2])
+    assert events[0]["resumed"] and events[0]["step"] == 3 and second["step"] == 6
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # resuming a finished run trains nothing more
+    again = train(resumed, vit_family[1], small(steps=6, **cfg), eval_data=vit_family[2])
+    assert again["step"] == 6 and all(torch.equal(b[k], v) for k, v in weights(resumed).items())
+
+
+def test_resume_refuses_another_optimizer(tmp_path, vit_family):
+    run = make_run(tmp_path, vit_family)
+    train(run, vit_family[1], small(steps=1, optimizer="adamw"), eval_data=vit_family[2])
+    with pytest.raises(TrainError, match="optimizer"):
+        train(run, vit_family[1], small(steps=2, optimizer="sgd"), eval_data=vit_family[2])
+
+
+def test_time_budget(tmp_path, vit_family):
+    run = make_run(tmp_path, vit_family)
+    result = train(run, vit_family[1], small(time_budget_min=0.5 / 60), eval_data=vit_family[2])
+    assert result["status"] == "budget" and result["step"] >= 1 and checkpoint_step(run) == result["step"]
+
+
+KILL_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {root!r})
+import zoo, zoo.starter
+from composer.train import TrainConfig, train
+train({run!r}, {data!r}, TrainConfig(steps=100000, batch_size=4, checkpoint_every=2, eval_limit=4),
+      eval_data={data!r})
+"""
+
+
+def test_sigkill_loses_at_most_one_interval(tmp_path, vit_family):
+    run = make_run(tmp_path, vit_family)
+    script = KILL_SCRIPT.format(root=str(ROOT), run=str(run), data=vit_family[1])
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while (checkpoint_step(run) or 0) < 6:     # let it write a few checkpoints, then kill it
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint within 90 s"
+            time.sleep(0.05)
+        # kill while it is writing: the next checkpoint's temp files are being created right now
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    step = checkpoint_step(run)
+    assert step >= 6 and step % 2 == 0
+    folder = run / CHECKPOINT
+    assert (folder / f"trainer-{step:08d}.pt").is_file()
+    load_run(run)                                  # loadable
+    result = train(run, vit_family[1], small(steps=step + 2), eval_data=vit_family[2])
+    assert result["step"] == step + 2
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == step + 2
+
+
+# --- recipes ----------------------------------------------------------------------------------------
+
+def test_stitch_layers_only_keeps_anchors(tmp_path, cnn_family):
+    run = make_run(tmp_path, cnn_family)
+    before = load_run(run).net.state_dict()
+    train(run, cnn_family[1], small(steps=4, stitch_layers_only=True, lr=0.05, sampling="macs_grouped", groups=2),
+          eval_data=cnn_family[2])
+    after = weights(run)
+    anchors = [k for k in before if k.startswith("anchors.")]
+    assert all(torch.equal(before[k], after[k]) for k in anchors)   # BN statistics included
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("stitch_layers."))
+
+
+def test_freeze_bn_keeps_statistics(tmp_path, cnn_family):
+    run = make_run(tmp_path, cnn_family)
+    before = load_run(run).net.state_dict()
+    train(run, cnn_family[1], small(steps=3, freeze_bn=True), eval_data=cnn_family[2])
+    after = weights(run)
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("conv1.weight"))
+
+
+def test_distillation_from_itself_costs_nothing(tmp_path, vit_family, monkeypatch):
+    """The largest anchor distilled from its own original copy (weight 1): KL is 0 on step one."""
+    run = make_run(tmp_path, vit_family)
+    largest = len(VIT) - 1
+    monkeypatch.setattr(StitchSampler, "pick", lambda self, step, rank=0: largest)
+    events = []
+    train(run, vit_family[1], small(steps=2, distill="largest", distill_weight=1.0), events=events.append,
+          eval_data=vit_family[2])
+    losses = [e["loss"] for e in events if e["type"] == "step"]
+    assert losses[0] == pytest.approx(0.0, abs=1e-6) and losses[1] > 1e-7   # weights moved after step one
+
+
+def test_macs_grouped_sampling_is_balanced_over_groups(vit_family, tmp_path):
+    net = load_run(make_run(tmp_path, vit_family)).net
+    sampler = StitchSampler(net, "macs_grouped", 3, seed=0)
+    by_macs = sorted(range(len(net.plan.stitches)), key=lambda i: net.plan.cost(i).macs)
+    groups = [set(g.tolist()) for g in np.array_split(by_macs, 3)]
+    picks = [sampler.pick(s) for s in range(3000)]
+    shares = [sum(p in g for p in picks) / len(picks) for g in groups]
+    assert all(abs(s - 1 / 3) < 0.04 for s in shares)
+    assert set(picks) == set(range(len(net.plan.stitches)))
+
+
+def test_defaults_per_family(vit_family, cnn_family, tmp_path):
+    vit = load_run(make_run(tmp_path, vit_family, "v")).net
+    cnn = load_run(make_run(tmp_path, cnn_family, "c")).net
+    assert resolve(TrainConfig(steps=1), vit).optimizer == "adamw"
+    assert resolve(TrainConfig(steps=1), cnn).optimizer == "sgd"
+    assert resolve(TrainConfig(steps=1), cnn, "starter").hflip == 0.0
+    with pytest.raises(TrainError, match="steps or a time budget"):
+        resolve(TrainConfig(), vit)
+    with pytest.raises(TrainError, match="sampling"):
+        resolve(TrainConfig(steps=1, sampling="random"), vit)
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+def test_cli_train_json_and_errors(tmp_path, vit_family, capsys):
+    run = make_run(tmp_path, vit_family)
+    code = cli.main(["train", str(run), "--data", vit_family[1], "--eval-data", vit_family[2], "--steps", "2",
+                     "--batch-size", "4", "--eval-limit", "8", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["status"] == "done" and out["step"] == 2 and len(out["top1"]) == len(load_run(run).plan.stitches)
+
+    assert cli.main(["train", str(run), "--data", str(tmp_path / "nope"), "--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: ") and "does not exist" in err
+    assert cli.main(["train", str(run), "--data", vit_family[1]]) == 2
+    assert "steps or a time budget" in capsys.readouterr().err
+    assert cli.main(["train", str(tmp_path / "norun"), "--data", vit_family[1], "--steps", "1"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert checkpoint_step(run) == 2      # nothing lost by the failed calls
