@@ -68,5 +68,5 @@ def evaluate_naive(net: StitchedNetwork, batches, stitch_ids: list[int] | None =
         net.select(i)
         p = torch.cat([net(x).argmax(-1).cpu() for x, _ in batches])
         y = torch.cat([y for _, y in batches])
-        preds[i], top1[i] = p, 100.0 * float((p == y).float().mean())
+        preds[i], top1[i] = p, 100.0 * int((p == y).sum()) / len(y)
     return EvalResult(top1, sum(len(y) for _, y in batches), preds)

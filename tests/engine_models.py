@@ -1,0 +1,57 @@
+"""Tiny random-weight anchors of each supported family, small enough for fast tests."""
+from __future__ import annotations
+
+import timm
+import torch
+
+from composer.costs import describe
+from composer.plan import build_plan
+from composer.snnet import StitchedNetwork
+from zoo.adapters import adapt
+
+# name -> (timm model, kwargs, input size): shrunk where timm allows, real configs otherwise.
+FAMILIES = {
+    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2), (3, 32, 32)),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2), (3, 32, 32)),
+    "deit3": ("deit3_small_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2), (3, 32, 32)),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=16, depths=(1, 2, 2, 1), num_heads=(1, 1, 2, 2)), (3, 56, 56)),
+    "resnet": ("resnet18", {}, (3, 64, 64)),
+    "cifar_resnet": ("cifar_resnet20", {}, (3, 32, 32)),
+    "convnext": ("convnext_atto", {}, (3, 64, 64)),
+    "levit": ("levit_128s", {}, (3, 224, 224)),
+    "mobilenetv3": ("mobilenetv3_small_050", {}, (3, 64, 64)),
+    "efficientnet": ("efficientnet_b0", {}, (3, 64, 64)),
+    "regnet": ("regnetx_002", {}, (3, 64, 64)),
+}
+
+
+def tiny(family: str, seed: int = 0):
+    name, kwargs, size = FAMILIES[family]
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, **kwargs).eval(), size
+
+
+def vit(dim: int, heads: int, depth: int = 4, seed: int = 0, num_classes: int = 10):
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=dim,
+                             depth=depth, num_heads=heads, num_classes=num_classes).eval()
+
+
+def cifar(depth: int, seed: int = 0):
+    torch.manual_seed(seed)
+    return timm.create_model(f"cifar_resnet{depth}", pretrained=False).eval()
+
+
+def network(models, size, **plan_options) -> StitchedNetwork:
+    infos = [describe(f"m{i}", adapt(m), size) for i, m in enumerate(models)]
+    plan = build_plan(infos, **plan_options)
+    order = {f"m{i}": m for i, m in enumerate(models)}
+    return StitchedNetwork([order[n] for n in plan.anchors], plan)
+
+
+def vit_family(**plan_options) -> StitchedNetwork:
+    return network([vit(32, 2, seed=1), vit(48, 3, seed=2), vit(64, 4, seed=3)], (3, 32, 32), **plan_options)
+
+
+def cifar_family(**plan_options) -> StitchedNetwork:
+    return network([cifar(20, 1), cifar(32, 2)], (3, 32, 32), **plan_options)
