@@ -15,13 +15,14 @@ from tqdm import tqdm
 
 from composer.curve import CurveError
 from composer.data import DataError
+from composer.export import ExportError
 from composer.plan import PlanError
 from composer.run import RunError
 from composer.train import TrainError
 from zoo.adapters import UnsupportedModel
 from zoo.sources import AnchorError
 
-USER_ERRORS = (AnchorError, UnsupportedModel, PlanError, DataError, RunError, CurveError, TrainError)
+USER_ERRORS = (AnchorError, UnsupportedModel, PlanError, DataError, RunError, CurveError, TrainError, ExportError)
 COMMANDS = {}   # name -> (function that adds the command's arguments, function that runs it)
 
 
@@ -266,6 +267,33 @@ def cmd_train(args) -> None:
         spread = f"top-1 {min(top1.values()):.2f}..{max(top1.values()):.2f} %" if top1 else "not evaluated"
         print(f"{result['status']} at step {result['step']} ({result['steps_per_s']:.2f} steps/s); "
               f"{len(top1)} stitches, {spread}; checkpoint in {result['checkpoint']}")
+
+
+def _export_args(sp) -> None:
+    sp.add_argument("run", type=Path)
+    what = sp.add_mutually_exclusive_group(required=True)
+    what.add_argument("--stitch", type=int, metavar="ID", help="one stitch as a standalone model (model.pt2 + safetensors)")
+    what.add_argument("--all", action="store_true", help="the whole switchable SN-Net + lookup table (table.json)")
+    sp.add_argument("--out", required=True, type=Path, help="folder to write")
+    sp.add_argument("--latency", action="store_true", help="with --all: measure each stitch's batch-1 latency here")
+    sp.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this Hugging Face Hub repo")
+    sp.add_argument("--json", action="store_true")
+
+
+@command("export", _export_args)
+def cmd_export(args) -> None:
+    """Export one stitch (or the whole SN-Net) as a folder people can load; optionally push it to the Hub."""
+    from composer.export import export_snnet, export_stitch, push_to_hub
+    if args.all:
+        out = export_snnet(args.run, args.out, latency=args.latency)
+    else:
+        out = export_stitch(args.run, args.stitch, args.out)
+    url = push_to_hub(out, args.push_to_hub) if args.push_to_hub else None
+    files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if args.json:
+        print(json.dumps({"out": str(out), "files": files, "hub": url}))
+    else:
+        print(f"wrote {out}: {', '.join(files)}" + (f"; pushed to {url}" if url else ""))
 
 
 def _common(sp) -> None:

@@ -76,11 +76,13 @@ def make_run(tmp: Path, family: tuple[list[str], str, str], name: str = "run") -
 
 @pytest.fixture(scope="module")
 def vit_family(tmp_path_factory):
+    torch.set_num_threads(1)   # module fixtures run before the per-test thread setting
     return make_family(tmp_path_factory.mktemp("vit"), VIT)
 
 
 @pytest.fixture(scope="module")
 def cnn_family(tmp_path_factory):
+    torch.set_num_threads(1)
     return make_family(tmp_path_factory.mktemp("cnn"), CNN)
 
 
