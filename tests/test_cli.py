@@ -1,0 +1,147 @@
+"""The CLI end to end on tiny local-dir anchors, and its error contract: one line, exit 2."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.models import save_for_hf
+
+from tests.conftest import ROOT
+from tests.engine_models import vit
+
+VIT_ARGS = dict(img_size=32, patch_size=8, depth=4, num_classes=3)
+
+
+def cli(*args, timeout=300):
+    """The real process: python -m composer ..."""
+    return subprocess.run([sys.executable, "-m", "composer", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def main(capsys):
+    """The same entry point in-process (much faster than a new interpreter per call)."""
+    from types import SimpleNamespace
+
+    from composer.cli import main as cli_main
+
+    def run(*args):
+        try:
+            rc = cli_main([str(a) for a in args])
+        except SystemExit as e:      # argparse's own errors
+            rc = e.code
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    """Three tiny ViTs saved in timm's local-dir format, and a 3-class ImageFolder."""
+    root = tmp_path_factory.mktemp("zoo")
+    specs = []
+    for dim, heads in ((16, 2), (24, 2), (32, 2)):
+        model = vit(dim, heads, num_classes=3)
+        d = root / f"vit{dim}"
+        save_for_hf(model, d, model_args={**VIT_ARGS, "embed_dim": dim, "num_heads": heads},
+                    safe_serialization=True)
+        specs.append(f"local-dir:{d}")
+    data = root / "images"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (data / f"class{c}").mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"class{c}" / f"{i}.png")
+    return specs, data
+
+
+def test_plan_deit_family_offline_json():
+    r = cli("plan", "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["anchors"] == ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
+    assert len(out["stitches"]) == 71
+    first = out["stitches"][0]
+    assert set(first) == {"id", "route", "macs", "params", "activations"}
+    assert first["route"] == [{"anchor": 0, "blocks": [0, 11]}]
+    macs = [s["macs"] for s in out["stitches"]]
+    assert macs[0] < macs[1] < macs[2] and min(macs[3:]) > macs[0]
+    # a 12-block stitch Ti[0..j] -> S[j+1..11] costs between Ti and S
+    for s in out["stitches"][3:37]:
+        (f, b) = s["route"]
+        if b["blocks"][0] == f["blocks"][1] + 1:
+            assert macs[0] < s["macs"] < macs[1]
+
+
+def test_fit_then_evaluate_round_trip(tiny_zoo, tmp_path):
+    specs, data = tiny_zoo
+    run = tmp_path / "run"
+    r = cli("fit", *specs, "--data", data, "--calib", 20, "--out", run, "--batch-size", 8, "--json")
+    assert r.returncode == 0, r.stderr
+    fitted = json.loads(r.stdout)
+    assert len(fitted["stitches"]) == 3 + 2 * 10 and (run / "stitch_layers.safetensors").is_file()
+    r2 = [s["r2"] for s in fitted["stitches"] if "r2" in s]
+    assert len(r2) == 20 and all(v <= 1.0 for v in r2)
+    r = cli("evaluate", run, "--data", data, "--limit", 30, "--json")
+    assert r.returncode == 0, r.stderr
+    ev = json.loads(r.stdout)
+    assert ev["images"] == 30 and len(ev["stitches"]) == 23
+    assert all(0 <= s["top1"] <= 100 and s["macs"] > 0 for s in ev["stitches"])
+    assert json.loads((run / "evaluation.json").read_text())["stitches"] == ev["stitches"]
+    # the fitted layers came back: evaluating the anchors by hand gives the same top-1
+    from composer.run import load_run
+    net = load_run(run).net
+    assert len(net.plan.stitches) == 23
+
+
+def _one_error_line(r) -> str:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(("error:", "python -m composer")) and "error" in last
+    return last
+
+
+def test_bad_input_in_a_real_process_is_one_line():
+    r = cli("plan", "no_such_net")
+    assert "unknown model 'no_such_net'" in _one_error_line(r)
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_inputs_end_with_one_clear_line(tiny_zoo, tmp_path, main):
+    specs, data = tiny_zoo
+    cli = main
+    assert "unknown model 'no_such_net'" in _one_error_line(cli("plan", "no_such_net"))
+    assert "stages" in _one_error_line(cli("plan", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"))
+    assert "must be at least 1" in _one_error_line(cli("fit", *specs, "--data", data, "--calib", 0, "--out", tmp_path / "r"))
+    assert "does not exist" in _one_error_line(cli("fit", *specs, "--data", tmp_path / "nope", "--out", tmp_path / "r"))
+    (tmp_path / "empty").mkdir()
+    assert "no class subfolders" in _one_error_line(cli("fit", *specs, "--data", tmp_path / "empty", "--out", tmp_path / "r"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "cannot create run folder" in _one_error_line(cli("fit", *specs, "--data", data, "--out", blocker / "run"))
+    assert "not a run folder" in _one_error_line(cli("evaluate", tmp_path, "--data", data))
+    assert "--points" in _one_error_line(cli("plan", "deit_tiny_patch16_224", "--points", "[[oops"))
+    assert "wrong way" in _one_error_line(cli("plan", "deit_tiny_patch16_224", "deit_small_patch16_224",
+                                              "--points", "[[[1, 2], [0, 3]]]"))
+
+
+def test_corrupted_and_pickled_weights_are_refused(tiny_zoo, tmp_path, main):
+    specs, data = tiny_zoo
+    cli = main
+    src = Path(specs[0].removeprefix("local-dir:"))
+    bad = tmp_path / "corrupt"
+    bad.mkdir()
+    (bad / "config.json").write_text((src / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    assert "corrupted" in _one_error_line(cli("fit", f"local-dir:{bad}", specs[1], "--data", data, "--out", tmp_path / "r"))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((src / "config.json").read_text())
+    torch.save({"state": {"a": torch.zeros(1)}, "evil": Path("/")}, pickled / "pytorch_model.bin")
+    msg = _one_error_line(cli("fit", f"local-dir:{pickled}", specs[1], "--data", data, "--out", tmp_path / "r"))
+    assert "pickle" in msg or "safe" in msg
