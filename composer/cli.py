@@ -150,6 +150,7 @@ def _evaluate_args(sp) -> None:
     sp.add_argument("run", type=Path)
     sp.add_argument("--data", required=True)
     sp.add_argument("--limit", type=_positive, default=None, help="evaluate on a seeded random subset of N images")
+    sp.add_argument("--latency", action="store_true", help="also measure each stitch's latency (ms, batch 1, this device)")
     _common(sp)
 
 
@@ -167,13 +168,19 @@ def cmd_evaluate(args) -> None:
     res = evaluate_all(run.net, data.loader(ds, args.batch_size, workers=args.workers),
                        progress=lambda n: bar.update(n - bar.n))
     bar.close()
-    rows = stitch_rows(run.plan, {k: {"top1": v} for k, v in res.top1.items()})
+    extra = {k: {"top1": v} for k, v in res.top1.items()}
+    if args.latency:
+        from composer.costs import measure_latency
+        x = next(iter(data.loader(ds, 1)))[0].to(next(run.net.parameters()).device)
+        for s in tqdm(run.plan.stitches, desc="latency", file=sys.stderr, disable=None):
+            extra[s.id]["latency_ms"] = measure_latency(run.net.select(s.id), x)
+    rows = stitch_rows(run.plan, extra)
     write_json_atomic(Path(run.dir) / "evaluation.json",
                       {"data": args.data, "images": res.images, "stitches": rows})
     if args.json:
         print(json.dumps({"images": res.images, "stitches": rows}))
     else:
-        print(_table(run.plan, rows, ["top1"]))
+        print(_table(run.plan, rows, ["top1"] + (["latency_ms"] if args.latency else [])))
         print(f"top-1 (%) on {res.images} images of {args.data}")
 
 

@@ -175,3 +175,21 @@ def positions(shape: tuple[int, ...], layout: str) -> int:
 def stitch_layer_cost(in_ch: int, out_ch: int, n_positions: int) -> Cost:
     """A Linear / 1x1 conv with bias applied at every position (bias counted as above)."""
     return Cost((in_ch + 1) * out_ch * n_positions, in_ch * out_ch + out_ch, out_ch * n_positions)
+
+
+def measure_latency(fn, x: torch.Tensor, warmup: int = 3, repeats: int = 10) -> float:
+    """Median wall time of fn(x) in milliseconds, on whatever device x lives (synchronised on GPU).
+    Latency is the user's own device's property: measure it there, never trust a table from elsewhere."""
+    import time
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn(x)
+        sync()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn(x)
+            sync()
+            times.append(time.perf_counter() - t)
+    return 1000 * sorted(times)[len(times) // 2]

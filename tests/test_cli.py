@@ -86,11 +86,11 @@ def test_fit_then_evaluate_round_trip(tiny_zoo, tmp_path):
     assert len(fitted["stitches"]) == 3 + 2 * 10 and (run / "stitch_layers.safetensors").is_file()
     r2 = [s["r2"] for s in fitted["stitches"] if "r2" in s]
     assert len(r2) == 20 and all(v <= 1.0 for v in r2)
-    r = cli("evaluate", run, "--data", data, "--limit", 30, "--json")
+    r = cli("evaluate", run, "--data", data, "--limit", 30, "--latency", "--json")
     assert r.returncode == 0, r.stderr
     ev = json.loads(r.stdout)
     assert ev["images"] == 30 and len(ev["stitches"]) == 23
-    assert all(0 <= s["top1"] <= 100 and s["macs"] > 0 for s in ev["stitches"])
+    assert all(0 <= s["top1"] <= 100 and s["macs"] > 0 and s["latency_ms"] > 0 for s in ev["stitches"])
     assert json.loads((run / "evaluation.json").read_text())["stitches"] == ev["stitches"]
     # the fitted layers came back: evaluating the anchors by hand gives the same top-1
     from composer.run import load_run
