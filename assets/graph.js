@@ -1,0 +1,184 @@
+// Block graphs of the chosen anchors, side by side, with the stitch edges between them.
+// Runs as the `js_on_load` of a gr.HTML (arguments: element, trigger, props, server, upload, watch).
+// Python sends the graph as props.value (see composer/ui/views.py: graph_value); every edit is
+// sent back as a custom event, and Python answers with a new value (or the reason it refused):
+//   'stitch_add'    {front: [anchor, block], back: [anchor, block]}   click a block, then another
+//   'stitch_move'   {point: [f, j, b, k], end: 'front'|'back', to: [anchor, block]}   drag an edge end
+//   'stitch_remove' {point: [f, j, b, k]}                               the x on an edge
+const NS = "http://www.w3.org/2000/svg";
+const COL_W = 150, GAP = 96, ROW_H = 30, BOX_H = 24, TOP = 58, LEFT = 16;
+const STAGE_FILL = ["#eef3fb", "#e6f4ea", "#fdf3e1", "#f3e8fb", "#e8f6f8"];
+const root = element.querySelector(".zc-graph-root") || element;
+let pending = null;     // [anchor, block] clicked first
+let drag = null;
+
+function svgEl(tag, attrs, parent) {
+  const e = document.createElementNS(NS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  if (parent) parent.appendChild(e);
+  return e;
+}
+function millions(n) { return n >= 1e6 ? (n / 1e6).toFixed(n >= 1e8 ? 0 : 2) + " M" : (n / 1e3).toFixed(1) + " k"; }
+function colX(a) { return LEFT + a * (COL_W + GAP); }
+function rowY(blocks, part) {
+  const i = blocks.findIndex(b => b.part === part);
+  return TOP + i * ROW_H;
+}
+function key(a, part) { return a + ":" + part; }
+
+function draw() {
+  const v = props.value || {};
+  root.innerHTML = "";
+  const bar = document.createElement("div");
+  bar.className = "zc-graph-msg" + (v.error ? " zc-error" : "");
+  bar.textContent = v.message || "";
+  root.appendChild(bar);
+  const anchors = v.anchors || [];
+  if (!anchors.length) return;
+  const rows = Math.max(...anchors.map(a => a.blocks.length));
+  const width = LEFT * 2 + anchors.length * COL_W + (anchors.length - 1) * GAP;
+  const height = TOP + rows * ROW_H + 10;
+  const wrap = document.createElement("div");
+  wrap.className = "zc-graph-scroll";
+  root.appendChild(wrap);
+  // Shrinks to the panel's width (never grows past its natural size); pointer maths use the CTM.
+  const svg = svgEl("svg", {viewBox: `0 0 ${width} ${height}`, class: "zc-graph-svg",
+                            style: `width: 100%; max-width: ${width}px; height: auto`}, wrap);
+  const route = v.route || {nodes: [], edges: []};
+  const onRoute = new Set(route.nodes.map(n => key(n[0], n[1])));
+  const routeEdges = new Set(route.edges.map(e => e.join(",")));
+
+  for (const a of anchors) {
+    const x = colX(a.index);
+    const t = svgEl("text", {x: x + COL_W / 2, y: 18, class: "zc-anchor-title", "text-anchor": "middle"}, svg);
+    t.textContent = a.name;
+    const s = svgEl("text", {x: x + COL_W / 2, y: 34, class: "zc-anchor-sub", "text-anchor": "middle"}, svg);
+    s.textContent = `${millions(a.macs)} MACs · ${millions(a.params)} params`;
+    a.blocks.forEach((b, i) => {
+      const y = TOP + i * ROW_H;
+      if (i > 0) svgEl("line", {x1: x + COL_W / 2, y1: y - ROW_H + BOX_H, x2: x + COL_W / 2, y2: y, class: "zc-flow"}, svg);
+      const isUnit = typeof b.part === "number";
+      const cls = ["zc-block", isUnit ? "zc-unit" : "zc-end"];
+      if (onRoute.has(key(a.index, b.part))) cls.push("zc-on-route");
+      if (pending && pending[0] === a.index && pending[1] === b.part) cls.push("zc-pending");
+      const g = svgEl("g", {class: cls.join(" "), "data-anchor": a.index, "data-part": b.part}, svg);
+      const fill = b.stage >= 0 ? STAGE_FILL[b.stage % STAGE_FILL.length] : "#f4f5f7";
+      svgEl("rect", {x, y, width: COL_W, height: BOX_H, rx: 5, fill}, g);
+      const label = svgEl("text", {x: x + 7, y: y + 16, class: "zc-block-label"}, g);
+      label.textContent = isUnit ? `${b.part} · ${b.shape}` : `${b.label} · ${b.shape}`;
+      const m = svgEl("text", {x: x + COL_W - 6, y: y + 16, class: "zc-block-macs", "text-anchor": "end"}, g);
+      m.textContent = millions(b.macs);
+      const tip = svgEl("title", {}, g);
+      tip.textContent = `${a.name} ${b.label}${b.stage >= 0 ? " (stage " + b.stage + ")" : ""}\n` +
+        `output ${b.shape}\n${b.macs.toLocaleString()} MACs · ${b.params.toLocaleString()} params` +
+        (isUnit ? "\nclick, then click a block of a larger anchor to add a stitch" : "");
+    });
+  }
+
+  for (const e of v.edges || []) {
+    const [f, j, b, k] = e.point;
+    const fa = anchors[f], ba = anchors[b];
+    const x1 = colX(f) + COL_W, y1 = rowY(fa.blocks, j) + BOX_H / 2;
+    const x2 = colX(b), y2 = rowY(ba.blocks, k) + BOX_H / 2;
+    const mx = (x1 + x2) / 2;
+    const highlighted = routeEdges.has(e.point.join(","));
+    const g = svgEl("g", {class: "zc-edge" + (highlighted ? " zc-on-route" : ""), "data-point": e.point.join(",")}, svg);
+    const d = `M ${x1} ${y1} C ${mx} ${y1}, ${mx} ${y2}, ${x2} ${y2}`;
+    svgEl("path", {d, class: "zc-edge-hit"}, g);
+    svgEl("path", {d, class: "zc-edge-line", stroke: e.colour}, g);
+    const tip = svgEl("title", {}, g);
+    tip.textContent = `${fa.name} block ${j} -> ${ba.name} block ${k}\nstitch ${e.stitches.join(", ")} · layer ${e.layer}` +
+      (e.r2 != null ? `\nfit R² ${e.r2.toFixed(3)}` : "") + "\ndrag an end to move it; x removes it";
+    svgEl("circle", {cx: x1, cy: y1, r: 5, class: "zc-handle", "data-end": "front", fill: e.colour}, g);
+    svgEl("circle", {cx: x2, cy: y2, r: 5, class: "zc-handle", "data-end": "back", fill: e.colour}, g);
+    const rm = svgEl("g", {class: "zc-remove"}, g);
+    svgEl("circle", {cx: mx, cy: (y1 + y2) / 2, r: 7}, rm);
+    const xt = svgEl("text", {x: mx, y: (y1 + y2) / 2 + 4, "text-anchor": "middle"}, rm);
+    xt.textContent = "×";
+  }
+  if (v.fitted) {
+    const lg = svgEl("text", {x: width - LEFT, y: height - 2, class: "zc-legend", "text-anchor": "end"}, svg);
+    lg.textContent = "edge colour: fit R² (red ≤ 0.5, amber 0.75, green 1)";
+  }
+}
+
+function blockAt(clientX, clientY) {
+  for (const n of document.elementsFromPoint(clientX, clientY)) {
+    const g = n.closest && n.closest(".zc-unit");
+    if (g && element.contains(g)) return [Number(g.dataset.anchor), Number(g.dataset.part)];
+  }
+  return null;
+}
+
+function setHint(text, isError) {
+  const bar = root.querySelector(".zc-graph-msg");
+  if (bar) { bar.textContent = text; bar.classList.toggle("zc-error", !!isError); }
+}
+
+element.addEventListener("click", (ev) => {
+  if (drag && drag.moved) return;
+  const rm = ev.target.closest(".zc-remove");
+  if (rm) {
+    const point = rm.closest(".zc-edge").dataset.point.split(",").map(Number);
+    trigger("stitch_remove", {point});
+    return;
+  }
+  const g = ev.target.closest(".zc-block");
+  if (!g) return;
+  if (!g.classList.contains("zc-unit")) { setHint("stitches join blocks, not stems or heads", true); return; }
+  const here = [Number(g.dataset.anchor), Number(g.dataset.part)];
+  if (pending && pending[0] === here[0] && pending[1] === here[1]) {
+    pending = null; draw(); setHint("selection cleared"); return;
+  }
+  if (!pending) {
+    pending = here;
+    draw();
+    const a = (props.value.anchors || [])[here[0]];
+    setHint(`${a ? a.name : "anchor " + here[0]} block ${here[1]} chosen: now click a block of a larger anchor (Esc cancels)`);
+    return;
+  }
+  const front = pending;
+  pending = null;
+  trigger("stitch_add", {front, back: here});
+});
+
+element.addEventListener("keydown", (ev) => { if (ev.key === "Escape" && pending) { pending = null; draw(); } });
+
+element.addEventListener("pointerdown", (ev) => {
+  const h = ev.target.closest(".zc-handle");
+  if (!h) return;
+  ev.preventDefault();
+  const edge = h.closest(".zc-edge");
+  const svg = h.ownerSVGElement;
+  const other = h.dataset.end === "front" ? edge.querySelector('[data-end="back"]') : edge.querySelector('[data-end="front"]');
+  const ghost = svgEl("line", {x1: other.getAttribute("cx"), y1: other.getAttribute("cy"),
+                               x2: h.getAttribute("cx"), y2: h.getAttribute("cy"), class: "zc-ghost"}, svg);
+  drag = {handle: h, end: h.dataset.end, point: edge.dataset.point.split(",").map(Number), ghost, svg,
+          x0: ev.clientX, y0: ev.clientY, moved: false};
+  h.setPointerCapture(ev.pointerId);
+});
+
+element.addEventListener("pointermove", (ev) => {
+  if (!drag) return;
+  if (Math.abs(ev.clientX - drag.x0) + Math.abs(ev.clientY - drag.y0) > 4) drag.moved = true;
+  const p = drag.svg.createSVGPoint();
+  p.x = ev.clientX; p.y = ev.clientY;
+  const q = p.matrixTransform(drag.svg.getScreenCTM().inverse());
+  drag.ghost.setAttribute("x2", q.x);
+  drag.ghost.setAttribute("y2", q.y);
+});
+
+element.addEventListener("pointerup", (ev) => {
+  if (!drag) return;
+  const d = drag;
+  try { d.handle.releasePointerCapture(ev.pointerId); } catch (e) {}
+  d.ghost.remove();
+  setTimeout(() => { drag = null; }, 0);   // let the click that follows see `moved`
+  if (!d.moved) return;
+  const to = blockAt(ev.clientX, ev.clientY);
+  if (!to) { setHint("drop the end of a stitch on a block", true); return; }
+  trigger("stitch_move", {point: d.point, end: d.end, to});
+});
+
+watch("value", () => { pending = null; draw(); });
+draw();

@@ -1,0 +1,495 @@
+"""The Gradio app: widgets and events only; every action is a `Session` method (composer/ui/session.py).
+
+Each event has an explicit api_name, so the whole flow is scriptable with gradio_client (see
+docs/app_api.md). The first input of every endpoint is the session key from /new_session.
+Bad input never raises out of a handler: it comes back as a message (on the graph for graph
+edits, in the status line otherwise), and a running fine-tune is never touched by it.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from composer.ui import views
+from composer.ui.session import USER_ERRORS, AppConfig, AppError, Session, SessionStore
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+AXES = [("MACs", "macs"), ("params", "params"), ("activations", "activations"), ("latency (measure first)", "latency")]
+DISTILL = [("none", "none"), ("largest anchor", "largest"), ("each route's own anchor", "anchors")]
+SAMPLING = [("uniform (SN-Net)", "uniform"), ("grouped by MACs (SN-Netv2)", "macs_grouped")]
+
+
+def plotly_js() -> Path:
+    import plotly
+    return Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+
+
+def default_config(runs_root: Path | None = None, data_roots: list[Path] | None = None,
+                   model_roots: list[Path] | None = None, starter_cache: Path | None = None) -> AppConfig:
+    from zoo.starter import default_cache_dir
+    cache = default_cache_dir()
+    return AppConfig(runs_root=Path(runs_root or cache / "app-runs").expanduser(),
+                     exports_dir=Path(tempfile.mkdtemp(prefix="zoo-composer-exports-")),
+                     data_roots=[Path(p).expanduser() for p in (data_roots if data_roots is not None else [cache / "data"])],
+                     model_roots=[Path(p).expanduser() for p in (model_roots if model_roots is not None else [cache / "models"])],
+                     starter_cache=starter_cache)
+
+
+def _message(e: Exception) -> str:
+    if isinstance(e, USER_ERRORS):
+        return str(e)
+    log.exception("unexpected error in a UI handler")
+    return f"internal error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); the app is still running"
+
+
+def _status(text: str, error: bool = False) -> str:
+    return f"<span style='color:#a8201a;font-weight:600'>⚠ {text}</span>" if error else text
+
+
+def build_app(config: AppConfig | None = None) -> gr.Blocks:
+    config = config or default_config()
+    store = SessionStore(config)
+    gr.set_static_paths([str(plotly_js())])
+    head_plotly = f'<script src="gradio_api/file={plotly_js()}"></script>'
+
+    # --- view helpers: what each widget shows for a session ------------------------------------
+    def graph(s: Session, message: str | None = None, error: bool = False) -> dict:
+        if message is not None:
+            s.message, s.error = message, error
+        return views.graph_value(s.plan, s.r2, s.selected, s.message, s.error, fitted=bool(s.r2))
+
+    def curve(s: Session, x: str = "macs") -> dict:
+        try:
+            fig = s.curve_figure(x)
+        except USER_ERRORS as e:
+            return {"message": str(e)}
+        if fig is None:
+            return {"message": "The curve appears after fitting (step 3): one point per stitch."}
+        return json.loads(fig.to_json())
+
+    def budget_slider(s: Session, x: str):
+        from composer.curve import curve_points
+        try:
+            pts = curve_points(s.plan, s.top1, x, s.latency) if (s.plan and s.top1) else []
+        except USER_ERRORS:
+            pts = []
+        if not pts:
+            return gr.Slider(minimum=0, maximum=1, value=1, interactive=False, label="budget (fit first)")
+        lo, hi = min(p.x for p in pts), max(p.x for p in pts)
+        unit = "ms" if x == "latency" else "M"
+        return gr.Slider(minimum=round(lo, 4), maximum=round(hi, 4) if hi > lo else round(lo, 4) + 1, value=round(hi, 4),
+                         interactive=True, label=f"budget ({dict((v, k) for k, v in AXES)[x]} in {unit}): best stitch under it")
+
+    def members_table(s: Session):
+        rows = s.members()
+        return [[r["name"], round(r["params_m"], 3), round(r["macs_m"], 3), r["resolution"], r["blocks"], r["pretrained"]]
+                for r in rows]
+
+    def anchor_choices(s: Session):
+        rows = s.members()
+        return gr.CheckboxGroup(choices=[(f"{r['name']} ({r['macs_m']:.3g} M MACs)", r["spec"]) for r in rows],
+                                value=list(s.specs), interactive=bool(rows))
+
+    def family_choices(s: Session):
+        return gr.Dropdown(choices=[(e.label(), e.id) for e in s.families.values()],
+                           value=s.family.id if s.family else None)
+
+    def family_md(s: Session) -> str:
+        if s.family is None:
+            return "No family chosen yet. The **starter** family works offline (tiny ViTs on digits)."
+        return f"**{s.family.name}** · {s.family.source} · pretrained on: {s.family.tag or 'unknown'}" + (
+            f" · {s.family.note}" if s.family.note else "")
+
+    def progress(s: Session) -> str:
+        return views.progress_html(s.job.snapshot() if s.job else None)
+
+    def timer_for(s: Session):
+        return gr.Timer(active=bool(s.job and s.job.running))
+
+    def session_of(key: str) -> Session:
+        return store.get(key)
+
+    with gr.Blocks(title="Zoo Composer", delete_cache=(3600, 3600), analytics_enabled=False) as demo:
+        session = gr.Textbox(visible=False, label="session")
+        gr.Markdown("## Zoo Composer · stitch a model family into a speed/accuracy curve (SN-Net)")
+        status = gr.HTML("", elem_classes="zc-status", js_on_load=None)
+
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=320):
+                with gr.Group():
+                    gr.Markdown("### 1 · Family")
+                    with gr.Row():
+                        query = gr.Textbox(label="search the Hub", placeholder="e.g. deit", scale=3)
+                        search = gr.Button("Search", scale=1)
+                    hub_line = gr.Markdown("")
+                    family = gr.Dropdown(label="family", choices=[], interactive=True)
+                    family_info = gr.Markdown("")
+                    with gr.Accordion("custom anchors", open=False):
+                        custom = gr.Textbox(label="timm names or hf-hub:org/repo, comma separated", lines=2)
+                        custom_go = gr.Button("Use these anchors")
+                    members = gr.Dataframe(headers=["member", "params (M)", "MACs (M)", "resolution", "blocks", "pretrained on"],
+                                           interactive=False, wrap=True, label="members (MACs: 1 multiply-add = 1)")
+                    anchors = gr.CheckboxGroup(label="anchors to stitch", choices=[])
+                with gr.Group():
+                    gr.Markdown("### 2 · Stitch plan")
+                    with gr.Row():
+                        kernel = gr.Number(value=2, precision=0, minimum=1, label="kernel", min_width=80)
+                        stride = gr.Number(value=1, precision=0, minimum=1, label="stride", min_width=80)
+                        all_pairs = gr.Checkbox(value=False, label="all pairs (not only neighbours)")
+                    with gr.Row():
+                        apply_opts = gr.Button("Apply options", size="sm")
+                        reset = gr.Button("Reset to SN-Net defaults", size="sm")
+                    count = gr.Markdown(views.plan_count_md(None))
+                with gr.Group():
+                    gr.Markdown("### 3 · Fit stitching layers")
+                    data = gr.Dropdown(label="calibration data (a folder under the data roots, or a data set)",
+                                       choices=["starter"], value="starter", allow_custom_value=True)
+                    with gr.Row():
+                        calib = gr.Number(value=256, precision=0, minimum=1, label="calibration images")
+                        eval_n = gr.Number(value=config.eval_limit, precision=0, minimum=1, label="evaluation images")
+                    fit_btn = gr.Button("Fit and evaluate", variant="primary")
+                    fit_status = gr.Markdown("")
+                with gr.Group():
+                    gr.Markdown("### 4 · Fine-tune")
+                    with gr.Row():
+                        steps = gr.Number(value=100, precision=0, minimum=1, label="steps")
+                        lr = gr.Number(value=0, minimum=0, label="learning rate (0: family default)")
+                        batch = gr.Number(value=64, precision=0, minimum=1, label="batch")
+                    with gr.Row():
+                        sampling = gr.Dropdown(SAMPLING, value="uniform", label="stitch sampling")
+                        distill = gr.Dropdown(DISTILL, value="none", label="distillation")
+                        eval_every = gr.Number(value=25, precision=0, minimum=0, label="evaluate every (steps)")
+                    with gr.Row():
+                        train_btn = gr.Button("Start / resume", variant="primary")
+                        cancel_btn = gr.Button("Cancel", variant="stop")
+                    train_progress = gr.HTML(views.progress_html(None), js_on_load=None)
+                    timer = gr.Timer(0.5, active=False)
+            with gr.Column(scale=2, min_width=560):
+                gr.Markdown("### Block graphs · click a block, then a block of a larger anchor, to add a stitch; "
+                            "drag an edge end to move it")
+                graph_html = gr.HTML(views.graph_value(None), html_template='<div class="zc-graph-root"></div>',
+                                     js_on_load=(ASSETS / "graph.js").read_text(), elem_id="zc-graph")
+                gr.Markdown("### 5 · Curve · click a point to pick a stitch")
+                with gr.Row():
+                    axis = gr.Radio(AXES, value="macs", label="x axis", scale=3)
+                    latency_btn = gr.Button("Measure latency", size="sm", scale=1)
+                curve_html = gr.HTML({"message": "The curve appears after fitting (step 3)."},
+                                     html_template='<div class="zc-curve"><div class="zc-curve-empty"></div>'
+                                                   '<div class="zc-curve-plot"></div></div>',
+                                     js_on_load=(ASSETS / "curve.js").read_text(), head=head_plotly, elem_id="zc-curve")
+                budget = gr.Slider(0, 1, value=1, label="budget (fit first)", interactive=False)
+                picked = gr.Markdown(views.stitch_md(None))
+                gr.Markdown("### 6 · Download")
+                with gr.Row():
+                    export_stitch_btn = gr.Button("Export selected stitch (zip)")
+                    export_snnet_btn = gr.Button("Export whole SN-Net (zip)")
+                download = gr.File(label="exported files", interactive=False, file_count="multiple")
+
+        # --- handlers ----------------------------------------------------------------------------
+        everything = [family, family_info, members, anchors, graph_html, count, curve_html, budget, picked,
+                      train_progress, timer, data, hub_line]
+
+        def restore(key: str):
+            """Everything a tab shows for a session (used on load, also after a reload)."""
+            try:
+                s = session_of(key)
+            except AppError as e:
+                return [gr.skip()] * len(everything) + [_status(str(e), True)]
+            entries, line = s.list_families("")
+            return [family_choices(s), family_md(s), members_table(s), anchor_choices(s), graph(s),
+                    views.plan_count_md(s.plan), curve(s), budget_slider(s, "macs"), views.stitch_md(s.stitch_summary(s.selected)),
+                    progress(s), timer_for(s), gr.Dropdown(choices=s.data_choices(), value=s.data or "starter"), line,
+                    "Ready." if not (s.job and s.job.running) else "Reattached to the running fine-tune."]
+
+        def new_session(request: gr.Request | None = None) -> str:
+            key = None
+            if request is not None:
+                key = request.query_params.get("session")
+            return key if store.find(key) is not None else store.new().key
+
+        demo.load(new_session, outputs=session, api_name="new_session").then(
+            restore, inputs=session, outputs=everything + [status], api_name="restore").then(
+            None, inputs=session, js="(k) => { const u = new URL(window.location); "
+                                     "if (k && u.searchParams.get('session') !== k) { u.searchParams.set('session', k); "
+                                     "window.history.replaceState(null, '', u); } }")
+
+        def list_families(key: str, text: str):
+            try:
+                s = session_of(key)
+                entries, line = s.list_families(text)
+                return family_choices(s), line, _status(f"{len(entries)} families")
+            except Exception as e:
+                return gr.skip(), gr.skip(), _status(_message(e), True)
+
+        for ev in (search.click, query.submit):
+            ev(list_families, [session, query], [family, hub_line, status], api_name="list_families" if ev == search.click else "search_submit")
+
+        family_outputs = [family, family_info, members, anchors, graph_html, count, curve_html, budget, picked, status]
+
+        def after_family(s: Session, text: str):
+            return [family_choices(s), family_md(s), members_table(s), anchor_choices(s), graph(s),
+                    views.plan_count_md(s.plan), curve(s), budget_slider(s, "macs"), views.stitch_md(None), _status(text)]
+
+        def choose_family(key: str, family_id: str, prog=gr.Progress(track_tqdm=True)):
+            try:
+                s = session_of(key)
+                s.choose_family(family_id, progress=lambda f, t: prog(f, desc=t))
+                return after_family(s, f"{s.family.name}: {len(s.specs)} anchors, {len(s.plan.stitches)} stitches")
+            except Exception as e:
+                return [gr.skip()] * (len(family_outputs) - 1) + [_status(_message(e), True)]
+
+        family.input(choose_family, [session, family], family_outputs, api_name="choose_family",
+                     concurrency_id="compute", concurrency_limit=2, show_progress_on=[status])
+
+        def use_custom(key: str, text: str, prog=gr.Progress()):
+            try:
+                s = session_of(key)
+                entry = s.custom_family(text)
+                s.choose_family(entry.id, progress=lambda f, t: prog(f, desc=t))
+                return after_family(s, f"custom anchors: {len(s.plan.stitches)} stitches")
+            except Exception as e:
+                return [gr.skip()] * (len(family_outputs) - 1) + [_status(_message(e), True)]
+
+        custom_go.click(use_custom, [session, custom], family_outputs, api_name="custom_family",
+                        concurrency_id="compute", concurrency_limit=2, show_progress_on=[status])
+
+        plan_outputs = [graph_html, count, curve_html, budget, picked, status]
+
+        def plan_views(s: Session, text: str):
+            return [graph(s, text), views.plan_count_md(s.plan), curve(s), budget_slider(s, "macs"),
+                    views.stitch_md(None), _status(text)]
+
+        def plan_error(s: Session | None, e: Exception):
+            msg = _message(e)
+            if s is None:
+                return [gr.skip()] * (len(plan_outputs) - 1) + [_status(msg, True)]
+            return [graph(s, msg, True)] + [gr.skip()] * (len(plan_outputs) - 2) + [_status(msg, True)]
+
+        def plan_action(method):
+            """A plan edit: session method + arguments -> redrawn graph, or the reason on the graph."""
+            def handler(key, *args):
+                s = store.find(key)
+                try:
+                    if s is None:
+                        session_of(key)
+                    method(s, *args)
+                    return plan_views(s, s.message)
+                except Exception as e:
+                    return plan_error(s, e)
+            return handler
+
+        anchors.input(plan_action(Session.set_anchors), [session, anchors], plan_outputs, api_name="set_anchors")
+        apply_opts.click(plan_action(Session.set_options), [session, kernel, stride, all_pairs], plan_outputs,
+                         api_name="set_options")
+        reset.click(plan_action(Session.reset_plan), [session], plan_outputs, api_name="reset_plan")
+
+        # Graph edits from the browser arrive as custom events with their data on gr.EventData.
+        def from_event(method, *fields):
+            act = plan_action(method)
+
+            def handler(key: str, evt: gr.EventData):
+                return act(key, *(getattr(evt, f, None) for f in fields))
+            return handler
+
+        graph_html.stitch_add(from_event(Session.add_stitch, "front", "back"), [session], plan_outputs,
+                              api_name="graph_stitch_add", api_visibility="undocumented")
+        graph_html.stitch_move(from_event(Session.move_stitch, "point", "end", "to"), [session], plan_outputs,
+                               api_name="graph_stitch_move", api_visibility="undocumented")
+        graph_html.stitch_remove(from_event(Session.remove_stitch, "point"), [session], plan_outputs,
+                                 api_name="graph_stitch_remove", api_visibility="undocumented")
+
+        # The same edits for scripts: plain arguments, the graph JSON back.
+        def api_graph(method, *args) -> dict:
+            key, rest = args[0], args[1:]
+            s = store.find(key)
+            try:
+                if s is None:
+                    session_of(key)
+                method(s, *rest)
+                return graph(s)
+            except Exception as e:
+                if s is None:
+                    return {"anchors": [], "edges": [], "message": _message(e), "error": True}
+                return graph(s, _message(e), True)
+
+        def add_stitch(session: str, front_anchor: int, front_block: int, back_anchor: int, back_block: int) -> dict:
+            """Add the stitch front_anchor[0..front_block] -> back_anchor[back_block..]; returns the graph
+            (its "error"/"message" say why when refused)."""
+            return api_graph(Session.add_stitch, session, (front_anchor, front_block), (back_anchor, back_block))
+
+        def move_stitch(session: str, point: list[int], end: str, to: list[int]) -> dict:
+            """Move the "front" or "back" end of the stitch [f, j, b, k] to block `to` = [anchor, block]."""
+            return api_graph(Session.move_stitch, session, point, end, to)
+
+        def remove_stitch(session: str, point: list[int]) -> dict:
+            """Remove the stitch [f, j, b, k]."""
+            return api_graph(Session.remove_stitch, session, point)
+
+        gr.api(add_stitch, api_name="add_stitch")
+        gr.api(move_stitch, api_name="move_stitch")
+        gr.api(remove_stitch, api_name="remove_stitch")
+
+        # --- fit ---------------------------------------------------------------------------------
+        def fit(key: str, data_spec: str, n_calib: int, n_eval: int, x: str, prog=gr.Progress()):
+            s = store.find(key)
+            try:
+                if s is None:
+                    session_of(key)
+                s.fit(data_spec, n_calib, n_eval, progress=lambda f, t: prog(f, desc=t))
+                return [graph(s), curve(s, x), budget_slider(s, x), views.stitch_md(None),
+                        _status(s.message), s.message]
+            except Exception as e:
+                msg = _message(e)
+                return [gr.skip()] * 4 + [_status(msg, True), _status(msg, True)]
+
+        fit_btn.click(fit, [session, data, calib, eval_n, axis],
+                      [graph_html, curve_html, budget, picked, status, fit_status], api_name="fit",
+                      concurrency_id="compute", concurrency_limit=2, show_progress_on=[fit_status])
+
+        # --- fine-tune ---------------------------------------------------------------------------
+        def train_start(key: str, n_steps, rate, batch_size, sampling_kind, distill_kind, every, data_spec):
+            try:
+                from composer.train import TrainConfig
+            except ImportError:
+                return gr.skip(), gr.skip(), _status("fine-tuning is not available in this build", True)
+            try:
+                s = session_of(key)
+                cfg = TrainConfig(
+                    steps=_whole(n_steps, "steps", 1), lr=float(rate) if rate else None,
+                    batch_size=_whole(batch_size, "batch", 1), sampling=str(sampling_kind),
+                    distill=None if distill_kind in (None, "", "none") else str(distill_kind),
+                    eval_every=_whole(every or 0, "evaluate every", 0), eval_limit=config.eval_limit,
+                    checkpoint_every=25)
+                s.start_training(cfg, data_spec)
+                return progress(s), gr.Timer(active=True), _status("fine-tuning started")
+            except Exception as e:
+                return gr.skip(), gr.skip(), _status(_message(e), True)
+
+        train_btn.click(train_start, [session, steps, lr, batch, sampling, distill, eval_every, data],
+                        [train_progress, timer, status], api_name="train_start")
+
+        def train_cancel(key: str):
+            try:
+                s = session_of(key)
+                stopped = s.cancel_training()
+                return _status("cancelling: the fine-tune stops after this step and saves a checkpoint"
+                               if stopped else "no fine-tune is running")
+            except Exception as e:
+                return _status(_message(e), True)
+
+        cancel_btn.click(train_cancel, [session], [status], api_name="train_cancel")
+
+        def train_poll(key: str, x: str):
+            """Progress of this session's fine-tune; the curve only when a new evaluation arrived."""
+            s = store.find(key)
+            if s is None or s.job is None:
+                return gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)
+            snap = s.job.snapshot()
+            new_curve = snap["evals"] != getattr(s, "_shown_evals", None)
+            s._shown_evals = snap["evals"]
+            running = s.job.running
+            return (views.progress_html(snap), curve(s, x) if new_curve else gr.skip(),
+                    budget_slider(s, x) if new_curve else gr.skip(), gr.Timer(active=running))
+
+        timer.tick(train_poll, [session, axis], [train_progress, curve_html, budget, timer], api_name="train_poll",
+                   show_progress="hidden")
+
+        # --- curve and selection -----------------------------------------------------------------
+        sel_outputs = [graph_html, curve_html, picked, status]
+
+        def selected_views(s: Session, x: str, text: str = ""):
+            return [graph(s), curve(s, x), views.stitch_md(s.stitch_summary(s.selected)), _status(text)]
+
+        def select_stitch(key: str, stitch_id, x: str):
+            try:
+                s = session_of(key)
+                s.select(stitch_id)
+                return selected_views(s, x, f"selected stitch {s.selected}")
+            except Exception as e:
+                return [gr.skip()] * 3 + [_status(_message(e), True)]
+
+        def point_click(key: str, x: str, evt: gr.EventData):
+            return select_stitch(key, getattr(evt, "id", None), x)
+
+        curve_html.point_click(point_click, [session, axis], sel_outputs, api_name="curve_point_click",
+                               api_visibility="undocumented")
+        select_box = gr.Number(visible=False, precision=0)
+        select_box.change(select_stitch, [session, select_box, axis], sel_outputs, api_name="select_stitch")
+
+        def set_axis(key: str, x: str):
+            try:
+                s = session_of(key)
+                return curve(s, x), budget_slider(s, x), _status("")
+            except Exception as e:
+                return gr.skip(), gr.skip(), _status(_message(e), True)
+
+        axis.input(set_axis, [session, axis], [curve_html, budget, status], api_name="set_axis")
+
+        def pick_under_budget(key: str, x: str, value: float):
+            try:
+                s = session_of(key)
+                s.pick_under_budget(x, value)
+                return selected_views(s, x, f"best stitch within the budget: {s.selected}")
+            except Exception as e:
+                return [gr.skip()] * 3 + [_status(_message(e), True)]
+
+        budget.release(pick_under_budget, [session, axis, budget], sel_outputs, api_name="pick_under_budget")
+
+        def measure_latency(key: str, prog=gr.Progress()):
+            try:
+                s = session_of(key)
+                s.measure_latency(progress=lambda f, t: prog(f, desc=t))
+                return curve(s, "latency"), budget_slider(s, "latency"), "latency", _status(
+                    f"latency of {len(s.latency)} stitches measured (batch 1, {os.cpu_count()} cores shared)")
+            except Exception as e:
+                return gr.skip(), gr.skip(), gr.skip(), _status(_message(e), True)
+
+        latency_btn.click(measure_latency, [session], [curve_html, budget, axis, status], api_name="measure_latency",
+                          concurrency_id="compute", concurrency_limit=2, show_progress_on=[status])
+
+        # --- export ------------------------------------------------------------------------------
+        def export(what: str):
+            def handler(key: str):
+                try:
+                    s = session_of(key)
+                    path = s.export(what)
+                    return [str(p) for p in sorted(s.exports)], _status(f"exported {path.name}")
+                except Exception as e:
+                    return gr.skip(), _status(_message(e), True)
+            return handler
+
+        export_stitch_btn.click(export("stitch"), [session], [download, status], api_name="export_stitch",
+                                concurrency_id="compute", concurrency_limit=2, show_progress_on=[status])
+        export_snnet_btn.click(export("snnet"), [session], [download, status], api_name="export_snnet",
+                               concurrency_id="compute", concurrency_limit=2, show_progress_on=[status])
+
+    demo.store = store          # tests and the benchmark look sessions up
+    demo.zc_config = config
+    return demo
+
+
+def _whole(v, what: str, lo: int) -> int:
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        raise AppError(f"{what} must be a whole number, not '{str(v)[:20]}'") from None
+    if n < lo:
+        raise AppError(f"{what} must be at least {lo}, got {n}")
+    return n
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, max_upload: str = "20mb",
+           **kwargs):
+    """Launch with the safe defaults: local only, no share link, capped uploads, no analytics."""
+    demo.queue(default_concurrency_limit=8, max_size=64)
+    return demo.launch(server_name=host, server_port=port, share=False, max_file_size=max_upload,
+                       css=(ASSETS / "app.css").read_text(), theme=gr.themes.Default(primary_hue="blue"),
+                       show_error=False, footer_links=["api"], **kwargs)

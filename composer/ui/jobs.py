@@ -1,0 +1,76 @@
+"""A fine-tune running in a background thread, watched by polling a locked snapshot.
+
+The web server stays responsive because the training loop runs in its own thread (and the app
+leaves torch one core short, see app.py); the UI's timer reads `snapshot()` twice a second.
+Cancelling sets an Event the trainer checks every step; it then writes a checkpoint, so starting
+again resumes where it stopped. An exception in the trainer ends the job with a message, never
+the server.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+class TrainJob:
+    def __init__(self, run_dir: Path, data: str, config, on_eval: Callable[[int, dict], None] | None = None):
+        self.run_dir, self.data, self.config = Path(run_dir), data, config
+        self.on_eval = on_eval
+        self.cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"train:{self.run_dir.name}", daemon=True)
+        self._state = {"state": "starting", "step": 0, "total_steps": config.steps, "loss": None, "lr": None,
+                       "images_per_s": None, "eta_s": None, "message": "", "evals": 0, "started": time.time(),
+                       "result": None}
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() or self._state["state"] == "starting"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return dict(self._state)
+
+    def _update(self, **kv) -> None:
+        with self._lock:
+            self._state.update(kv)
+
+    def _event(self, e: dict) -> None:
+        kind = e.get("type")
+        if kind == "start":
+            self._update(state="running", step=e.get("step", 0), total_steps=e.get("total_steps"),
+                         message="resumed from the checkpoint" if e.get("resumed") else "started")
+        elif kind == "step":
+            self._update(state="running", **{k: e.get(k) for k in ("step", "total_steps", "loss", "lr", "images_per_s", "eta_s")})
+        elif kind == "eval":
+            if self.on_eval is not None:
+                self.on_eval(e.get("step", 0), e.get("top1") or {})
+            with self._lock:
+                self._state["evals"] += 1
+                self._state["message"] = f"evaluated at step {e.get('step')}"
+        elif kind == "checkpoint":
+            self._update(message=f"checkpoint saved at step {e.get('step')}")
+
+    def _run(self) -> None:
+        from composer.train import train
+        from composer.ui.session import USER_ERRORS
+        try:
+            result = train(self.run_dir, self.data, self.config, events=self._event, cancel=self.cancel)
+            status = result.get("status", "done")
+            words = {"done": "finished", "cancelled": "cancelled (checkpoint saved: resume continues from it)",
+                     "budget": "stopped at the time budget (checkpoint saved)"}
+            self._update(state=status, result=result, eta_s=0 if status == "done" else None,
+                         message=f"{words.get(status, status)} at step {result.get('step')}")
+        except USER_ERRORS as e:
+            self._update(state="error", message=str(e))
+        except Exception as e:  # a bug in training must end this job, not the server
+            log.exception("fine-tune in %s failed", self.run_dir)
+            self._update(state="error", message=f"fine-tuning failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")

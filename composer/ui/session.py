@@ -1,0 +1,660 @@
+"""What one browser tab (or one API client) is doing: its family, plan, run, fine-tune and exports.
+
+No Gradio here: every action is a method that calls the library and raises `AppError` with a
+message for the user when the input is bad. `composer.ui.app` only wires these to widgets, so the
+same actions are scriptable and testable without a browser.
+
+Security rules kept here: data folders and local anchors resolve only inside configured roots
+(symlinks resolved first), run folders are named by the server-made session key, and only zips
+this session exported can be handed out for download.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from composer.costs import AnchorInfo
+from composer.data import DataError
+from composer.plan import PlanError, StitchPlan, build_plan
+from composer.run import RunError
+from zoo.adapters import UnsupportedModel
+from zoo.sources import AnchorError
+
+log = logging.getLogger(__name__)
+
+SESSION_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+DATASET_SCHEMES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
+Progress = Callable[[float, str], None]
+
+
+class AppError(ValueError):
+    """Bad input or an impossible action; the message is shown to the user as it is."""
+
+
+# Library errors that are the user's to fix: their messages are shown as they are.
+USER_ERRORS: tuple[type[Exception], ...] = (AppError, AnchorError, UnsupportedModel, PlanError, DataError, RunError)
+try:
+    from composer.curve import CurveError
+    USER_ERRORS += (CurveError,)
+except ImportError:  # pragma: no cover
+    pass
+try:
+    from composer.train import TrainError
+    USER_ERRORS += (TrainError,)
+except ImportError:  # pragma: no cover - the trainer is optional for browsing and fitting
+    pass
+
+
+@dataclass
+class AppConfig:
+    runs_root: Path                       # one folder per session under it
+    exports_dir: Path                     # only exported zips live here (served for download)
+    data_roots: list[Path] = field(default_factory=list)    # ImageFolders must be inside one of these
+    model_roots: list[Path] = field(default_factory=list)   # local families are looked for here
+    starter_cache: Path | None = None     # None: zoo.starter's default cache
+    eval_limit: int = 500                 # images for the curve before training
+    max_sessions: int = 64
+
+
+@dataclass
+class FamilyEntry:
+    id: str
+    name: str
+    source: str                 # "starter" | "hub" | "local" | "cached" | "custom"
+    specs: list[str] = field(default_factory=list)   # empty for the starter until it is built
+    tag: str = ""               # what the members were pretrained on
+    note: str = ""
+
+    def label(self) -> str:
+        members = f", {len(self.specs)} members" if self.specs else ""
+        return f"{self.name} ({self.source}{members})"
+
+
+# --- families ------------------------------------------------------------------------------------
+
+STARTER = FamilyEntry("starter", "Starter: 3 tiny ViTs on digits", "starter", [],
+                      "scikit-learn digits (built in)", "trained here on first use, about a minute")
+
+
+def _hub():
+    try:
+        from zoo import hub
+        return hub
+    except ImportError:
+        return None
+
+
+def _entry_from(family, source: str, index: int) -> FamilyEntry:
+    """A zoo.hub Family as an entry (attribute names read defensively: only specs are required)."""
+    specs = list(getattr(family, "members", None) or getattr(family, "specs", None) or getattr(family, "anchors", []))
+    specs = [getattr(m, "spec", m) for m in specs]
+    name = getattr(family, "name", None) or f"family {index}"
+    tag = getattr(family, "pretrain", None) or getattr(family, "tag", None) or getattr(family, "pretrained_on", "") or ""
+    return FamilyEntry(f"{source}:{index}", str(name), source, [str(s) for s in specs], str(tag))
+
+
+def hub_status_line() -> str:
+    hub = _hub()
+    if hub is None:
+        return "Hub browsing is not available in this build."
+    try:
+        status = hub.hub_status()
+    except Exception as e:  # status is informational: never let it break browsing
+        return f"Hub status unknown ({type(e).__name__})."
+    return str(getattr(status, "message", None) or status)
+
+
+# --- sessions ------------------------------------------------------------------------------------
+
+class Session:
+    """State and actions of one tab. Methods hold `lock`, so two events of one tab never interleave."""
+
+    def __init__(self, key: str, config: AppConfig):
+        self.key, self.config = key, config
+        self.lock = threading.RLock()
+        self.created = self.touched = time.time()
+        self.families: dict[str, FamilyEntry] = {STARTER.id: STARTER}
+        self.family: FamilyEntry | None = None
+        self.member_infos: dict[str, AnchorInfo] = {}
+        self.specs: list[str] = []
+        self.infos: list[AnchorInfo] = []          # chosen anchors, sorted by MACs
+        self.options = {"kernel": 2, "stride": 1, "all_pairs": False}
+        self.points: list[tuple[int, int, int, int]] | None = None   # None: SN-Net's defaults
+        self.plan: StitchPlan | None = None
+        self.run_dir: Path | None = None
+        self.net = None                            # the fitted network, kept for latency measurement
+        self.data: str | None = None
+        self.r2: dict[int, float] = {}
+        self.top1: dict[int, float] = {}
+        self.top1_source = ""
+        self.latency: dict[int, float] | None = None
+        self.selected: int | None = None
+        self.job = None                            # composer.ui.jobs.TrainJob
+        self.exports: set[Path] = set()
+        self.message, self.error = "", False       # the latest message drawn on the graph
+
+    # --- browse ----------------------------------------------------------------------------------
+
+    def list_families(self, query: str = "") -> tuple[list[FamilyEntry], str]:
+        """Starter + local + cached + Hub families (Hub only when online); a status line."""
+        query = (query or "").strip()
+        if len(query) > 100:
+            raise AppError("the search text is too long (at most 100 characters)")
+        entries = [STARTER]
+        hub = _hub()
+        notes = []
+        if hub is not None:
+            for source, fn, args in (("local", "local_families", (self.config.model_roots,)),
+                                     ("cached", "cached_families", ()),
+                                     ("hub", "list_hub_families", (query,))):
+                if not hasattr(hub, fn):
+                    continue
+                try:
+                    found = getattr(hub, fn)(*args)
+                except Exception as e:   # one source failing (offline Hub) must not hide the others
+                    notes.append(f"{source}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}")
+                    continue
+                entries += [_entry_from(f, source, i) for i, f in enumerate(found)]
+        if query:
+            q = query.lower()
+            entries = [e for e in entries if e.source == "hub" or q in e.name.lower()
+                       or any(q in s.lower() for s in e.specs)]
+        with self.lock:
+            self.families = {e.id: e for e in entries}
+            self.families.setdefault(STARTER.id, STARTER)
+        status = hub_status_line()
+        return entries, status + (" " + "; ".join(notes) if notes else "")
+
+    def custom_family(self, text: str) -> FamilyEntry:
+        """Anchors typed by the user: timm names and hf-hub: repos; local-dir: only inside model roots."""
+        specs = [s.strip() for s in re.split(r"[,\n]", text or "") if s.strip()]
+        if not specs:
+            raise AppError("type at least one anchor: timm names or hf-hub:org/repo, separated by commas")
+        if len(specs) > 8:
+            raise AppError(f"at most 8 anchors at once, got {len(specs)}")
+        for s in specs:
+            if s.startswith("local-dir:"):
+                self._inside(Path(s[len("local-dir:"):]), self.config.model_roots, "model folders")
+            elif not re.fullmatch(r"(hf-hub:)?[A-Za-z0-9_./-]+(\.[A-Za-z0-9_]+)?", s) or ".." in s:
+                raise AppError(f"'{s[:80]}' is not a timm model name or hf-hub:org/repo")
+        entry = FamilyEntry("custom", "Custom anchors", "custom", specs, "as named")
+        with self.lock:
+            self.families[entry.id] = entry
+        return entry
+
+    def choose_family(self, family_id: str, progress: Progress | None = None) -> list[dict]:
+        """Select a family; measure every member on the meta device (no weights); plan with all."""
+        with self.lock:
+            self._no_running_job()
+            entry = self.families.get(family_id)
+            if entry is None:
+                raise AppError(f"unknown family '{str(family_id)[:60]}': list the families again and pick one")
+            if entry.source == "starter":
+                from zoo.starter import ensure_starter
+                if progress:
+                    progress(0.0, "building the starter family (first use: about a minute)")
+                fam = ensure_starter(self.config.starter_cache)
+                entry = FamilyEntry(STARTER.id, STARTER.name, "starter", list(fam.anchors), STARTER.tag,
+                                    "top-1 on its val split: " + ", ".join(
+                                        f"{_short(a)} {acc:.1f}%" for a, acc in fam.accuracies.items()))
+                self.families[entry.id] = entry
+            if not entry.specs:
+                raise AppError(f"family {entry.name} has no members")
+            if progress:
+                progress(0.5, "measuring members (shapes and MACs, no weights)")
+            from composer.run import load_anchors
+            _, infos = load_anchors(entry.specs, pretrained=False, device="meta")
+            self.family = entry
+            self.member_infos = dict(zip(entry.specs, infos))
+            self._set_anchors(entry.specs)
+            return self.members()
+
+    def members(self) -> list[dict]:
+        if self.family is None:
+            return []
+        rows = []
+        for spec, info in sorted(self.member_infos.items(), key=lambda kv: kv[1].total.macs):
+            rows.append({"spec": spec, "name": _short(spec), "params_m": info.total.params / 1e6,
+                         "macs_m": info.total.macs / 1e6, "resolution": "x".join(map(str, info.input_size[1:])),
+                         "blocks": info.depth, "pretrained": self.family.tag})
+        return rows
+
+    def set_anchors(self, specs: list[str]) -> StitchPlan:
+        with self.lock:
+            self._no_running_job()
+            if self.family is None:
+                raise AppError("choose a family first")
+            unknown = [s for s in specs if s not in self.member_infos]
+            if unknown:
+                raise AppError(f"not a member of {self.family.name}: {unknown[0][:80]}")
+            if not specs:
+                raise AppError("choose at least one anchor")
+            return self._set_anchors(specs)
+
+    def _set_anchors(self, specs: list[str]) -> StitchPlan:
+        self.specs = list(specs)
+        self.infos = sorted((self.member_infos[s] for s in specs), key=lambda i: i.total.macs)
+        self.points = None
+        return self._replan(f"{len(specs)} anchors: SN-Net's default stitches")
+
+    # --- plan ------------------------------------------------------------------------------------
+
+    def set_options(self, kernel: int, stride: int, all_pairs: bool) -> StitchPlan:
+        with self.lock:
+            self._no_running_job()
+            self._need_plan()
+            try:
+                kernel, stride = int(kernel), int(stride)
+            except (TypeError, ValueError):
+                raise AppError("kernel and stride must be whole numbers") from None
+            old = dict(self.options)
+            self.options = {"kernel": kernel, "stride": stride, "all_pairs": bool(all_pairs)}
+            self.points = None   # the defaults depend on the options: start again from them
+            try:
+                return self._replan("plan options changed: SN-Net's default stitches for them")
+            except PlanError:
+                self.options = old
+                raise
+
+    def reset_plan(self) -> StitchPlan:
+        with self.lock:
+            self._no_running_job()
+            self._need_plan()
+            self.points = None
+            return self._replan("back to SN-Net's default stitches")
+
+    def current_points(self) -> list[tuple[int, int, int, int]]:
+        """(front anchor, front block, back anchor, back block) of every stitch of the plan."""
+        self._need_plan()
+        return [(s.route[0].anchor, s.route[0].last, s.route[1].anchor, s.route[1].first)
+                for s in self.plan.stitches if not s.is_anchor]
+
+    def add_stitch(self, front: tuple[int, int], back: tuple[int, int]) -> StitchPlan:
+        with self.lock:
+            self._no_running_job()
+            point = _point(front, back)
+            points = self.current_points()
+            if point[0] == point[2]:
+                raise AppError("pick blocks in two different anchors: a stitch joins a smaller anchor to a larger one")
+            if point in points:
+                raise AppError(f"that stitch already exists ({self._point_text(point)})")
+            return self._replan_points(points + [point], f"added {self._point_text(point)}")
+
+    def move_stitch(self, old: tuple[int, int, int, int], end: str, to: tuple[int, int]) -> StitchPlan:
+        """Move one end ("front" or "back") of an existing stitch to another block."""
+        with self.lock:
+            self._no_running_job()
+            old = _point4(old)
+            points = self.current_points()
+            if old not in points:
+                raise AppError("that stitch is no longer in the plan")
+            a, u = _pair(to)
+            if end == "front":
+                new = (a, u, old[2], old[3])
+            elif end == "back":
+                new = (old[0], old[1], a, u)
+            else:
+                raise AppError(f"end must be 'front' or 'back', not '{str(end)[:20]}'")
+            if new == old:
+                return self.plan
+            if new[0] == new[2]:
+                raise AppError("both ends are in the same anchor: a stitch joins two anchors")
+            if new in points:
+                raise AppError(f"that stitch already exists ({self._point_text(new)})")
+            return self._replan_points([new if p == old else p for p in points],
+                                       f"moved {self._point_text(old)} to {self._point_text(new)}")
+
+    def remove_stitch(self, point: tuple[int, int, int, int]) -> StitchPlan:
+        with self.lock:
+            self._no_running_job()
+            point = _point4(point)
+            points = self.current_points()
+            if point not in points:
+                raise AppError("that stitch is not in the plan")
+            return self._replan_points([p for p in points if p != point], f"removed {self._point_text(point)}")
+
+    def _replan_points(self, points, message: str) -> StitchPlan:
+        old = self.points
+        self.points = points
+        try:
+            return self._replan(message)
+        except PlanError:
+            self.points = old
+            raise
+
+    def _replan(self, message: str) -> StitchPlan:
+        pts = None if self.points is None else [((f, j), (b, k)) for f, j, b, k in self.points]
+        try:
+            plan = build_plan(self.infos, points=pts, **self.options)
+        except PlanError as e:   # the library names anchors by spec; short names read better here
+            text = str(e)
+            for info in sorted(self.infos, key=lambda i: -len(i.name)):
+                text = text.replace(info.name, _short(info.name))
+            raise PlanError(text) from None
+        self.plan = plan
+        # A different plan needs a new fit: the old run stays on disk but is no longer shown.
+        self.run_dir, self.net, self.r2, self.top1, self.top1_source = None, None, {}, {}, ""
+        self.latency, self.selected = None, None
+        self.message, self.error = message, False
+        return plan
+
+    def _point_text(self, p) -> str:
+        f, j, b, k = p
+        return f"{_short(self.infos[f].name)} block {j} -> {_short(self.infos[b].name)} block {k}"
+
+    def plan_options(self) -> dict:
+        return {**self.options, "points": None if self.points is None else [[[f, j], [b, k]] for f, j, b, k in self.points]}
+
+    # --- fit -------------------------------------------------------------------------------------
+
+    def resolve_data(self, spec: str) -> str:
+        """A data spec the library may open: starter, a dataset name, or a folder inside a data root."""
+        spec = (spec or "").strip()
+        if not spec:
+            raise AppError("choose calibration data: 'starter', a folder under the data roots, or a data set name")
+        if spec in ("starter", "starter:train", "starter:val"):
+            return spec
+        if spec.startswith(DATASET_SCHEMES):
+            if ".." in spec or len(spec) > 200:
+                raise AppError(f"'{spec[:80]}' is not a data set name")
+            return spec
+        folder = self._inside(Path(spec), self.config.data_roots, "data folders", relative_ok=True)
+        return str(folder)
+
+    def _inside(self, path: Path, roots: list[Path], what: str, relative_ok: bool = False) -> Path:
+        if not roots:
+            raise AppError(f"{what} are disabled: no roots are configured (start the app with the matching --*-root)")
+        candidates = [path] if path.is_absolute() else ([r / path for r in roots] if relative_ok else [])
+        for c in candidates:
+            real = c.expanduser().resolve()
+            for r in roots:
+                if real == r.resolve() or real.is_relative_to(r.resolve()):
+                    if not real.exists():
+                        raise AppError(f"{c} does not exist")
+                    return real
+        raise AppError(f"{what} must be inside: {', '.join(str(r) for r in roots)}")
+
+    def data_choices(self) -> list[str]:
+        """'starter' and the ImageFolders (folders of class folders) found in the data roots."""
+        out = ["starter"]
+        for root in self.config.data_roots:
+            if not root.is_dir():
+                continue
+            for d in sorted([root, *root.iterdir(), *(p for q in root.iterdir() if q.is_dir() for p in q.iterdir())])[:200]:
+                try:
+                    if d.is_dir() and any(c.is_dir() for c in d.iterdir()) and not any(
+                            c.is_dir() and any(g.is_dir() for g in c.iterdir()) for c in d.iterdir()):
+                        out.append(str(d))
+                except OSError:
+                    continue
+        return out
+
+    def fit(self, data: str, calib: int = 256, eval_images: int | None = None,
+            progress: Progress | None = None) -> dict[int, float]:
+        """Build the network with weights, fit every stitching layer, save a run, evaluate all stitches."""
+        from composer import data as data_mod
+        from composer.evaluate import evaluate_all
+        from composer.fit import fit_stitches
+        from composer.run import build_network, save_fitted
+        progress = progress or (lambda f, t: None)
+        with self.lock:
+            self._no_running_job()
+            self._need_plan()
+            spec = self.resolve_data(data)
+            calib = _bounded_int(calib, "calibration images", 1, 100_000)
+            eval_images = _bounded_int(eval_images or self.config.eval_limit, "evaluation images", 1, 100_000)
+            calib_spec = "starter:train" if spec == "starter" else spec
+            eval_spec, eval_split = ("starter:val", "validation") if spec.startswith("starter") else (spec, "validation")
+            progress(0.02, "loading anchors with their weights")
+            net = build_network(self.specs, None, **self.plan_options())
+            cfg = data_mod.data_config(net.anchors[0])
+            ds = data_mod.subset(data_mod.open_dataset(calib_spec, cfg), calib, seed=0)
+            batches = (x for x, _ in data_mod.loader(ds, 64))
+            report = fit_stitches(net, batches, progress=lambda n: progress(0.05 + 0.55 * n / len(ds),
+                                                                           f"fitting stitching layers: {n}/{len(ds)} images"))
+            run_dir = self._new_run_dir()
+            manifest = {"pretrained": None, "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+                        "fit": {"data": spec, "calib": report.images, "held_out": report.held_out, "ridge": 1e-4,
+                                "r2": {str(k): v for k, v in report.r2.items()}},
+                        "app": {"family": self.family.name if self.family else None}}
+            save_fitted(run_dir, net, manifest)
+            eval_ds = data_mod.subset(data_mod.open_dataset(eval_spec, cfg, split=eval_split), eval_images, seed=0)
+            res = evaluate_all(net, data_mod.loader(eval_ds, 64),
+                               progress=lambda n: progress(0.6 + 0.4 * n / len(eval_ds),
+                                                           f"evaluating {len(net.plan.stitches)} stitches: {n}/{len(eval_ds)} images"))
+            _write_evaluation(run_dir, net.plan, res.top1, eval_spec, res.images)
+            self.plan, self.net, self.run_dir, self.data = net.plan, net, run_dir, spec
+            self.r2, self.top1 = dict(report.r2), dict(res.top1)
+            self.top1_source = f"after fitting, before fine-tuning ({res.images} images of {eval_spec})"
+            self.latency, self.selected = None, None
+            worst = min(report.r2.values()) if report.r2 else float("nan")
+            self.message = (f"fitted {len(net.plan.layers)} stitching layers on {report.images} images; "
+                            f"lowest R^2 {worst:.2f}")
+            self.error = False
+            return self.r2
+
+    def _new_run_dir(self) -> Path:
+        base = self.config.runs_root / self.key
+        base.mkdir(parents=True, exist_ok=True)
+        n = 1 + max([int(p.name[4:]) for p in base.glob("run-*") if p.name[4:].isdigit()] or [0])
+        return base / f"run-{n}"
+
+    # --- fine-tune -------------------------------------------------------------------------------
+
+    def start_training(self, config, data: str | None = None):
+        """Start (or resume: the trainer continues from the run's checkpoint) a fine-tune in the background."""
+        from composer.ui.jobs import TrainJob
+        with self.lock:
+            self._no_running_job()
+            if self.run_dir is None:
+                raise AppError("fit the stitching layers first (step 3): fine-tuning starts from a fitted run")
+            spec = self.resolve_data(data or self.data or "")
+            if spec == "starter:val":
+                raise AppError("fine-tune on training data, not on the validation split")
+            self.job = TrainJob(self.run_dir, "starter" if spec == "starter:train" else spec, config,
+                                on_eval=self._on_eval)
+            self.job.start()
+            self.message, self.error = "fine-tuning started", False
+            return self.job
+
+    def _on_eval(self, step: int, top1: dict[int, float]) -> None:
+        # Called from the training thread: replace the dict (readers never see it half-built).
+        self.top1 = dict(top1)
+        self.top1_source = f"fine-tuning, step {step}"
+
+    def cancel_training(self) -> bool:
+        job = self.job
+        if job is None or not job.running:
+            return False
+        job.cancel.set()
+        return True
+
+    def _no_running_job(self) -> None:
+        if self.job is not None and self.job.running:
+            raise AppError("a fine-tune is running in this session: cancel it (or wait) before changing this")
+
+    def _need_plan(self) -> None:
+        if self.plan is None:
+            raise AppError("choose a family first")
+
+    # --- curve, selection ------------------------------------------------------------------------
+
+    def curve_figure(self, x: str = "macs"):
+        from composer.curve import curve_figure
+        if self.plan is None or not self.top1:
+            return None
+        return curve_figure(self.plan, self.top1, x, highlight=self.selected, latency=self.latency,
+                            title=self.top1_source)
+
+    def select(self, stitch_id: int) -> int:
+        with self.lock:
+            self._need_plan()
+            try:
+                sid = int(stitch_id)
+            except (TypeError, ValueError):
+                raise AppError(f"a stitch id is a whole number, not '{str(stitch_id)[:20]}'") from None
+            if not 0 <= sid < len(self.plan.stitches):
+                raise AppError(f"stitch {sid} does not exist (0..{len(self.plan.stitches) - 1})")
+            self.selected = sid
+            return sid
+
+    def pick_under_budget(self, x: str, budget: float) -> int:
+        from composer.curve import best_under, curve_points
+        with self.lock:
+            self._need_plan()
+            if not self.top1:
+                raise AppError("no accuracies yet: fit first")
+            pts = curve_points(self.plan, self.top1, x, self.latency)
+            i = best_under([(p.x, p.top1) for p in pts], float(budget))
+            if i is None:
+                cheapest = min(p.x for p in pts)
+                raise AppError(f"no stitch fits that budget: the cheapest needs {cheapest:.3g}")
+            self.selected = pts[i].id
+            return self.selected
+
+    def measure_latency(self, progress: Progress | None = None) -> dict[int, float]:
+        from composer.curve import measure_latency, save_latency
+        with self.lock:
+            self._no_running_job()
+            if self.run_dir is None:
+                raise AppError("fit first: latency is measured on the fitted network")
+            if self.net is None:
+                from composer.run import load_run
+                self.net = load_run(self.run_dir).net
+            ms = measure_latency(self.net, progress=(lambda i, n: progress(i / n, f"timing stitch {i}/{n}")) if progress else None)
+            save_latency(self.run_dir, ms)
+            self.latency = ms
+            return ms
+
+    def stitch_summary(self, sid: int | None) -> dict | None:
+        if self.plan is None or sid is None:
+            return None
+        cost = self.plan.cost(sid)
+        return {"id": sid, "route": self.plan.describe_route(sid), "macs": cost.macs, "params": cost.params,
+                "activations": cost.activations, "top1": self.top1.get(sid), "r2": self.r2.get(sid),
+                "is_anchor": self.plan.stitches[sid].is_anchor}
+
+    # --- export ----------------------------------------------------------------------------------
+
+    def export(self, what: str, stitch_id: int | None = None) -> Path:
+        """Export the selected stitch ("stitch") or the whole SN-Net ("snnet") and zip it."""
+        with self.lock:
+            if self.run_dir is None:
+                raise AppError("fit (and ideally fine-tune) first: there is nothing to export yet")
+            if self.job is not None and self.job.running:
+                raise AppError("a fine-tune is running: wait for it or cancel it, then export its checkpoint")
+            try:
+                from composer import export as export_mod
+            except ImportError:
+                raise AppError("exporting is not available in this build (composer.export is missing)") from None
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            out_base = self.config.exports_dir / self.key
+            if what == "stitch":
+                sid = self.select(self.selected if stitch_id is None else stitch_id)
+                name = f"stitch-{sid}-{stamp}"
+                export_mod.export_stitch(self.run_dir, sid, out_base / name)
+            elif what == "snnet":
+                name = f"snnet-{stamp}"
+                export_mod.export_snnet(self.run_dir, out_base / name)
+            else:
+                raise AppError(f"export 'stitch' or 'snnet', not '{str(what)[:20]}'")
+            zip_path = Path(shutil.make_archive(str(out_base / name), "zip", root_dir=out_base, base_dir=name))
+            shutil.rmtree(out_base / name, ignore_errors=True)
+            self.exports.add(zip_path.resolve())
+            return zip_path
+
+
+def _write_evaluation(run_dir: Path, plan: StitchPlan, top1: dict[int, float], data: str, images: int) -> None:
+    """RUN/evaluation.json in the shape the CLI's `evaluate` writes (the curve reads it)."""
+    from composer.io import write_json_atomic
+    rows = [{"id": s.id, "route": s.to_json()["route"], **plan.cost(s).to_dict(), "top1": top1.get(s.id)}
+            for s in plan.stitches]
+    write_json_atomic(run_dir / "evaluation.json", {"data": data, "images": images, "stitches": rows})
+
+
+def _short(spec: str) -> str:
+    return spec.rstrip("/").rsplit("/", 1)[-1].split(":", 1)[-1]
+
+
+def _pair(v) -> tuple[int, int]:
+    try:
+        a, u = v
+        return int(a), int(u)
+    except (TypeError, ValueError):
+        raise AppError(f"a block is [anchor, block], got {str(v)[:40]}") from None
+
+
+def _point(front, back) -> tuple[int, int, int, int]:
+    return (*_pair(front), *_pair(back))
+
+
+def _point4(v) -> tuple[int, int, int, int]:
+    try:
+        f, j, b, k = (int(x) for x in v)
+        return f, j, b, k
+    except (TypeError, ValueError):
+        raise AppError(f"a stitch is [front anchor, front block, back anchor, back block], got {str(v)[:60]}") from None
+
+
+def _bounded_int(v, what: str, lo: int, hi: int) -> int:
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        raise AppError(f"{what} must be a whole number, not '{str(v)[:20]}'") from None
+    if not lo <= n <= hi:
+        raise AppError(f"{what} must be between {lo} and {hi}, got {n}")
+    return n
+
+
+class SessionStore:
+    """Sessions by key. Keys are made here (random, unguessable) and name the run folders."""
+
+    def __init__(self, config: AppConfig):
+        self.config = config
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def new(self) -> Session:
+        with self._lock:
+            self._evict()
+            key = secrets.token_urlsafe(18)
+            s = self._sessions[key] = Session(key, self.config)
+            return s
+
+    def get(self, key: str | None) -> Session:
+        if not key or not SESSION_KEY.match(str(key)):
+            raise AppError("no session: reload the page (API: call /new_session first)")
+        with self._lock:
+            s = self._sessions.get(key)
+        if s is None:
+            raise AppError("this session has expired (the server restarted?): reload the page")
+        s.touched = time.time()
+        return s
+
+    def find(self, key: str | None) -> Session | None:
+        try:
+            return self.get(key)
+        except AppError:
+            return None
+
+    def _evict(self) -> None:
+        """Forget the least recently used idle sessions beyond the limit (their runs stay on disk)."""
+        idle = sorted((s for s in self._sessions.values() if not (s.job and s.job.running)), key=lambda s: s.touched)
+        while len(self._sessions) >= self.config.max_sessions and idle:
+            del self._sessions[idle.pop(0).key]
+
+    def all(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+
+def as_json(obj) -> str:
+    return json.dumps(obj, default=str)

@@ -1,0 +1,122 @@
+"""Plain data for the widgets: the block graph as JSON for assets/graph.js, progress and summaries.
+
+Kept free of Gradio so tests can check exactly what the browser is asked to draw.
+"""
+from __future__ import annotations
+
+import html
+import math
+
+from composer.graph import plan_graph
+from composer.plan import StitchPlan
+
+
+def _shape(shape) -> str:
+    return "×".join(str(d) for d in shape) if shape else ""
+
+
+def r2_colour(r2: float | None) -> str:
+    """Edge colour for a fit quality: grey before fitting, red (R^2 <= 0.5) -> amber -> green (1)."""
+    if r2 is None or (isinstance(r2, float) and math.isnan(r2)):
+        return "#8c96a8"
+    t = min(1.0, max(0.0, (r2 - 0.5) / 0.5))
+    stops = [(0.0, (214, 69, 65)), (0.5, (240, 173, 40)), (1.0, (46, 160, 67))]
+    for (t0, c0), (t1, c1) in zip(stops, stops[1:]):
+        if t <= t1:
+            w = (t - t0) / (t1 - t0)
+            return "#%02x%02x%02x" % tuple(round(a + (b - a) * w) for a, b in zip(c0, c1))
+    return "#2ea043"
+
+
+def graph_value(plan: StitchPlan | None, r2: dict[int, float] | None = None, highlight: int | None = None,
+                message: str = "", error: bool = False, fitted: bool = False) -> dict:
+    """Anchors as columns of blocks (ordered by MACs), stitch edges, the highlighted route."""
+    if plan is None:
+        return {"anchors": [], "edges": [], "message": message or "Choose a family to see its block graphs.",
+                "error": error}
+    g = plan_graph(plan)
+    r2 = r2 or {}
+    anchors = []
+    for i, info in enumerate(plan.infos):
+        blocks = []
+        for part in ["stem", *range(info.depth), "head"]:
+            d = g.nodes[(i, part)]
+            shape = d.get("out_shape") if part != "head" else d.get("in_shape")
+            blocks.append({"part": part, "label": d["label"], "stage": d["stage"], "shape": _shape(shape),
+                           "macs": d["macs"], "params": d["params"]})
+        anchors.append({"index": i, "name": info.name.rstrip("/").rsplit("/", 1)[-1].split(":", 1)[-1],
+                        "spec": info.name, "macs": info.total.macs, "params": info.total.params,
+                        "layout": info.layout, "blocks": blocks})
+    edges = []
+    for (u, v, d) in g.edges(data=True):
+        if d.get("kind") != "stitch":
+            continue
+        fits = [r2[s] for s in d["stitches"] if s in r2]
+        quality = min(fits) if fits else None
+        edges.append({"point": [u[0], u[1], v[0], v[1]], "stitches": d["stitches"], "layer": d["layer"],
+                      "r2": quality, "colour": r2_colour(quality)})
+    route = None
+    if highlight is not None and 0 <= highlight < len(plan.stitches):
+        s = plan.stitches[highlight]
+        nodes = []
+        for i, seg in enumerate(s.route):
+            if i == 0:
+                nodes.append([seg.anchor, "stem"])
+            nodes += [[seg.anchor, u] for u in range(seg.first, seg.last + 1)]
+        nodes.append([s.route[-1].anchor, "head"])
+        links = [[a.anchor, a.last, b.anchor, b.first] for a, b in zip(s.route, s.route[1:])]
+        route = {"stitch": highlight, "nodes": nodes, "edges": links, "text": plan.describe_route(highlight)}
+    n_stitches = len(plan.stitches) - len(plan.anchors)
+    return {"anchors": anchors, "edges": edges, "route": route, "message": message, "error": error,
+            "fitted": fitted, "count": {"stitches": len(plan.stitches), "between_anchors": n_stitches,
+                                        "layers": len(plan.layers)}}
+
+
+def plan_count_md(plan: StitchPlan | None) -> str:
+    if plan is None:
+        return "No plan yet."
+    n = len(plan.stitches)
+    a = len(plan.anchors)
+    return (f"**{n} stitches** ({a} anchors + {n - a} stitched routes) · {len(plan.layers)} stitching layers · "
+            f"kernel {plan.options.get('kernel')}, stride {plan.options.get('stride')}, "
+            f"{'all pairs' if plan.options.get('all_pairs') else 'nearest pairs'}"
+            f"{' · edited by hand' if plan.options.get('custom_points') else ''}")
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "–"
+    s = int(round(s))
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+def progress_html(snap: dict | None) -> str:
+    """The fine-tune's progress bar with images/s and ETA."""
+    if not snap:
+        return "<div class='zc-progress idle'><div class='zc-progress-text'>No fine-tune yet.</div></div>"
+    step, total = snap.get("step") or 0, snap.get("total_steps")
+    frac = (step / total) if total else 0.0
+    state = snap.get("state", "")
+    bits = [f"step {step}" + (f" / {total}" if total else "")]
+    if snap.get("images_per_s"):
+        bits.append(f"{snap['images_per_s']:.0f} images/s")
+    if state == "running":
+        bits.append(f"ETA {_duration(snap.get('eta_s'))}")
+    if snap.get("loss") is not None:
+        bits.append(f"loss {snap['loss']:.3f}")
+    text = " · ".join(bits)
+    msg = html.escape(snap.get("message") or "")
+    return (f"<div class='zc-progress {html.escape(state)}' data-state='{html.escape(state)}' data-step='{step}'>"
+            f"<div class='zc-progress-track'><div class='zc-progress-fill' style='width:{100 * min(1.0, frac):.1f}%'></div></div>"
+            f"<div class='zc-progress-text'><b>{html.escape(state)}</b> · {html.escape(text)}"
+            f"{' · ' + msg if msg else ''}</div></div>")
+
+
+def stitch_md(summary: dict | None) -> str:
+    if not summary:
+        return "Click a point on the curve (or use the budget slider) to pick a stitch."
+    top1 = f"{summary['top1']:.2f}%" if summary.get("top1") is not None else "not evaluated"
+    r2 = f" · fit R² {summary['r2']:.3f}" if summary.get("r2") is not None else ""
+    kind = "anchor" if summary["is_anchor"] else "stitch"
+    return (f"**Selected {kind} {summary['id']}**: `{summary['route']}`  \n"
+            f"top-1 {top1} · {summary['macs'] / 1e6:.3g} M MACs · {summary['params'] / 1e6:.3g} M params{r2}")
