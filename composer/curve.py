@@ -9,8 +9,6 @@ comes from RUN/latency.json (written by `measure_latency`).
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -177,13 +175,21 @@ def _top1_from(path: Path) -> tuple[dict[int, float], str] | None:
 
 
 def read_latency(run_dir: Path) -> dict[int, float] | None:
-    f = Path(run_dir) / LATENCY
-    if not f.is_file():
-        return None
+    """Latency (ms) per stitch: RUN/latency.json (the app's measurement) or the latency_ms column
+    that `evaluate --latency` adds to RUN/evaluation.json; None when neither has it."""
+    run_dir = Path(run_dir)
+    f = run_dir / LATENCY
     try:
-        return {int(k): float(v) for k, v in json.loads(f.read_text())["ms"].items()}
-    except (OSError, ValueError, KeyError, AttributeError) as e:
+        if f.is_file():
+            return {int(k): float(v) for k, v in json.loads(f.read_text())["ms"].items()}
+        f = run_dir / EVALUATION
+        if f.is_file():
+            rows = json.loads(f.read_text())["stitches"]
+            found = {int(r["id"]): float(r["latency_ms"]) for r in rows if r.get("latency_ms") is not None}
+            return found or None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CurveError(f"{f} is unreadable ({e})") from None
+    return None
 
 
 def load_plan_of_run(run_dir: Path) -> StitchPlan:
@@ -202,24 +208,16 @@ def load_plan_of_run(run_dir: Path) -> StitchPlan:
     return load_plan(plan_data, infos)
 
 
-@torch.inference_mode()
 def measure_latency(net, stitch_ids: list[int] | None = None, repeats: int = 10,
                     progress=None) -> dict[int, float]:
-    """Median wall time (ms) of one batch-1 forward per stitch on the network's device."""
+    """Median batch-1 latency (ms) of every stitch on the network's device (composer.costs' timer)."""
+    from composer.costs import measure_latency as time_ms
     net.eval()
-    info = net.plan.infos[0]
-    x = torch.zeros(1, *info.input_size, device=next(net.parameters()).device)
+    x = torch.zeros(1, *net.plan.infos[0].input_size, device=next(net.parameters()).device)
     ids = list(range(len(net.plan.stitches))) if stitch_ids is None else stitch_ids
     out = {}
     for n, i in enumerate(ids):
-        net.select(i)
-        net(x)  # warm-up: first-call allocations are not the model's speed
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            net(x)
-            times.append(time.perf_counter() - t0)
-        out[i] = 1000 * statistics.median(times)
+        out[i] = time_ms(net.select(i), x, repeats=repeats)
         if progress is not None:
             progress(n + 1, len(ids))
     return out

@@ -130,7 +130,8 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                         query = gr.Textbox(label="search the Hub", placeholder="e.g. deit", scale=3)
                         search = gr.Button("Search", scale=1)
                     hub_line = gr.Markdown("")
-                    family = gr.Dropdown(label="family", choices=[], interactive=True)
+                    # allow_custom_value: ids are checked by the session, so API clients need no prior listing
+                    family = gr.Dropdown(label="family", choices=[], interactive=True, allow_custom_value=True)
                     family_info = gr.Markdown("")
                     with gr.Accordion("custom anchors", open=False):
                         custom = gr.Textbox(label="timm names or hf-hub:org/repo, comma separated", lines=2)
@@ -141,8 +142,8 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                 with gr.Group():
                     gr.Markdown("### 2 · Stitch plan")
                     with gr.Row():
-                        kernel = gr.Number(value=2, precision=0, minimum=1, label="kernel", min_width=80)
-                        stride = gr.Number(value=1, precision=0, minimum=1, label="stride", min_width=80)
+                        kernel = gr.Number(value=2, precision=0, label="kernel", min_width=80)
+                        stride = gr.Number(value=1, precision=0, label="stride", min_width=80)
                         all_pairs = gr.Checkbox(value=False, label="all pairs (not only neighbours)")
                     with gr.Row():
                         apply_opts = gr.Button("Apply options", size="sm")
@@ -153,20 +154,20 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                     data = gr.Dropdown(label="calibration data (a folder under the data roots, or a data set)",
                                        choices=["starter"], value="starter", allow_custom_value=True)
                     with gr.Row():
-                        calib = gr.Number(value=256, precision=0, minimum=1, label="calibration images")
-                        eval_n = gr.Number(value=config.eval_limit, precision=0, minimum=1, label="evaluation images")
+                        calib = gr.Number(value=256, precision=0, label="calibration images")
+                        eval_n = gr.Number(value=config.eval_limit, precision=0, label="evaluation images")
                     fit_btn = gr.Button("Fit and evaluate", variant="primary")
                     fit_status = gr.Markdown("")
                 with gr.Group():
                     gr.Markdown("### 4 · Fine-tune")
                     with gr.Row():
-                        steps = gr.Number(value=100, precision=0, minimum=1, label="steps")
-                        lr = gr.Number(value=0, minimum=0, label="learning rate (0: family default)")
-                        batch = gr.Number(value=64, precision=0, minimum=1, label="batch")
+                        steps = gr.Number(value=100, precision=0, label="steps")
+                        lr = gr.Number(value=0, label="learning rate (0: family default)")
+                        batch = gr.Number(value=64, precision=0, label="batch")
                     with gr.Row():
                         sampling = gr.Dropdown(SAMPLING, value="uniform", label="stitch sampling")
                         distill = gr.Dropdown(DISTILL, value="none", label="distillation")
-                        eval_every = gr.Number(value=25, precision=0, minimum=0, label="evaluate every (steps)")
+                        eval_every = gr.Number(value=25, precision=0, label="evaluate every (steps)")
                     with gr.Row():
                         train_btn = gr.Button("Start / resume", variant="primary")
                         cancel_btn = gr.Button("Cancel", variant="stop")
@@ -286,7 +287,8 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                     return plan_error(s, e)
             return handler
 
-        anchors.input(plan_action(Session.set_anchors), [session, anchors], plan_outputs, api_name="set_anchors")
+        anchors.input(plan_action(Session.set_anchors), [session, anchors], plan_outputs, api_name="anchors_input",
+                      api_visibility="undocumented")
         apply_opts.click(plan_action(Session.set_options), [session, kernel, stride, all_pairs], plan_outputs,
                          api_name="set_options")
         reset.click(plan_action(Session.reset_plan), [session], plan_outputs, api_name="reset_plan")
@@ -333,6 +335,11 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
             """Remove the stitch [f, j, b, k]."""
             return api_graph(Session.remove_stitch, session, point)
 
+        def set_anchors(session: str, specs: list[str]) -> dict:
+            """Stitch only these members of the chosen family (specs as listed by /choose_family)."""
+            return api_graph(Session.set_anchors, session, specs)
+
+        gr.api(set_anchors, api_name="set_anchors")
         gr.api(add_stitch, api_name="add_stitch")
         gr.api(move_stitch, api_name="move_stitch")
         gr.api(remove_stitch, api_name="remove_stitch")

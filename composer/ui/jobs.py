@@ -25,7 +25,7 @@ class TrainJob:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"train:{self.run_dir.name}", daemon=True)
         self._state = {"state": "starting", "step": 0, "total_steps": config.steps, "loss": None, "lr": None,
-                       "images_per_s": None, "eta_s": None, "message": "", "evals": 0, "started": time.time(),
+                       "images_per_s": None, "eta_s": None, "message": "", "evals": 0, "started": time.time(), "resumed_from": None,
                        "result": None}
 
     @property
@@ -46,8 +46,9 @@ class TrainJob:
     def _event(self, e: dict) -> None:
         kind = e.get("type")
         if kind == "start":
-            self._update(state="running", step=e.get("step", 0), total_steps=e.get("total_steps"),
-                         message="resumed from the checkpoint" if e.get("resumed") else "started")
+            resumed = e.get("step", 0) if e.get("resumed") else None
+            self._update(state="running", step=e.get("step", 0), total_steps=e.get("total_steps"), resumed_from=resumed,
+                         message=f"resumed from the checkpoint at step {resumed}" if resumed is not None else "started")
         elif kind == "step":
             self._update(state="running", **{k: e.get(k) for k in ("step", "total_steps", "loss", "lr", "images_per_s", "eta_s")})
         elif kind == "eval":
@@ -67,8 +68,10 @@ class TrainJob:
             status = result.get("status", "done")
             words = {"done": "finished", "cancelled": "cancelled (checkpoint saved: resume continues from it)",
                      "budget": "stopped at the time budget (checkpoint saved)"}
+            resumed = self.snapshot().get("resumed_from")
             self._update(state=status, result=result, eta_s=0 if status == "done" else None,
-                         message=f"{words.get(status, status)} at step {result.get('step')}")
+                         message=f"{words.get(status, status)} at step {result.get('step')}"
+                                 + (f" (resumed from step {resumed})" if resumed is not None else ""))
         except USER_ERRORS as e:
             self._update(state="error", message=str(e))
         except Exception as e:  # a bug in training must end this job, not the server

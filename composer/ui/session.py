@@ -47,6 +47,11 @@ try:
 except ImportError:  # pragma: no cover
     pass
 try:
+    from composer.export import ExportError
+    USER_ERRORS += (ExportError,)
+except ImportError:  # pragma: no cover
+    pass
+try:
     from composer.train import TrainError
     USER_ERRORS += (TrainError,)
 except ImportError:  # pragma: no cover - the trainer is optional for browsing and fitting

@@ -1,0 +1,291 @@
+"""The app through its API (gradio_client), as a script would drive it: browse, plan, edit, fit,
+fine-tune, curve, select, download; plus the security rules and bad input."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+gradio_client = pytest.importorskip("gradio_client")
+
+NEAREST_DEFAULT = 3 + 2 * 10   # starter: 3 anchors, depth 4, kernel 2 stride 1 -> 10 stitches per pair
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def starter(request, tmp_path_factory):
+    """The starter family (conftest's shared build if there is one), and data specs pointing at it."""
+    try:
+        fam = request.getfixturevalue("starter_family")
+    except pytest.FixtureLookupError:
+        from zoo.starter import ensure_starter
+        cache = os.environ.get("ZOO_COMPOSER_CACHE") or tmp_path_factory.mktemp("starter-cache")
+        fam = ensure_starter(cache, progress=False)
+    old = os.environ.get("ZOO_COMPOSER_CACHE")
+    os.environ["ZOO_COMPOSER_CACHE"] = str(Path(fam.root).parent)   # the "starter" data spec reads it
+    yield fam
+    if old is None:
+        os.environ.pop("ZOO_COMPOSER_CACHE", None)
+    else:
+        os.environ["ZOO_COMPOSER_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def app(starter, tmp_path_factory):
+    from composer.ui import build_app, launch
+    from composer.ui.session import AppConfig
+    tmp = tmp_path_factory.mktemp("app")
+    data_root = tmp / "data"
+    _image_folder(data_root / "tiny", classes=2, per_class=3)
+    (tmp / "outside").mkdir()
+    (data_root / "escape").symlink_to(tmp / "outside")     # a link out of the root must not count as inside
+    config = AppConfig(runs_root=tmp / "runs", exports_dir=tmp / "exports", data_roots=[data_root],
+                       model_roots=[tmp / "models"], eval_limit=100)
+    demo = build_app(config)
+    port = free_port()
+    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    url = f"http://127.0.0.1:{port}/"
+    yield demo, url, config
+    demo.close()
+
+
+def _image_folder(root: Path, classes: int, per_class: int) -> None:
+    from PIL import Image
+    for c in range(classes):
+        (root / str(c)).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (16, 16), (40 * c, 10 * i, 0)).save(root / str(c) / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return gradio_client.Client(app[1], verbose=False)
+
+
+def _new(client) -> str:
+    key = client.predict(api_name="/new_session")
+    assert re.fullmatch(r"[A-Za-z0-9_-]{16,64}", key)
+    return key
+
+
+def _starter_session(client) -> str:
+    key = _new(client)
+    out = client.predict(key, "starter", api_name="/choose_family")
+    assert "⚠" not in out[-1], out[-1]
+    return key
+
+
+def _graph_of(client, key) -> dict:
+    # /set_axis is cheap and has no side effect on the plan: use /restore to read the graph
+    return client.predict(key, api_name="/restore")[4]
+
+
+def test_every_event_has_an_explicit_api_name(app):
+    demo = app[0]
+    names = [fn.api_name for fn in demo.fns.values() if fn.fn is not None]
+    assert all(names) and len(names) == len(set(names))
+    info = gradio_client.Client(app[1], verbose=False).view_api(return_format="dict", print_info=False)
+    documented = set(info["named_endpoints"])
+    for name in ("new_session", "restore", "list_families", "choose_family", "set_anchors", "set_options",
+                 "reset_plan", "add_stitch", "move_stitch", "remove_stitch", "fit", "train_start", "train_poll",
+                 "train_cancel", "select_stitch", "set_axis", "pick_under_budget", "measure_latency",
+                 "export_stitch", "export_snnet"):
+        assert f"/{name}" in documented
+
+
+def test_browse_members_match_an_independent_count(client, starter):
+    from composer.costs import model_cost
+    from zoo.sources import create_anchor
+    key = _new(client)
+    choices, line, status = client.predict(key, "", api_name="/list_families")
+    assert "starter" in [c[1] for c in choices["choices"]]
+    assert line                                     # one status line about the Hub, online or not
+    out = client.predict(key, "starter", api_name="/choose_family")
+    table = out[2]
+    by_name = {row[0]: row for row in table["data"]}
+    assert list(by_name) == ["starter_vit_tiny", "starter_vit_small", "starter_vit_base"]   # by MACs
+    for spec in starter.anchors:
+        cost = model_cost(create_anchor(spec))       # with weights, on the CPU: a separate measurement
+        row = by_name[spec.rsplit("/", 1)[-1]]
+        assert row[1] == pytest.approx(cost.params / 1e6, abs=1e-3)
+        assert row[2] == pytest.approx(cost.macs / 1e6, abs=1e-3)
+        assert row[3] == "16x16" and row[4] == 4 and "digits" in row[5]
+    graph = out[4]
+    assert [a["name"] for a in graph["anchors"]] == list(by_name)
+    assert [a["macs"] for a in graph["anchors"]] == sorted(a["macs"] for a in graph["anchors"])
+    assert len(graph["edges"]) == NEAREST_DEFAULT - 3
+    # every edge joins neighbours in MACs, front block -> back block, with a shape label on blocks
+    assert all(e["point"][2] == e["point"][0] + 1 for e in graph["edges"])
+    assert all(b["shape"] for a in graph["anchors"] for b in a["blocks"])
+
+
+def test_plan_edits_and_refusals(client):
+    key = _starter_session(client)
+    g = client.predict(key, 1, 0, 0, 3, api_name="/add_stitch")           # larger -> smaller
+    assert g["error"] and "wrong way" in g["message"]
+    assert len(g["edges"]) == NEAREST_DEFAULT - 3                         # nothing changed
+    g = client.predict(key, 0, 0, 1, 0, api_name="/add_stitch")           # a default one
+    assert g["error"] and "already exists" in g["message"]
+    g = client.predict(key, 0, 0, 0, 2, api_name="/add_stitch")
+    assert g["error"] and "two different anchors" in g["message"]
+    g = client.predict(key, 0, 9, 1, 0, api_name="/add_stitch")
+    assert g["error"] and "blocks 0..3" in g["message"]
+    g = client.predict(key, 0, 0, 1, 3, api_name="/add_stitch")
+    assert not g["error"] and [0, 0, 1, 3] in [e["point"] for e in g["edges"]]
+    assert len(g["edges"]) == NEAREST_DEFAULT - 3 + 1
+    g = client.predict(key, [0, 0, 1, 3], "back", [1, 2], api_name="/move_stitch")
+    points = [e["point"] for e in g["edges"]]
+    assert not g["error"] and [0, 0, 1, 2] in points and [0, 0, 1, 3] not in points
+    g = client.predict(key, [0, 0, 1, 2], "front", [2, 1], api_name="/move_stitch")   # 2 -> 1: wrong way
+    assert g["error"] and [0, 0, 1, 2] in [e["point"] for e in g["edges"]]
+    g = client.predict(key, [0, 0, 1, 2], api_name="/remove_stitch")
+    assert not g["error"] and len(g["edges"]) == NEAREST_DEFAULT - 3
+    g = client.predict(key, [0, 0, 1, 2], api_name="/remove_stitch")
+    assert g["error"] and "not in the plan" in g["message"]
+    # kernel 1: only j == k inside each window of one block -> 4 per pair
+    out = client.predict(key, 1, 1, False, api_name="/set_options")
+    assert len(out[0]["edges"]) == 2 * 4 and "11 stitches" in out[1]
+    out = client.predict(key, 2, 1, True, api_name="/set_options")        # all pairs: 3 pairs x 10
+    assert len(out[0]["edges"]) == 3 * 10
+    out = client.predict(key, 0, 1, False, api_name="/set_options")
+    assert out[0]["error"] and "kernel" in out[0]["message"]
+    g = client.predict(key, ["local-dir:/etc"], api_name="/set_anchors")
+    assert g["error"] and "not a member" in g["message"]
+    g = client.predict(key, [], api_name="/set_anchors")
+    assert g["error"] and "at least one anchor" in g["message"]
+    specs = [a["spec"] for a in g["anchors"]]
+    g = client.predict(key, specs[::2], api_name="/set_anchors")        # tiny + base: one pair
+    assert not g["error"] and len(g["anchors"]) == 2 and len(g["edges"]) == 10
+
+
+def test_bad_sessions_and_paths_are_refused(client, app, tmp_path):
+    _, url, config = app
+    out = client.predict("not-a-session", "", api_name="/list_families")
+    assert "no session" in out[-1]
+    out = client.predict("x" * 20, "starter", api_name="/choose_family")
+    assert "expired" in out[-1]
+    key = _starter_session(client)
+    for bad, why in (("/etc", "must be inside"), ("../../etc", "must be inside"), ("escape", "must be inside"),
+                     ("nonexistent", "does not exist"), ("", "choose calibration data")):
+        out = client.predict(key, bad, 8, 8, "macs", api_name="/fit")
+        assert why in out[-1], (bad, out[-1])
+    out = client.predict(key, "tiny", 6, 6, "macs", api_name="/fit")       # inside the data root: fine
+    assert "fitted" in out[-1]
+    out = client.predict(key, "0", api_name="/custom_family")
+    assert "⚠" in out[-1]
+    out = client.predict(key, "local-dir:/etc/passwd", api_name="/custom_family")
+    assert "must be inside" in out[-1]
+    # files the app did not export are never served
+    manifest = next(Path(config.runs_root).rglob("manifest.json"))
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{url}gradio_api/file={manifest}")
+    assert e.value.code == 403
+
+
+def _poll_until(client, key, states, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        html = client.predict(key, "macs", api_name="/train_poll")[0]
+        m = re.search(r"data-state='(\w+)' data-step='(\d+)'", html)
+        if m and m.group(1) in states:
+            return m.group(1), int(m.group(2)), html
+        time.sleep(0.3)
+    raise AssertionError(f"training did not reach {states} in {timeout} s: {html}")
+
+
+@pytest.mark.slow
+def test_full_flow_fit_finetune_select_download(client, app, tmp_path):
+    from composer import load_stitched
+    from composer.run import load_run
+    _, url, config = app
+    key = _starter_session(client)
+    g = client.predict(key, 0, 1, 1, 3, api_name="/add_stitch")
+    assert not g["error"]
+    added = NEAREST_DEFAULT          # the new stitch gets the next id
+    graph, curve, budget, picked, status, fit_status = client.predict(key, "starter", 64, 100, "macs", api_name="/fit")
+    assert "fitted 7 stitching layers on 64 images" in fit_status
+    assert all(e["r2"] is not None and e["colour"] != "#8c96a8" for e in graph["edges"])
+    ids = sorted(i for t in curve["data"] for i in (t.get("customdata") or []) if t["name"] in ("stitches", "anchors"))
+    assert ids == list(range(NEAREST_DEFAULT + 1))
+    run_dir = next((Path(config.runs_root) / key).glob("run-*"))
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert evaluation["images"] == 100
+
+    # fine-tune a few steps; bad input meanwhile is refused and does not disturb the job
+    progress, timer, status = client.predict(key, 6, 0, 16, "uniform", "none", 3, "starter", api_name="/train_start")
+    assert "started" in status
+    g = client.predict(key, 0, 0, 1, 3, api_name="/add_stitch")
+    assert g["error"] and "fine-tune is running" in g["message"]
+    assert "running" in client.predict(key, "starter", 8, 8, "macs", api_name="/fit")[-1]
+    state, step, _ = _poll_until(client, key, {"done", "error"})
+    assert state == "done" and step == 6, _
+    curve = client.predict(key, "macs", api_name="/set_axis")[0]
+    assert "fine-tuning" in curve["layout"]["title"]["text"]
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m["type"] == "eval"] == [3, 6]
+
+    # resume: two more steps continue from step 6
+    client.predict(key, 8, 0, 16, "uniform", "none", 0, "starter", api_name="/train_start")
+    state, step, html = _poll_until(client, key, {"done", "error"})
+    assert (state, step) == ("done", 8) and "resumed from step 6" in html, html
+
+    # select the hand-made stitch, pick under a budget, export and load it
+    graph, curve, picked, status = client.predict(key, added, "macs", api_name="/select_stitch")
+    assert graph["route"]["stitch"] == added and graph["route"]["edges"] == [[0, 1, 1, 3]]
+    assert f"stitch {added}" in picked
+    selected = [t for t in curve["data"] if t["name"] == "selected"]
+    assert selected and selected[0]["customdata"] == [added]
+    graph, curve, picked, status = client.predict(key, "macs", 0.3, api_name="/pick_under_budget")
+    assert graph["route"]["stitch"] == 0          # only the smallest anchor costs under 0.3 M MACs
+    client.predict(key, added, "macs", api_name="/select_stitch")
+    files, status = client.predict(key, api_name="/export_stitch")
+    assert "exported" in status and len(files) == 1
+    zip_path = Path(files[0])
+    with zipfile.ZipFile(zip_path) as z:
+        names = z.namelist()
+        z.extractall(tmp_path)
+    folder = tmp_path / names[0].split("/")[0]
+    assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file()
+    model = load_stitched(folder)
+    net = load_run(run_dir).net.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net.select(added)(x))
+    files, status = client.predict(key, api_name="/export_snnet")
+    assert len(files) == 2
+    with zipfile.ZipFile(next(f for f in files if "snnet-" in Path(f).name)) as z:
+        assert any(n.endswith("snnet.safetensors") for n in z.namelist())
+
+
+@pytest.mark.slow
+def test_cancel_then_resume_and_two_sessions(client):
+    a, b = _starter_session(client), _new(client)
+    client.predict(a, "starter", 32, 50, "macs", api_name="/fit")
+    client.predict(a, 100000, 0, 8, "macs_grouped", "none", 0, "starter", api_name="/train_start")
+    _poll_until(client, a, {"running"})
+    restored = client.predict(a, api_name="/restore")          # a reloaded page finds the job again
+    assert "Reattached" in restored[-1] and restored[10]["active"] is True
+    # the other session has its own (empty) state and cannot see or stop a's job
+    assert "no fine-tune is running" in client.predict(b, api_name="/train_cancel")
+    assert client.predict(b, api_name="/restore")[4]["anchors"] == []
+    assert "cancelling" in client.predict(a, api_name="/train_cancel")
+    state, step, html = _poll_until(client, a, {"cancelled", "error"})
+    assert state == "cancelled" and 0 < step < 100000, html
+    client.predict(a, step + 2, 0, 8, "macs_grouped", "none", 0, "starter", api_name="/train_start")
+    state, step2, html = _poll_until(client, a, {"done", "error"})
+    assert (state, step2) == ("done", step + 2), html
+    assert f"resumed from step {step}" in html
