@@ -14,6 +14,7 @@ All counts are per image (batch 1).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -193,3 +194,14 @@ def measure_latency(fn, x: torch.Tensor, warmup: int = 3, repeats: int = 10) -> 
             sync()
             times.append(time.perf_counter() - t)
     return 1000 * sorted(times)[len(times) // 2]
+
+
+@functools.lru_cache(maxsize=512)
+def architecture_macs(name: str) -> int:
+    """MACs of a timm architecture by name (tag and hf-hub:timm/ prefix ignored), counted on the
+    meta device: instant and offline, which is what sorting a Hub family needs."""
+    import timm
+    arch = name.removeprefix("hf-hub:").removeprefix("timm/").split(".")[0]
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False)
+    return model_cost(model).macs
