@@ -91,5 +91,28 @@ def loader(ds: Dataset, batch_size: int = 64, shuffle: bool = False, workers: in
     if len(ds) == 0:
         raise DataError("the data set is empty")
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=g,
-                      persistent_workers=False, drop_last=False)
+    return DataLoader(_ReadErrorsAsDataError(ds), batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      generator=g, persistent_workers=False, drop_last=False)
+
+
+class _ReadErrorsAsDataError(Dataset):
+    """timm skips an unreadable image (logging a warning) but after 10 in a row raises a bare
+    RuntimeError; say which data is unreadable instead of ending in a stack trace."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index):
+        try:
+            return self.ds[index]
+        except RuntimeError as e:
+            if "consecutive samples" not in str(e):
+                raise
+            ds = self.ds
+            while isinstance(ds, Subset):
+                ds, index = ds.dataset, ds.indices[index]
+            where = ds.filename(index, absolute=True) if hasattr(ds, "filename") else f"item {index}"
+            raise DataError(f"images could not be read (not images, or corrupted), from {where} on") from None
