@@ -8,7 +8,7 @@ import safetensors.torch
 import timm
 import torch
 
-from conftest import SHARED_DATA, SHARED_ZOO, need_shared
+from tests.conftest import SHARED_DATA, SHARED_ZOO, need_shared
 from zoo.cifar_resnet import CifarResNet, local_dir_for
 
 DEPTHS = (20, 32, 44, 56)
