@@ -244,14 +244,25 @@ def cmd_train(args) -> None:
                          workers=args.workers, anchor_lr_scale=args.anchor_lr_scale)
     rank0 = os.environ.get("RANK", "0") == "0"
     cancel = threading.Event()
-    # The first Ctrl-C (or a SIGTERM from torchrun / a job scheduler) finishes the step, saves, exits.
-    previous = {s: signal.signal(s, lambda *_: cancel.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop(*_) -> None:
+        # The first Ctrl-C (or a SIGTERM from torchrun / a job scheduler) finishes the step, saves
+        # a checkpoint and exits; a second one stops at once (the previous checkpoint stays).
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        print("stopping after this step (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(desc="train", unit="step", file=sys.stderr, disable=None if rank0 else True)
 
     def show(e: dict) -> None:
         if e["type"] == "start":
             bar.reset(total=e["total_steps"])
             bar.update(e["step"])
+            if e.get("eval_on_train_data") and rank0:
+                bar.write("warning: evaluating on the training folder; give --eval-data for held-out images",
+                          file=sys.stderr)
         elif e["type"] == "step":
             bar.update(e["step"] - bar.n)
             bar.set_postfix(loss=f"{e['loss']:.3f}", lr=f"{e['lr']:.2g}", stitch=e["stitch"], refresh=False)

@@ -133,9 +133,13 @@ class StitchSampler:
     `macs_grouped` (SN-Netv2): stitches sorted by MACs in `groups` equal groups; a group is
     drawn uniformly, then a stitch in it, so the crowded middle of the curve is not oversampled."""
 
-    def __init__(self, net: StitchedNetwork, sampling: str, groups: int, seed: int):
+    def __init__(self, net: StitchedNetwork, sampling: str, groups: int, seed: int, anchors: bool = True):
         self.seed = seed
-        ids = sorted(range(len(net.plan.stitches)), key=lambda i: net.plan.cost(i).macs)
+        # with frozen anchors an anchor's route has nothing to train: it is not sampled
+        ids = [s.id for s in net.plan.stitches if anchors or not s.is_anchor]
+        if not ids:
+            raise TrainError("nothing to train: stitching layers only, but the plan has no stitches between anchors")
+        ids.sort(key=lambda i: net.plan.cost(i).macs)
         if sampling == "uniform":
             self.groups = [ids]
         else:
@@ -464,7 +468,7 @@ def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dic
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=True, broadcast_buffers=False)
 
-    sampler = StitchSampler(net, c.sampling, c.groups, c.seed)
+    sampler = StitchSampler(net, c.sampling, c.groups, c.seed, anchors=not c.stitch_layers_only)
     batches = _StepBatches(n_train, c.batch_size, c.seed, step, c.steps, dist.rank, dist.world)
     loader = DataLoader(_SeededItems(train_ds), batch_sampler=batches, num_workers=c.workers,
                         pin_memory=device.type == "cuda")
@@ -505,7 +509,9 @@ def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dic
     t0 = time.monotonic()
     events({"type": "start", "step": step, "total_steps": c.steps, "time_budget_min": c.time_budget_min,
             "stitches": len(net.plan.stitches), "device": str(device), "world_size": dist.world,
-            "resumed": state is not None, "config": asdict(c)})
+            "resumed": state is not None, "config": asdict(c), "eval_data": ev_spec,
+            # an image folder has no validation split: without eval_data, evaluation sees training images
+            "eval_on_train_data": not eval_data and not data.startswith("starter") and Path(data).expanduser().is_dir()})
     _set_train_modes(net, c)
     status, window, images = None, [], 0
     saved_step = step if state is not None else None   # the step whose checkpoint is on disk

@@ -162,12 +162,14 @@ def test_stop_and_resume_equals_one_run(tmp_path, vit_family):
         if e["type"] == "step" and e["step"] == 3:
             cancel.set()
 
-    first = train(resumed, vit_family[1], small(steps=6, **cfg), events=stop_after_three, cancel=cancel,
+    # a worker process loads the images here: augmentation must not depend on who loads them
+    first = train(resumed, vit_family[1], small(steps=6, workers=1, **cfg), events=stop_after_three, cancel=cancel,
                   eval_data=vit_family[2])
     assert first["status"] == "cancelled" and first["step"] == 3 and checkpoint_step(resumed) == 3
     events = []
     second = train(resumed, vit_family[1], small(steps=6, **cfg), events=events.append, eval_data=vit_family[2])
     assert events[0]["resumed"] and events[0]["step"] == 3 and second["step"] == 6
+    assert not events[0]["eval_on_train_data"]
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # resuming a finished run trains nothing more
@@ -184,7 +186,9 @@ def test_resume_refuses_another_optimizer(tmp_path, vit_family):
 
 def test_time_budget(tmp_path, vit_family):
     run = make_run(tmp_path, vit_family)
-    result = train(run, vit_family[1], small(time_budget_min=0.5 / 60), eval_data=vit_family[2])
+    events = []
+    result = train(run, vit_family[1], small(time_budget_min=0.5 / 60), events=events.append)
+    assert events[0]["eval_on_train_data"]     # a folder has no validation split of its own
     assert result["status"] == "budget" and result["step"] >= 1 and checkpoint_step(run) == result["step"]
 
 
@@ -270,6 +274,9 @@ def test_macs_grouped_sampling_is_balanced_over_groups(vit_family, tmp_path):
     shares = [sum(p in g for p in picks) / len(picks) for g in groups]
     assert all(abs(s - 1 / 3) < 0.04 for s in shares)
     assert set(picks) == set(range(len(net.plan.stitches)))
+    # with frozen anchors, anchors (ids 0..A-1) have nothing to train and are never drawn
+    frozen = StitchSampler(net, "uniform", 1, seed=0, anchors=False)
+    assert set(frozen.pick(s) for s in range(500)) == set(range(len(VIT), len(net.plan.stitches)))
 
 
 def test_defaults_per_family(vit_family, cnn_family, tmp_path):
