@@ -6,7 +6,7 @@
 //   'stitch_move'   {point: [f, j, b, k], end: 'front'|'back', to: [anchor, block]}   drag an edge end
 //   'stitch_remove' {point: [f, j, b, k]}                               the x on an edge
 const NS = "http://www.w3.org/2000/svg";
-const COL_W = 150, GAP = 96, ROW_H = 30, BOX_H = 24, TOP = 58, LEFT = 16;
+const COL_W = 150, GAP = 96, ROW_H = 36, BOX_H = 28, TOP = 58, LEFT = 16;
 const STAGE_FILL = ["#eef3fb", "#e6f4ea", "#fdf3e1", "#f3e8fb", "#e8f6f8"];
 const root = element.querySelector(".zc-graph-root") || element;
 let pending = null;     // [anchor, block] clicked first
@@ -64,9 +64,9 @@ function draw() {
       const g = svgEl("g", {class: cls.join(" "), "data-anchor": a.index, "data-part": b.part}, svg);
       const fill = b.stage >= 0 ? STAGE_FILL[b.stage % STAGE_FILL.length] : "#f4f5f7";
       svgEl("rect", {x, y, width: COL_W, height: BOX_H, rx: 5, fill}, g);
-      const label = svgEl("text", {x: x + 7, y: y + 16, class: "zc-block-label"}, g);
+      const label = svgEl("text", {x: x + 7, y: y + 18, class: "zc-block-label"}, g);
       label.textContent = isUnit ? `${b.part} · ${b.shape}` : `${b.label} · ${b.shape}`;
-      const m = svgEl("text", {x: x + COL_W - 6, y: y + 16, class: "zc-block-macs", "text-anchor": "end"}, g);
+      const m = svgEl("text", {x: x + COL_W - 6, y: y + 18, class: "zc-block-macs", "text-anchor": "end"}, g);
       m.textContent = millions(b.macs);
       const tip = svgEl("title", {}, g);
       tip.textContent = `${a.name} ${b.label}${b.stage >= 0 ? " (stage " + b.stage + ")" : ""}\n` +
@@ -75,11 +75,25 @@ function draw() {
     });
   }
 
+  // Several stitches can leave (or enter) one block: spread their ends along the block's side, in
+  // the order of their other ends, so every end has its own handle to drag and lines cross less.
+  const ends = {};
+  for (const e of v.edges || []) {
+    const [f, j, b, k] = e.point;
+    (ends[`out:${f}:${j}`] = ends[`out:${f}:${j}`] || []).push([rowY(anchors[b].blocks, k), e]);
+    (ends[`in:${b}:${k}`] = ends[`in:${b}:${k}`] || []).push([rowY(anchors[f].blocks, j), e]);
+  }
+  const endY = (side, a, part, e) => {
+    const list = ends[`${side}:${a}:${part}`].slice().sort((p, q) => p[0] - q[0]);
+    const i = list.findIndex(p => p[1] === e), n = list.length;
+    const y = rowY(anchors[a].blocks, part);
+    return n === 1 ? y + BOX_H / 2 : y + 5 + (BOX_H - 10) * i / (n - 1);
+  };
   for (const e of v.edges || []) {
     const [f, j, b, k] = e.point;
     const fa = anchors[f], ba = anchors[b];
-    const x1 = colX(f) + COL_W, y1 = rowY(fa.blocks, j) + BOX_H / 2;
-    const x2 = colX(b), y2 = rowY(ba.blocks, k) + BOX_H / 2;
+    const x1 = colX(f) + COL_W, y1 = endY("out", f, j, e);
+    const x2 = colX(b), y2 = endY("in", b, k, e);
     const mx = (x1 + x2) / 2;
     const highlighted = routeEdges.has(e.point.join(","));
     const g = svgEl("g", {class: "zc-edge" + (highlighted ? " zc-on-route" : ""), "data-point": e.point.join(",")}, svg);
@@ -89,8 +103,8 @@ function draw() {
     const tip = svgEl("title", {}, g);
     tip.textContent = `${fa.name} block ${j} -> ${ba.name} block ${k}\nstitch ${e.stitches.join(", ")} · layer ${e.layer}` +
       (e.r2 != null ? `\nfit R² ${e.r2.toFixed(3)}` : "") + "\ndrag an end to move it; x removes it";
-    svgEl("circle", {cx: x1, cy: y1, r: 5, class: "zc-handle", "data-end": "front", fill: e.colour}, g);
-    svgEl("circle", {cx: x2, cy: y2, r: 5, class: "zc-handle", "data-end": "back", fill: e.colour}, g);
+    svgEl("circle", {cx: x1, cy: y1, r: 4.5, class: "zc-handle", "data-end": "front", fill: e.colour}, g);
+    svgEl("circle", {cx: x2, cy: y2, r: 4.5, class: "zc-handle", "data-end": "back", fill: e.colour}, g);
     const rm = svgEl("g", {class: "zc-remove"}, g);
     svgEl("circle", {cx: mx, cy: (y1 + y2) / 2, r: 7}, rm);
     const xt = svgEl("text", {x: mx, y: (y1 + y2) / 2 + 4, "text-anchor": "middle"}, rm);

@@ -120,7 +120,7 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
     with gr.Blocks(title="Zoo Composer", delete_cache=(3600, 3600), analytics_enabled=False) as demo:
         session = gr.Textbox(visible=False, label="session")
         gr.Markdown("## Zoo Composer · stitch a model family into a speed/accuracy curve (SN-Net)")
-        status = gr.HTML("", elem_classes="zc-status", js_on_load=None)
+        status = gr.HTML("", elem_id="zc-status", elem_classes="zc-status", js_on_load=None)
 
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=320):

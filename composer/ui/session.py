@@ -114,7 +114,7 @@ def hub_status_line() -> str:
         status = hub.hub_status()
     except Exception as e:  # status is informational: never let it break browsing
         return f"Hub status unknown ({type(e).__name__})."
-    return str(getattr(status, "message", None) or status)
+    return "Hub online: search it above." if status is None else str(status)
 
 
 # --- sessions ------------------------------------------------------------------------------------
@@ -149,25 +149,26 @@ class Session:
     # --- browse ----------------------------------------------------------------------------------
 
     def list_families(self, query: str = "") -> tuple[list[FamilyEntry], str]:
-        """Starter + local + cached + Hub families (Hub only when online); a status line."""
+        """Starter + local (under the model roots) + cached + Hub families; a one-line Hub status.
+        Offline, the Hub is not asked at all and the status line says so."""
         query = (query or "").strip()
         if len(query) > 100:
             raise AppError("the search text is too long (at most 100 characters)")
-        entries = [STARTER]
+        entries, notes = [STARTER], []
         hub = _hub()
-        notes = []
+        status = hub_status_line()
         if hub is not None:
-            for source, fn, args in (("local", "local_families", (self.config.model_roots,)),
-                                     ("cached", "cached_families", ()),
-                                     ("hub", "list_hub_families", (query,))):
-                if not hasattr(hub, fn):
-                    continue
+            sources = [("local", hub.local_families, (root,)) for root in self.config.model_roots]
+            sources.append(("cached", hub.cached_families, ()))
+            if status.startswith("Hub online"):
+                sources.append(("hub", hub.list_hub_families, (query or None,)))
+            for source, fn, args in sources:
                 try:
-                    found = getattr(hub, fn)(*args)
-                except Exception as e:   # one source failing (offline Hub) must not hide the others
-                    notes.append(f"{source}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}")
+                    found = fn(*args)
+                except Exception as e:   # one source failing must not hide the others
+                    notes.append(f"{source}: {(str(e).splitlines() or [type(e).__name__])[0][:160]}")
                     continue
-                entries += [_entry_from(f, source, i) for i, f in enumerate(found)]
+                entries += [_entry_from(f, source, len(entries) + i) for i, f in enumerate(found)]
         if query:
             q = query.lower()
             entries = [e for e in entries if e.source == "hub" or q in e.name.lower()
@@ -175,7 +176,6 @@ class Session:
         with self.lock:
             self.families = {e.id: e for e in entries}
             self.families.setdefault(STARTER.id, STARTER)
-        status = hub_status_line()
         return entries, status + (" " + "; ".join(notes) if notes else "")
 
     def custom_family(self, text: str) -> FamilyEntry:

@@ -1,0 +1,175 @@
+"""The app in a real browser (Debian's Chromium driven by Playwright), as a person uses it:
+pick the starter family, click two blocks to add a stitch, drag it, fit, fine-tune, watch the curve
+grow, click a point, download the stitch and load it. Screenshots of each stage go to artifacts/.
+
+Needs `apt-get install -y chromium` and `pip install playwright` (never `playwright install`).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_app_api import free_port, starter  # noqa: F401  (the shared starter fixture)
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "browser"
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def browser_page(starter, tmp_path_factory):  # noqa: F811
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    from composer.ui import build_app, launch
+    from composer.ui.session import AppConfig
+    tmp = tmp_path_factory.mktemp("browser")
+    config = AppConfig(runs_root=tmp / "runs", exports_dir=tmp / "exports", data_roots=[], model_roots=[],
+                       eval_limit=100)
+    demo = build_app(config)
+    port = free_port()
+    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            str(tmp / "profile"), executable_path=CHROMIUM, headless=True, accept_downloads=True,
+            viewport={"width": 1500, "height": 1000},
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
+        page = ctx.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        requests = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(f"http://127.0.0.1:{port}/")
+        yield page, demo, config, errors, requests
+        ctx.close()
+    demo.close()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def center(locator) -> tuple[float, float]:
+    box = locator.bounding_box()
+    return box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+
+
+def graph_message(page) -> str:
+    return page.locator("#zc-graph .zc-graph-msg").inner_text()
+
+
+def test_stitch_fit_finetune_pick_download(browser_page, tmp_path):
+    page, demo, config, errors, requests = browser_page
+    page.wait_for_selector("#zc-graph .zc-graph-msg", timeout=60_000)
+    page.wait_for_url("**/?session=*", timeout=30_000)   # a reload finds this session again
+    shot(page, "0-start")
+
+    # 1. browse: the starter family
+    page.get_by_role("combobox", name="family").click()
+    page.get_by_role("option", name="Starter").click()
+    page.wait_for_selector("#zc-graph .zc-unit", timeout=180_000)
+    assert page.locator("#zc-graph .zc-edge").count() == 20
+    shot(page, "1-family")
+
+    # 2. stitch by hand: a click on a larger anchor first is refused with the reason on the graph
+    unit = lambda a, u: page.locator(f'#zc-graph .zc-unit[data-anchor="{a}"][data-part="{u}"]')  # noqa: E731
+    unit(1, 0).click()
+    unit(0, 3).click()
+    page.wait_for_function("document.querySelector('#zc-graph .zc-graph-msg').textContent.includes('wrong way')")
+    assert page.locator("#zc-graph .zc-graph-msg.zc-error").count() == 1
+    shot(page, "2-refused")
+    unit(0, 0).click()
+    unit(1, 3).click()
+    page.wait_for_selector('#zc-graph .zc-edge[data-point="0,0,1,3"]')
+    assert page.locator("#zc-graph .zc-edge").count() == 21
+    shot(page, "3-added")
+
+    # drag the new stitch's back end from small block 3 to small block 2
+    handle = page.locator('#zc-graph .zc-edge[data-point="0,0,1,3"] .zc-handle[data-end="back"]')
+    x0, y0 = center(handle)
+    x1, y1 = center(unit(1, 2))
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move((x0 + x1) / 2, (y0 + y1) / 2, steps=5)
+    page.mouse.move(x1, y1, steps=5)
+    page.mouse.up()
+    page.wait_for_selector('#zc-graph .zc-edge[data-point="0,0,1,2"]')
+    assert page.locator('#zc-graph .zc-edge[data-point="0,0,1,3"]').count() == 0
+    assert "moved" in graph_message(page)
+    shot(page, "4-dragged")
+
+    # 3. fit: edges get R^2 colours, the curve appears
+    page.get_by_label("calibration images").fill("64")
+    page.get_by_label("evaluation images").fill("100")
+    page.get_by_role("button", name="Fit and evaluate").click()
+    page.wait_for_selector("#zc-curve .zc-curve-plot .scatterlayer .point", timeout=120_000)
+    assert "fitted" in graph_message(page)
+    assert page.locator("#zc-graph .zc-legend").count() == 1
+    n_points = page.locator("#zc-curve .scatterlayer .point").count()
+    assert n_points >= 24                                  # 24 stitches (+ the selected ring, if any)
+    shot(page, "5-fitted")
+
+    # 4. fine-tune: progress bar moves, the curve is redrawn from the evaluations as they come
+    page.get_by_label("steps", exact=True).fill("12")
+    page.get_by_label("batch", exact=True).fill("16")
+    page.get_by_label("evaluate every (steps)").fill("4")
+    page.get_by_role("button", name="Start / resume").click()
+    page.wait_for_function("document.querySelector('#zc-curve .gtitle') && "
+                           "document.querySelector('#zc-curve .gtitle').textContent.includes('fine-tuning')",
+                           timeout=120_000)
+    shot(page, "6-training")
+    page.wait_for_selector(".zc-progress[data-state='done']", timeout=180_000)
+    assert "step 12 / 12" in page.locator(".zc-progress").inner_text()
+    page.wait_for_function("document.querySelector('#zc-curve .gtitle').textContent.includes('step 12')",
+                           timeout=30_000)
+    shot(page, "7-trained")
+
+    # 5. click a point: the stitch it stands for is selected and its route lit on the graph
+    target = page.evaluate("""() => {
+        const gd = document.querySelector('#zc-curve .zc-curve-plot');
+        const t = gd._fullData.findIndex(d => d.name === 'stitches');
+        return {trace: t, id: gd._fullData[t].customdata[2]};
+    }""")
+    point = page.locator("#zc-curve .scatterlayer .trace").nth(target["trace"]).locator(".point").nth(2)
+    px, py = center(point)
+    page.mouse.move(px, py)          # plotly picks the clicked point from the last hover
+    page.wait_for_timeout(300)
+    page.mouse.click(px, py)
+    page.wait_for_function(f"document.body.innerText.includes('Selected stitch {target['id']}')", timeout=30_000)
+    assert page.locator("#zc-graph .zc-edge.zc-on-route").count() == 1
+    assert page.locator("#zc-graph .zc-block.zc-on-route").count() >= 4
+    shot(page, "8-picked")
+
+    # 6. download the selected stitch and load it
+    page.get_by_role("button", name="Export selected stitch (zip)").click()
+    page.wait_for_function("/exported|⚠/.test(document.querySelector('#zc-status').innerText)", timeout=120_000)
+    status = page.locator("#zc-status").inner_text()
+    assert "exported" in status, status
+    link = page.locator(f"a[data-testid=download-link][href*='/stitch-{target['id']}-']")
+    link.wait_for(timeout=120_000)
+    with page.expect_download() as dl:
+        link.click()
+    zip_path = tmp_path / "stitch.zip"
+    dl.value.save_as(zip_path)
+    shot(page, "9-downloaded")
+    with zipfile.ZipFile(zip_path) as z:
+        z.extractall(tmp_path / "unzipped")
+    folder = next((tmp_path / "unzipped").iterdir())
+    from composer import load_stitched
+    from composer.run import load_run
+    model = load_stitched(folder)
+    run_dir = next(Path(config.runs_root).glob("*/run-*"))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), load_run(run_dir).net.eval().select(target["id"])(x))
+
+    assert not errors, errors
+    external = [u for u in requests if not u.startswith(("http://127.0.0.1", "data:", "blob:"))]
+    assert not external, external                          # offline: no CDN, no fonts from elsewhere
