@@ -224,3 +224,19 @@ def test_timm_downloads_from_server_and_cache_lists_family(hub_run):
 def test_cached_families_of_missing_cache_is_empty(tmp_path):
     from zoo.hub import cached_families
     assert cached_families(tmp_path / "nothing") == []
+
+
+def test_listing_error_after_probe_becomes_hub_unavailable(monkeypatch):
+    # The Hub answered the probe but the listing itself fails (network dropped, 5xx): same clear error.
+    import httpx2
+    import huggingface_hub
+    import zoo.hub
+    monkeypatch.setattr(zoo.hub, "hub_status", lambda: None)
+
+    def boom(**kwargs):
+        raise httpx2.ConnectError("connection reset")
+        yield  # a generator, like the real list_models
+
+    monkeypatch.setattr(huggingface_hub, "list_models", boom)
+    with pytest.raises(HubUnavailable, match="connection reset"):
+        list_hub_families()

@@ -160,6 +160,13 @@ def list_hub_families(
     """Families among timm models on the Hub; raises HubUnavailable at once when it can't be reached."""
     import huggingface_hub
 
+    network_errors: tuple[type[BaseException], ...] = (OSError,)  # HfHubHTTPError is an OSError
+    try:  # huggingface_hub 1.x+ talks through httpx2, whose transport errors are not OSErrors
+        import httpx2
+        network_errors += (httpx2.HTTPError,)
+    except ImportError:
+        pass
+
     status = hub_status()
     if status:
         raise HubUnavailable(status)
@@ -167,10 +174,8 @@ def list_hub_families(
     filters = ["timm", *(tags or [])]
     try:
         ids = [m.id for m in huggingface_hub.list_models(author=author, search=search, filter=filters, limit=limit)]
-    except huggingface_hub.errors.HfHubHTTPError as e:
+    except network_errors as e:  # e.g. the network dropped between the probe and the listing
         raise HubUnavailable(f"Hugging Face Hub listing failed: {e}".splitlines()[0]) from e
-    except OSError as e:
-        raise HubUnavailable(f"Hugging Face Hub listing failed: {e}") from e
     return group_families(ids, sort_key=sort_key, source="hub")
 
 
