@@ -25,6 +25,22 @@ def need_shared() -> None:
         pytest.skip(f"needs the team's shared data at {SHARED} (absent on a fresh machine)")
 
 
+@pytest.fixture(scope="session")
+def starter_family(tmp_path_factory):
+    """The built-in starter family, built once per test session into a temporary cache, which
+    also becomes ZOO_COMPOSER_CACHE so that the "starter" data spec finds the same build."""
+    from zoo.starter import ensure_starter
+    cache = tmp_path_factory.mktemp("zoo_cache")
+    old = os.environ.get("ZOO_COMPOSER_CACHE")
+    os.environ["ZOO_COMPOSER_CACHE"] = str(cache)
+    family = ensure_starter(cache, progress=False)
+    yield family
+    if old is None:
+        os.environ.pop("ZOO_COMPOSER_CACHE", None)
+    else:
+        os.environ["ZOO_COMPOSER_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     import torch

@@ -1,6 +1,5 @@
 """zoo.starter: the offline starter family (digits + three tiny ViTs), built once per session."""
 import json
-import time
 
 import pytest
 import timm
@@ -10,23 +9,12 @@ import torch
 from zoo.starter import STARTER_MODELS, StarterFamily, ensure_starter, evaluate_folder
 
 
-@pytest.fixture(scope="session")
-def starter_family(tmp_path_factory) -> StarterFamily:
-    """The starter family built once into a temporary cache. Reusable by any test module."""
-    cache = tmp_path_factory.mktemp("zoo_cache")
-    start = time.perf_counter()
-    family = ensure_starter(cache, progress=False)
-    family.build_seconds = time.perf_counter() - start  # for the report and the timing check
-    return family
-
-
 def test_layout_and_manifest(starter_family):
     root = starter_family.root
     assert starter_family.anchors == [f"local-dir:{root / 'models' / n}" for n in STARTER_MODELS]
     manifest = json.loads((root / "manifest.json").read_text())
     assert list(manifest["accuracies"]) == list(STARTER_MODELS)
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".starter-build-")]  # temp dir gone
-    assert starter_family.build_seconds < 120, starter_family.build_seconds
 
 
 def test_anchors_load_with_timm(starter_family):
@@ -60,17 +48,24 @@ def test_accuracies_distinct_ordered_and_good(starter_family):
 
 
 def test_recorded_accuracy_matches_independent_eval(starter_family):
+    """Re-measured through another code path: torchvision's ImageFolder + the library's data module."""
+    from torchvision.datasets import ImageFolder
+
+    from composer.data import data_config, open_dataset
     anchor = starter_family.anchors[0]
-    model = timm.create_model(anchor, pretrained=True)
+    model = timm.create_model(anchor, pretrained=True).eval()
+    ds = open_dataset(str(starter_family.val_dir), data_config(model))
+    assert len(ds) == len(ImageFolder(starter_family.val_dir))
+    with torch.no_grad():
+        correct = sum(int(model(x[None]).argmax()) == y for x, y in ds)
+    assert 100.0 * correct / len(ds) == pytest.approx(starter_family.accuracies[anchor], abs=0.01)  # recorded to 2 decimals
     assert evaluate_folder(model, starter_family.val_dir) == starter_family.accuracies[anchor]
 
 
 def test_second_call_reuses_cache(starter_family):
     weights = starter_family.root / "models" / STARTER_MODELS[0] / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
-    start = time.perf_counter()
     again = ensure_starter(starter_family.root.parent, progress=False)
-    assert time.perf_counter() - start < 1.0
     assert again.anchors == starter_family.anchors and again.accuracies == starter_family.accuracies
     assert weights.stat().st_mtime_ns == mtime
 
