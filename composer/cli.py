@@ -59,6 +59,14 @@ def _pretrained(p: argparse.ArgumentParser) -> None:
                    help="architectures only, even for hf-hub:/local-dir: anchors")
 
 
+def _anchors(specs: list[str]) -> list[str]:
+    """`starter` stands for the built-in starter family's anchors (built on first use)."""
+    if specs == ["starter"]:
+        from zoo.starter import ensure_starter
+        return ensure_starter().anchors
+    return specs
+
+
 def _plan_kwargs(args) -> dict:
     points = None
     if args.points:
@@ -86,8 +94,58 @@ def _table(plan, rows: list[dict], extra_cols: list[str]) -> str:
     return "\n".join(lines) + "\nMACs: one multiply-add = 1 (FLOPs = 2 x MACs), per image."
 
 
+def _families_args(sp) -> None:
+    sp.add_argument("--search", help="Hub search text, e.g. deit")
+    sp.add_argument("--author", default="timm", help="Hub author (default timm)")
+    sp.add_argument("--tag", action="append", default=[], help="Hub tag filter (repeatable)")
+    sp.add_argument("--local", type=Path, action="append", default=[],
+                    help="a folder of local-dir: model folders (repeatable)")
+    sp.add_argument("--json", action="store_true")
+
+
+@command("families", _families_args)
+def cmd_families(args) -> None:
+    """List model families: Hub (when reachable), the Hub cache, local folders, the starter family."""
+    from dataclasses import asdict
+
+    from composer.costs import architecture_macs
+    from zoo import hub, starter
+
+    def macs(spec: str) -> float:
+        try:
+            return architecture_macs(spec)
+        except Exception:   # a Hub repo whose architecture this timm does not know: list it last
+            return float("inf")
+
+    families, status = [], hub.hub_status()
+    if status is None:
+        try:
+            families += hub.list_hub_families(args.search, args.author, args.tag or None, sort_key=macs)
+        except hub.HubUnavailable as e:
+            status = str(e)
+    families += hub.cached_families(sort_key=macs)
+    for folder in args.local:
+        if not folder.is_dir():
+            raise DataError(f"--local {folder} is not a folder")
+        families += hub.local_families(folder)
+    built = starter.default_cache_dir() / "starter" / "models"
+    if built.is_dir():
+        families += hub.local_families(built, source="starter")
+    if args.json:
+        print(json.dumps({"hub_status": status, "families": [asdict(f) for f in families]}))
+        return
+    if status:
+        print(f"note: {status}", file=sys.stderr)
+    for f in families:
+        print(f"[{f.source}] {f.name}  ({len(f.members)} models)")
+        for m in f.members:
+            print(f"    {m}")
+    if not built.is_dir():
+        print("[starter] 3 tiny ViTs on digits: built on first use (python -m composer fit starter --data starter ...)")
+
+
 def _plan_args(sp) -> None:
-    sp.add_argument("anchors", nargs="+", help="timm name, hf-hub:org/repo or local-dir:DIR")
+    sp.add_argument("anchors", nargs="+", help="timm name, hf-hub:org/repo, local-dir:DIR, or just `starter`")
     _plan_options(sp)
     _pretrained(sp)
     sp.add_argument("--json", action="store_true")
@@ -99,7 +157,7 @@ def cmd_plan(args) -> None:
     from composer.plan import build_plan
     from composer.run import load_anchors
     # Planning needs shapes and counts only: build on the meta device unless weights are asked for.
-    _, infos = load_anchors(args.anchors, bool(args.pretrained), None if args.pretrained else "meta")
+    _, infos = load_anchors(_anchors(args.anchors), bool(args.pretrained), None if args.pretrained else "meta")
     plan = build_plan(infos, **_plan_kwargs(args))
     rows = stitch_rows(plan)
     if args.json:
@@ -127,7 +185,7 @@ def cmd_fit(args) -> None:
     from composer.fit import fit_stitches
     from composer.run import build_network, check_writable, save_fitted
     out = check_writable(args.out)
-    net = build_network(args.anchors, args.pretrained, **_plan_kwargs(args))
+    net = build_network(_anchors(args.anchors), args.pretrained, **_plan_kwargs(args))
     cfg = data.data_config(net.anchors[0])
     ds = data.subset(data.open_dataset(args.data, cfg), args.calib, seed=args.seed)
     images = (x for x, _ in data.loader(ds, args.batch_size, workers=args.workers))

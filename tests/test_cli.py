@@ -145,3 +145,21 @@ def test_corrupted_and_pickled_weights_are_refused(tiny_zoo, tmp_path, main):
     torch.save({"state": {"a": torch.zeros(1)}, "evil": Path("/")}, pickled / "pytorch_model.bin")
     msg = _one_error_line(cli("fit", f"local-dir:{pickled}", specs[1], "--data", data, "--out", tmp_path / "r"))
     assert "pickle" in msg or "safe" in msg
+
+
+def test_families_offline_lists_starter_and_local(starter_family, main, tmp_path):
+    r = main("families", "--local", starter_family.root / "models", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "offline" in out["hub_status"]
+    by_source = {f["source"]: f for f in out["families"]}
+    assert by_source["starter"]["members"] == starter_family.anchors          # small -> large
+    assert by_source["local"]["members"] == starter_family.anchors
+    assert "is not a folder" in _one_error_line(main("families", "--local", tmp_path / "missing"))
+
+
+def test_starter_shorthand_plans_the_starter_family(starter_family, main):
+    r = main("plan", "starter", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["anchors"] == starter_family.anchors and len(out["stitches"]) == 3 + 2 * 10
