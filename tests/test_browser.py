@@ -6,8 +6,6 @@ Needs `apt-get install -y chromium` and `pip install playwright` (never `playwri
 """
 from __future__ import annotations
 
-import os
-import shutil
 import zipfile
 from pathlib import Path
 

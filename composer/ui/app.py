@@ -7,7 +7,6 @@ edits, in the status line otherwise), and a running fine-tune is never touched b
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os

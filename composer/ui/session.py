@@ -660,6 +660,3 @@ class SessionStore:
         with self._lock:
             return list(self._sessions.values())
 
-
-def as_json(obj) -> str:
-    return json.dumps(obj, default=str)
