@@ -10,7 +10,6 @@ this session exported can be handed out for download.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import secrets
