@@ -1,15 +1,15 @@
-"""Zoo Composer web app: `python app.py` serves it on http://127.0.0.1:7860 (local only, offline).
+"""Zoo Composer web app: `python app.py` serves it on http://127.0.0.1:7860 (this machine only).
 
 Options: --host/--port, --runs-root (where fitted and fine-tuned runs go), --data-root and
 --model-root (the only folders the app reads data and local anchors from; repeat them),
---max-upload. Everything else lives in composer/ui/.
+--max-upload, --offline. Everything else lives in composer/ui/.
 """
 from __future__ import annotations
 
 import argparse
 import os
 
-# Offline and quiet by default: no analytics, no Hub lookups unless asked (--online).
+# Quiet: no analytics. The Hub is used when reachable (users have the network); --offline skips it.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 
@@ -22,10 +22,10 @@ def main() -> None:
     p.add_argument("--data-root", action="append", default=None, help="folder whose ImageFolders may be used (repeatable)")
     p.add_argument("--model-root", action="append", default=None, help="folder of local-dir: anchors (repeatable)")
     p.add_argument("--max-upload", default="20mb", help="largest accepted upload (default 20mb)")
-    p.add_argument("--online", action="store_true", help="allow Hub lookups and downloads (default: offline)")
+    p.add_argument("--offline", action="store_true", help="never contact the Hub: cached, local and starter families only")
     args = p.parse_args()
-    if not args.online:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
 
     import torch
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))   # leave the web server a core while jobs run
