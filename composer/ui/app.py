@@ -397,15 +397,17 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
             """Progress of this session's fine-tune; the curve only when a new evaluation arrived."""
             s = store.find(key)
             if s is None or s.job is None:
-                return gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)
+                return gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False), gr.skip()
             snap = s.job.snapshot()
             new_curve = snap["evals"] != getattr(s, "_shown_evals", None)
             s._shown_evals = snap["evals"]
             running = s.job.running
+            # the status line said "fine-tuning started": say how it ended once it has
+            ended = gr.skip() if running else _status(f"fine-tune {snap.get('state')} at step {snap.get('step')}")
             return (views.progress_html(snap), curve(s, x) if new_curve else gr.skip(),
-                    budget_slider(s, x) if new_curve else gr.skip(), gr.Timer(active=running))
+                    budget_slider(s, x) if new_curve else gr.skip(), gr.Timer(active=running), ended)
 
-        timer.tick(train_poll, [session, axis], [train_progress, curve_html, budget, timer], api_name="train_poll",
+        timer.tick(train_poll, [session, axis], [train_progress, curve_html, budget, timer, status], api_name="train_poll",
                    show_progress="hidden")
 
         # --- curve and selection -----------------------------------------------------------------
