@@ -88,6 +88,16 @@ def _children(model: nn.Module, path: str) -> list[str]:
     return [f"{path}.{n}" for n, _ in model.get_submodule(path).named_children()]
 
 
+def _downsample_stages(model: nn.Module, path: str) -> list[tuple[str, list[str]]]:
+    """Stages shaped like timm's Swin / ConvNeXt / LeViT stages: `downsample` then `blocks`."""
+    stages = []
+    for i, _ in enumerate(model.get_submodule(path)):
+        ds = f"{path}.{i}.downsample"
+        has_ds = not isinstance(model.get_submodule(ds), nn.Identity)
+        stages.append((ds if has_ds else "", _children(model, f"{path}.{i}.blocks")))
+    return stages
+
+
 # --- one small function per family -------------------------------------------------------------
 
 def _vit(m: nn.Module) -> BlockAdapter:
@@ -108,13 +118,8 @@ def _vit(m: nn.Module) -> BlockAdapter:
 
 
 def _swin(m: nn.Module) -> BlockAdapter:
-    stages = []
-    for i, _ in enumerate(m.layers):
-        ds = f"layers.{i}.downsample"
-        has_ds = not isinstance(m.get_submodule(ds), nn.Identity)
-        stages.append((ds if has_ds else "", _children(m, f"layers.{i}.blocks")))
     return BlockAdapter(
-        m, "nhwc", _staged_units(stages), ("patch_embed", "absolute_pos_embed"), ("norm", "head"),
+        m, "nhwc", _staged_units(_downsample_stages(m, "layers")), ("patch_embed", "absolute_pos_embed"), ("norm", "head"),
         lambda m, x: m.patch_embed(x), lambda m, x: m.forward_head(m.norm(x)))
 
 
@@ -133,26 +138,16 @@ def _cifar_resnet(m: nn.Module) -> BlockAdapter:
 
 
 def _convnext(m: nn.Module) -> BlockAdapter:
-    stages = []
-    for i, _ in enumerate(m.stages):
-        ds = f"stages.{i}.downsample"
-        has_ds = not isinstance(m.get_submodule(ds), nn.Identity)
-        stages.append((ds if has_ds else "", _children(m, f"stages.{i}.blocks")))
     return BlockAdapter(
-        m, "nchw", _staged_units(stages), ("stem",), ("norm_pre", "head"),
+        m, "nchw", _staged_units(_downsample_stages(m, "stages")), ("stem",), ("norm_pre", "head"),
         lambda m, x: m.stem(x), lambda m, x: m.forward_head(m.norm_pre(x)))
 
 
 def _levit(m: nn.Module) -> BlockAdapter:
     if m.use_conv:
         raise UnsupportedModel("LeViT in conv mode (use_conv=True) has no block adapter yet")
-    stages = []
-    for i, _ in enumerate(m.stages):
-        ds = f"stages.{i}.downsample"
-        has_ds = not isinstance(m.get_submodule(ds), nn.Identity)
-        stages.append((ds if has_ds else "", _children(m, f"stages.{i}.blocks")))
     return BlockAdapter(
-        m, "nlc", _staged_units(stages), ("stem",), ("head", "head_dist"),
+        m, "nlc", _staged_units(_downsample_stages(m, "stages")), ("stem",), ("head", "head_dist"),
         lambda m, x: m.stem(x).flatten(2).transpose(1, 2), lambda m, x: m.forward_head(x))
 
 
