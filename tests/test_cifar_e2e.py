@@ -7,6 +7,7 @@ on the first 846 test images with their exact pixels. To stay near two minutes o
 """
 import hashlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -30,9 +31,10 @@ SUBSET = 128      # exact images every stitch is evaluated on
 
 
 def cli(*args) -> dict:
-    """The real process, `python -m composer ... --json`; returns its JSON."""
+    """The real process, `python -m composer ... --json`; returns its JSON.
+    One torch thread: on a busy 2-core machine two threads wait on each other (measured 3x slower)."""
     p = subprocess.run([sys.executable, "-m", "composer", *map(str, args), "--json"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout)
 
@@ -161,6 +163,7 @@ class _HookCount:
 
 @torch.no_grad()
 def _count(model: nn.Module, fn) -> _HookCount:
+    torch.set_num_threads(1)   # one image: thousands of tiny ops, where a second thread only waits
     counter = _HookCount(model)
     try:
         fn(torch.zeros(1, 3, 32, 32))
