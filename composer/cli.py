@@ -278,9 +278,12 @@ def _train_args(sp) -> None:
                     help="uniform over stitches (SN-Net) or a MACs group first, then a stitch (SN-Netv2)")
     sp.add_argument("--groups", type=_positive, default=4, help="MACs groups for --sampling macs_grouped")
     sp.add_argument("--stitch-layers-only", action="store_true", help="freeze the anchors, train the stitching layers")
-    sp.add_argument("--distill", metavar="largest|anchors|SPEC",
-                    help="distil from the largest anchor, from each route's last anchor, or from any anchor spec")
+    sp.add_argument("--distill", metavar="anchors|largest|off|SPEC",
+                    help="distil from each route's last anchor (default with pretrained anchors), the largest "
+                         "anchor, any anchor spec, or not at all")
     sp.add_argument("--distill-weight", type=float, default=0.5)
+    sp.add_argument("--min-crop", type=float, default=1.0, help="smallest random-resized-crop area (default 1: no crop)")
+    sp.add_argument("--hflip", type=float, help="horizontal-flip probability (default 0.5; 0 for the starter digits)")
     sp.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     sp.add_argument("--eval-limit", type=_positive, default=500, help="held-out images per evaluation")
     sp.add_argument("--checkpoint-every", type=_positive, default=50, help="steps between checkpoints")
@@ -299,7 +302,8 @@ def cmd_train(args) -> None:
                          sampling=args.sampling, groups=args.groups, stitch_layers_only=args.stitch_layers_only,
                          distill=args.distill, distill_weight=args.distill_weight, eval_every=args.eval_every,
                          eval_limit=args.eval_limit, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                         workers=args.workers, anchor_lr_scale=args.anchor_lr_scale)
+                         workers=args.workers, anchor_lr_scale=args.anchor_lr_scale, min_crop=args.min_crop,
+                         hflip=args.hflip)
     rank0 = os.environ.get("RANK", "0") == "0"
     cancel = threading.Event()
 

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from composer import data
 from composer.run import CHECKPOINT, TRAINED, load_run
-from composer.train import (StitchSampler, TrainConfig, _make_optimizer, _param_groups, _SeededItems, _StepBatches,
-                            lr_factor, resolve, train_transform)
+from composer.train import (StitchSampler, TrainConfig, _make_optimizer, _param_groups, _SeededItems,
+                            _set_train_modes, _StepBatches, lr_factor, resolve, train_transform)
 from tests.test_train import CNN, make_family, make_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,10 +31,10 @@ def _expected_after_one_step(run: Path, train_dir: str, config: TrainConfig, wor
     c = resolve(config, net, train_dir)
     cfg = data.data_config(net.anchors[0])
     ds = data.open_dataset(train_dir, cfg, train=True)
-    ds.transform = train_transform(cfg, c.hflip)
+    ds.transform = train_transform(cfg, c.hflip, c.min_crop)
     items = _SeededItems(ds)
     sampler = StitchSampler(net, c.sampling, c.groups, c.seed)
-    net.train()
+    _set_train_modes(net, c)       # the family's train modes (CNNs: BatchNorm statistics fixed)
     grads: dict[str, torch.Tensor] = {}
     for rank in range(world):
         batch = next(iter(_StepBatches(len(ds), c.batch_size, c.seed, 0, 1, rank, world)))
@@ -62,12 +62,12 @@ def test_two_ranks_average_two_routes(tmp_path):
     net = load_run(run).net
     # a seed where the two ranks train different stitches, so that averaging is visible
     seed = next(s for s in range(50) if StitchSampler(net, "uniform", 4, s).pick(0, 0) != StitchSampler(net, "uniform", 4, s).pick(0, 1))
-    config = TrainConfig(steps=1, batch_size=4, optimizer="sgd", lr=0.5, seed=seed, eval_limit=8)
+    config = TrainConfig(steps=1, batch_size=4, optimizer="sgd", lr=0.5, seed=seed, eval_limit=8, distill="off")
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "composer",
            "train", str(run), "--data", family[1], "--eval-data", family[2], "--steps", "1", "--batch-size", "4",
-           "--optimizer", "sgd", "--lr", "0.5", "--seed", str(seed), "--eval-limit", "8", "--json"]
+           "--optimizer", "sgd", "--lr", "0.5", "--seed", str(seed), "--eval-limit", "8", "--distill", "off", "--json"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

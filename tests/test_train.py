@@ -251,6 +251,9 @@ def test_freeze_bn_keeps_statistics(tmp_path, cnn_family):
     stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(before[k], after[k]) for k in stats)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("conv1.weight"))
+    run = make_run(tmp_path, cnn_family, "moving")        # the converse: training mode moves them
+    train(run, cnn_family[1], small(steps=3, freeze_bn=False), eval_data=cnn_family[2])
+    assert any(not torch.equal(before[k], v) for k, v in weights(run).items() if k in stats)
 
 
 def test_distillation_from_itself_costs_nothing(tmp_path, vit_family, monkeypatch):
@@ -282,8 +285,12 @@ def test_macs_grouped_sampling_is_balanced_over_groups(vit_family, tmp_path):
 def test_defaults_per_family(vit_family, cnn_family, tmp_path):
     vit = load_run(make_run(tmp_path, vit_family, "v")).net
     cnn = load_run(make_run(tmp_path, cnn_family, "c")).net
-    assert resolve(TrainConfig(steps=1), vit).optimizer == "adamw"
-    assert resolve(TrainConfig(steps=1), cnn).optimizer == "sgd"
+    v, c = resolve(TrainConfig(steps=1), vit), resolve(TrainConfig(steps=1), cnn)
+    assert (v.optimizer, v.anchor_lr_scale, v.freeze_bn, v.distill) == ("adamw", 1.0, False, "anchors")
+    assert (c.optimizer, c.anchor_lr_scale, c.freeze_bn, c.distill) == ("adamw", 0.1, True, "anchors")
+    assert resolve(TrainConfig(steps=1), cnn, teachers=False).distill == "off"   # random anchors: nothing to learn from
+    assert resolve(TrainConfig(steps=1, lr=0.5, distill="none"), cnn).lr == 0.5
+    assert resolve(TrainConfig(steps=1, distill=""), cnn).distill == "off"
     assert resolve(TrainConfig(steps=1), cnn, "starter").hflip == 0.0
     with pytest.raises(TrainError, match="steps or a time budget"):
         resolve(TrainConfig(), vit)
