@@ -41,6 +41,24 @@ def starter_family(tmp_path_factory):
         os.environ["ZOO_COMPOSER_CACHE"] = old
 
 
+@pytest.fixture
+def main(capsys):
+    """The CLI's entry point in-process: same code path as `python -m composer`, without the
+    seconds a new interpreter costs. Returns returncode / stdout / stderr like subprocess.run."""
+    from types import SimpleNamespace
+
+    from composer.cli import main as cli_main
+
+    def run(*args):
+        try:
+            rc = cli_main([str(a) for a in args])
+        except SystemExit as e:   # argparse's own errors
+            rc = e.code
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+    return run
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
     import torch

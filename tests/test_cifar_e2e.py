@@ -39,21 +39,6 @@ def cli(*args) -> dict:
     return json.loads(p.stdout)
 
 
-@pytest.fixture
-def main(capsys):
-    """The CLI's entry point in-process, for the bad inputs (a new interpreter costs seconds)."""
-    from composer.cli import main as cli_main
-
-    def run(*args):
-        try:
-            rc = cli_main([str(a) for a in args])
-        except SystemExit as e:   # argparse's own errors
-            rc = e.code
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
-    return run
-
-
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
     need_shared()

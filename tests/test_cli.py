@@ -22,23 +22,6 @@ def cli(*args, timeout=300):
                           text=True, timeout=timeout)
 
 
-@pytest.fixture
-def main(capsys):
-    """The same entry point in-process (much faster than a new interpreter per call)."""
-    from types import SimpleNamespace
-
-    from composer.cli import main as cli_main
-
-    def run(*args):
-        try:
-            rc = cli_main([str(a) for a in args])
-        except SystemExit as e:      # argparse's own errors
-            rc = e.code
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
-    return run
-
-
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory):
     """Three tiny ViTs saved in timm's local-dir format, and a 3-class ImageFolder."""
