@@ -6,12 +6,20 @@ It speaks the part of the Hub's HTTP API that huggingface_hub 2.4 uses for
   header (huggingface_hub.utils._pagination follows it);
 - `hf_hub_download`: HEAD and GET /{repo_id}/resolve/{revision}/{filename}, answering with the
   X-Repo-Commit and ETag headers the client needs to place the file in its cache, and the
-  X-Error-Code header (RepoNotFound / EntryNotFound) it maps 404s with.
+  X-Error-Code header (RepoNotFound / EntryNotFound) it maps 404s with;
+- `create_repo` + `upload_folder`: POST /api/repos/create, POST /api/validate-yaml (a README's
+  metadata), POST /api/models/{repo_id}/preupload/{revision}
+  and POST /api/models/{repo_id}/commit/{revision} (NDJSON: a header line, then one line per file with
+  base64 content). Preupload answers "regular" for every file, so the client sends contents inline in
+  the commit; the real Hub sends large files to LFS/Xet storage instead, which this server does not
+  speak. Committed files become downloadable like the others. `reject_writes=True` answers 403 to
+  writes, as the Hub does for a token without write access.
 
 Use: `with FakeHub(models) as hub: ... hub.url ...`; `hub.requests` records (method, path, query).
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
@@ -42,8 +50,10 @@ class FakeModel:
 
 
 class FakeHub:
-    def __init__(self, models: list[FakeModel], page_size: int = 1000):
+    def __init__(self, models: list[FakeModel], page_size: int = 1000, reject_writes: bool = False):
         self.models = {m.id: m for m in models}
+        self.reject_writes = reject_writes
+        self.commits: list[dict] = []   # {"repo", "summary", "files"} per accepted commit
         self.page_size = page_size  # the real Hub pages by 1000; tests use less to exercise paging
         self.requests: list[tuple[str, str, dict]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -78,6 +88,43 @@ class FakeHub:
             next_query["cursor"] = [str(start + size)]
             next_link = f"{self.url}/api/models?{urlencode(next_query, doseq=True)}"
         return [m.api_item() for m in page], next_link
+
+    def write(self, path: str, body: bytes) -> tuple[int, dict]:
+        """The answer (status, JSON) to an upload request."""
+        if self.reject_writes:
+            return 403, {"error": "You don't have the rights to create a model under this namespace"}
+        if path == "/api/validate-yaml":   # the client checks a README's metadata before committing it
+            content = json.loads(body).get("content", "")
+            if content.startswith("---") and "\n---" not in content[3:]:
+                return 400, {"errors": [{"message": "unterminated YAML metadata block"}]}
+            return 200, {"errors": [], "warnings": []}
+        if path == "/api/repos/create":
+            req = json.loads(body)
+            repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else f"me/{req['name']}"
+            if repo_id in self.models:
+                return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
+            self.models[repo_id] = FakeModel(repo_id, tags=[])
+            return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id}
+        segs = path.strip("/").split("/")   # api models {owner} {name} preupload|commit {revision}
+        if len(segs) != 6 or segs[:2] != ["api", "models"] or segs[4] not in ("preupload", "commit"):
+            return 404, {"error": "not found"}
+        model = self.models.get(f"{segs[2]}/{segs[3]}")
+        if model is None:
+            return 404, {"error": "Repository not found"}
+        if segs[4] == "preupload":
+            files = json.loads(body)["files"]
+            return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        header = next(item["value"] for item in lines if item["key"] == "header")
+        added = {}
+        for item in lines:
+            if item["key"] == "file":
+                added[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            elif item["key"] != "header":
+                return 400, {"error": f"this fake Hub only accepts inline files, not {item['key']}"}
+        model.files.update(added)
+        self.commits.append({"repo": model.id, "summary": header.get("summary"), "files": sorted(added)})
+        return 200, {"commitUrl": f"{self.url}/{model.id}/commit/{model.commit}", "commitOid": model.commit}
 
     def _handler_class(self):
         hub = self
@@ -122,6 +169,13 @@ class FakeHub:
                         "Content-Type": "application/octet-stream",
                     })
                 return self._send(404, b"Not found")
+
+            def do_POST(self) -> None:
+                path = urlsplit(self.path).path
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                hub.requests.append(("POST", path, {}))
+                status, answer = hub.write(path, body)
+                self._send(status, json.dumps(answer).encode(), {"Content-Type": "application/json"})
 
             do_GET = do_HEAD = _route
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,14 +136,57 @@ def test_cli_export(vit_run, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: stitch 99 does not exist")
 
 
-@pytest.mark.skipif(not (ROOT / "tests" / "hub_server.py").exists(), reason="needs the local fake Hub (tests/hub_server.py)")
-def test_push_to_hub_is_wired(vit_run, tmp_path, monkeypatch):
-    """Only the wiring: the folder reaches huggingface_hub's upload_folder with the repo name."""
-    import huggingface_hub
-    calls = {}
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("repo", repo_id))
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
-                        lambda self, **kw: calls.setdefault("upload", kw) and None)
-    assert cli.main(["export", str(vit_run), "--stitch", "0", "--out", str(tmp_path / "h"),
-                     "--push-to-hub", "me/stitched"]) == 0
-    assert calls["repo"] == "me/stitched" and calls["upload"]["folder_path"] == str(tmp_path / "h")
+_PUSH_AND_PULL = """
+import json, sys, torch
+from huggingface_hub import hf_hub_download
+import composer
+from composer.cli import main
+rc = main(["export", RUN, "--stitch", "1", "--out", OUT, "--push-to-hub", "me/stitched"])
+if rc == 0:
+    for name in ("config.json", "model.safetensors"):
+        hf_hub_download("me/stitched", name, local_dir=PULLED)
+    torch.manual_seed(0)
+    x = torch.randn(2, *json.load(open(OUT + "/config.json"))["preprocessing"]["input_size"])
+    with torch.no_grad():
+        diff = (composer.load_stitched(PULLED)(x) - composer.load_stitched(OUT)(x)).abs().max().item()
+    print(json.dumps({"diff": diff}))
+sys.exit(rc)
+"""
+
+
+def _push(run_dir: Path, tmp_path: Path, hub) -> subprocess.CompletedProcess:
+    """`export --push-to-hub` in a fresh process (huggingface_hub reads HF_ENDPOINT at import, and
+    this test process is offline), then download the pushed files back and load them."""
+    env = dict(os.environ, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"), HF_ENDPOINT=hub.url,
+               HF_TOKEN="hf_fake_token_for_tests", NO_PROXY="127.0.0.1,localhost", HF_HUB_DISABLE_TELEMETRY="1",
+               PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    code = (f"RUN, OUT, PULLED = {str(run_dir)!r}, {str(tmp_path / 'out')!r}, {str(tmp_path / 'pulled')!r}\n"
+            + _PUSH_AND_PULL)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_push_to_hub_uploads_a_loadable_stitch(vit_run, tmp_path):
+    """Against the local fake Hub: the repo is created, every exported file arrives byte for byte,
+    and the files downloaded back load into the same model."""
+    from tests.hub_server import FakeHub
+    with FakeHub([]) as hub:
+        r = _push(vit_run, tmp_path, hub)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pushed to" in r.stdout
+    out = tmp_path / "out"
+    local = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and not f.name.startswith(".")}
+    assert {"model.safetensors", "config.json", "README.md"} <= set(local)
+    assert hub.models["me/stitched"].files == local
+    assert [c["repo"] for c in hub.commits] == ["me/stitched"]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["diff"] == 0.0
+
+
+def test_push_to_hub_refused_is_one_line_error(vit_run, tmp_path):
+    from tests.hub_server import FakeHub
+    with FakeHub([], reject_writes=True) as hub:
+        r = _push(vit_run, tmp_path, hub)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: could not push to the Hub repo me/stitched"), r.stderr
+    assert "Traceback" not in r.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()   # the export itself is kept
