@@ -16,13 +16,15 @@ from tqdm import tqdm
 from composer.curve import CurveError
 from composer.data import DataError
 from composer.export import ExportError
+from composer.fold import FoldError
 from composer.plan import PlanError
 from composer.run import RunError
 from composer.train import TrainError
 from zoo.adapters import UnsupportedModel
 from zoo.sources import AnchorError
 
-USER_ERRORS = (AnchorError, UnsupportedModel, PlanError, DataError, RunError, CurveError, TrainError, ExportError)
+USER_ERRORS = (AnchorError, UnsupportedModel, PlanError, DataError, RunError, CurveError, TrainError, ExportError,
+               FoldError)
 COMMANDS = {}   # name -> (function that adds the command's arguments, function that runs it)
 
 
@@ -374,6 +376,49 @@ def cmd_export(args) -> None:
         print(json.dumps({"out": str(out), "files": files, "hub": url}))
     else:
         print(f"wrote {out}: {', '.join(files)}" + (f"; pushed to {url}" if url else ""))
+
+
+def _fold_args(sp) -> None:
+    sp.add_argument("run", type=Path)
+    what = sp.add_mutually_exclusive_group(required=True)
+    what.add_argument("--anchor", type=int, metavar="I", help="fold anchor I of the run (0: the fewest MACs)")
+    what.add_argument("--stitch", type=int, metavar="ID", help="fold stitch ID (exported first into OUT/source)")
+    sp.add_argument("--data", required=True, help="labelled images: the certificate's inputs and the top-1")
+    sp.add_argument("--out", required=True, type=Path, help="folder to write")
+    sp.add_argument("--images", type=_positive, default=64, help="real images the certificate is measured on (default 64)")
+    sp.add_argument("--limit", type=_positive, help="top-1 on a seeded random subset of N images (default: all)")
+    sp.add_argument("--tolerance", type=float, default=1e-4, help="largest relative difference a fold may make")
+    sp.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency before/after")
+    _common(sp)
+
+
+@command("fold", _fold_args)
+def cmd_fold(args) -> None:
+    """Fold what is linear (conv+BN, linear branches, stitching layers) into fewer convs, each fold certified."""
+    from composer.fold import fold_run, format_certificate
+    bar = tqdm(desc="fold", unit="fold", file=sys.stderr, disable=None)
+
+    def show(e: dict) -> None:
+        if e["type"] == "fold":
+            bar.update(1)
+        elif e["type"] == "latency":
+            bar.set_description("latency")
+        elif e["type"] == "evaluate":
+            bar.set_description(f"top-1 ({e['images']} images)")
+
+    try:
+        report = fold_run(args.run, args.data, args.out, anchor=args.anchor, stitch=args.stitch, images=args.images,
+                          limit=args.limit, tolerance=args.tolerance, latency=not args.no_latency,
+                          batch_size=args.batch_size, seed=args.seed, workers=args.workers, events=show)
+    finally:
+        bar.close()
+    c = report.candidate
+    if args.json:
+        print(json.dumps({"out": str(report.out), "certificate": report.certificate.to_dict(), "candidate": c.to_dict()}))
+    else:
+        print(format_certificate(report.certificate))
+        print(f"top-1 {c.top1:.2f} % (source {c.config['source_top1']:.2f} %, {c.config['changed_predictions']} of "
+              f"{c.config['images']} predictions changed); wrote {report.out}; candidate '{c.name}' added to {args.run}")
 
 
 def _common(sp) -> None:

@@ -1,0 +1,450 @@
+"""Differentiable Model Scaling (DMS, ICML 2024, arXiv 2405.07194): shrink one pretrained network
+to a MACs budget by learning how many units of every width (and how many residual blocks) to keep.
+
+The core, in four formulas (see ../shared/notes/methods.md):
+- every prunable dimension of N units (channels, hidden units, heads; or the skippable blocks of a
+  stage) has importance scores c, normalised by rank to uniform: c'_i = mean_j 1[c_i >= c_j];
+- its soft mask is a differentiable top-k: m_i = sigmoid(lambda * N * (c'_i - a)), with a in [0, 1]
+  the learnable pruning ratio of that dimension. Exactly #(m >= 0.5) = N - ceil(aN) + 1 units are
+  kept (for a > 0): always at least one. If all importances are equal every mask is 1;
+- importance is Taylor's, as a moving average over steps: t <- 0.99 t + 0.01 (m * dL/dm)^2;
+- a resource loss log(F_soft / T) when the soft MACs F_soft exceed the target T (else 0), with F_soft
+  the exact linear cost model of `composer.subnet` evaluated at the soft kept counts sum(m).
+
+The search is "DMS_p-": weights frozen, only the ratios a are trained, for a few hundred steps of
+task loss (cross-entropy on the user's labelled images) + resource loss. Export keeps the units
+whose hard mask is 1: each width is permuted so they come first, `composer.subnet.extract` cuts the
+network, and dropped blocks become nn.Identity (x + 0 * f(x) = x).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from composer.candidates import Candidate, add_candidates
+from composer.costs import model_cost
+from composer.export import _anchor_entry, _build_anchor, _preprocessing
+from composer.io import save_safetensors_atomic, write_json_atomic
+from composer.subnet import (ElasticSpace, SubnetConfig, elastic_space, extract, masked, permute_, soft_cost,
+                             subnet_cost)
+
+DECAY = 0.99            # Taylor moving average (DMS)
+LAMBDA = 1.0            # mask sharpness for widths (DMS's code: 1)
+LAMBDA_DEPTH = 4.0      # and for blocks (DMS's code: 4): with N = 2..8 blocks a lambda of 1 would
+                        # scale even the most important residual branch by sigmoid(1..2) < 0.9
+
+
+class ShrinkError(ValueError):
+    """A shrink that cannot be done as asked (bad target, unknown anchor, ...); the message says why."""
+
+
+# --- the differentiable top-k --------------------------------------------------------------------
+
+def rank_normalise(scores: torch.Tensor) -> torch.Tensor:
+    """c'_i = mean_j 1[c_i >= c_j]: the scores' ranks spread uniformly over (0, 1]; the largest is 1."""
+    return (scores[:, None] >= scores[None, :]).to(torch.get_default_dtype()).mean(dim=1)
+
+
+def soft_mask(scores: torch.Tensor, a: torch.Tensor, lam: float = LAMBDA) -> torch.Tensor:
+    """DMS's differentiable top-k: sigmoid(lam * N * (c' - a)); differentiable in `a` (not in the
+    scores, which only rank). Equal scores carry no ranking, so every unit is kept (mask 1),
+    still connected to `a` so that the graph (and Taylor's dL/dm) exists."""
+    n = scores.numel()
+    if n == 1 or bool((scores == scores[0]).all()):
+        return torch.ones_like(scores, dtype=a.dtype) + 0 * a
+    return torch.sigmoid(lam * n * (rank_normalise(scores).to(a.dtype) - a))
+
+
+def hard_mask(scores: torch.Tensor, a: torch.Tensor | float, lam: float = LAMBDA) -> torch.Tensor:
+    """The units export keeps: m >= 0.5 (bool)."""
+    a = torch.as_tensor(a, dtype=torch.get_default_dtype())
+    with torch.no_grad():
+        return soft_mask(scores, a, lam) >= 0.5
+
+
+def keep_count(n: int, a: float) -> int:
+    """How many units the hard mask keeps for distinct scores: c'_i >= a holds for the ranks
+    k/N >= a, i.e. N - ceil(aN) + 1 of them (N when a = 0)."""
+    return min(n, n - math.ceil(a * n) + 1)
+
+
+def resource_loss(soft_macs: torch.Tensor, target: float) -> torch.Tensor:
+    """log(F_soft / T) above the target, 0 at or below it (no reward for undershooting)."""
+    if float(soft_macs.detach()) > target:
+        return torch.log(soft_macs / target)
+    return soft_macs * 0
+
+
+def update_taylor(taylor: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, decay: float = DECAY) -> None:
+    """t <- decay t + (1 - decay) (m * dL/dm)^2, in place. A step whose values are all equal (e.g. a
+    zero gradient) carries no ranking and is skipped, as DMS's code does."""
+    new = (mask.detach() * grad.detach()) ** 2
+    if torch.isfinite(new).all() and new.max() > new.min():
+        taylor.mul_(decay).add_(new.to(taylor.dtype), alpha=1 - decay)
+
+
+# --- the masks of one network --------------------------------------------------------------------
+
+@dataclass
+class TopK:
+    """One DMS dimension: a width (its units), or the droppable blocks of a stage (one unit each)."""
+    key: str                 # the WidthDim key, or "stage<s>.depth"
+    size: int
+    blocks: list[int] = field(default_factory=list)   # depth: the ElasticSpace blocks, in order
+
+    @property
+    def is_depth(self) -> bool:
+        return bool(self.blocks)
+
+
+def topks(space: ElasticSpace) -> list[TopK]:
+    """Every width, then per stage the skippable blocks after its first (which always runs)."""
+    out = [TopK(d.key, d.size) for d in space.dims() if d.size > 1]
+    for s in range(space.num_stages):
+        blocks = [b for b in space.stage_blocks(s)[1:] if space.blocks[b].skippable]
+        if blocks:
+            out.append(TopK(f"stage{s}.depth", len(blocks), blocks))
+    return out
+
+
+class Masks:
+    """The learnable state of a DMS search: a pruning ratio a and Taylor importances per top-k."""
+
+    def __init__(self, space: ElasticSpace):
+        self.space = space
+        self.topks = topks(space)
+        self.ratio = torch.zeros(len(self.topks), requires_grad=True)   # a = 0: keep everything
+        self.taylor = [torch.zeros(t.size) for t in self.topks]
+
+    def soft(self) -> list[torch.Tensor]:
+        """One soft mask per top-k, each keeping its gradient for the Taylor update."""
+        masks = []
+        for i, t in enumerate(self.topks):
+            m = soft_mask(self.taylor[i], self.ratio[i], LAMBDA_DEPTH if t.is_depth else LAMBDA)
+            m.retain_grad()
+            masks.append(m)
+        return masks
+
+    def hard(self, shift: float = 0.0) -> list[torch.Tensor]:
+        """The 0/1 masks export keeps (m >= 0.5), with every ratio shifted by `shift` (clamped)."""
+        with torch.no_grad():
+            return [hard_mask(self.taylor[i], float((self.ratio[i] + shift).clamp(0, 1)))
+                    for i in range(len(self.topks))]
+
+    def update_taylor(self, masks: list[torch.Tensor]) -> None:
+        for t, m in zip(self.taylor, masks):
+            if m.grad is not None:
+                update_taylor(t, m, m.grad)
+
+    def lookups(self, masks: list[torch.Tensor]):
+        """(width mask of a WidthDim key, depth mask of a block) as `subnet.masked` asks for them."""
+        widths = {t.key: m for t, m in zip(self.topks, masks) if not t.is_depth}
+        depth = {b: m[j] for t, m in zip(self.topks, masks) if t.is_depth for j, b in enumerate(t.blocks)}
+        return widths.get, depth.get
+
+    def soft_macs(self, masks: list[torch.Tensor]) -> torch.Tensor:
+        """F_soft: subnet's exact cost polynomial at the kept counts sum(m) and block masks m."""
+        widths = {t.key: m.sum() for t, m in zip(self.topks, masks) if not t.is_depth}
+        keep = {b: m[j] for t, m in zip(self.topks, masks) if t.is_depth for j, b in enumerate(t.blocks)}
+        return torch.as_tensor(soft_cost(self.space, widths, keep)["macs"], dtype=torch.float64)
+
+    def config(self, hard: list[torch.Tensor]) -> SubnetConfig:
+        """The static sub-network of 0/1 masks (after `order` has put the kept units first)."""
+        widths = {t.key: int(m.sum()) for t, m in zip(self.topks, hard) if not t.is_depth}
+        skip = [b for t, m in zip(self.topks, hard) if t.is_depth for b, k in zip(t.blocks, m.tolist()) if not k]
+        return SubnetConfig(self.space.full_config().depth, widths, sorted(skip))
+
+    def order(self, hard: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per width, a permutation putting the kept units first (each group in its original order)."""
+        return {t.key: torch.argsort(m.to(torch.int8), descending=True, stable=True)
+                for t, m in zip(self.topks, hard) if not t.is_depth}
+
+    def keep_ratios(self, masks: list[torch.Tensor]) -> dict[str, float]:
+        return {t.key: float(m.detach().sum()) / t.size for t, m in zip(self.topks, masks)}
+
+
+# --- the search ----------------------------------------------------------------------------------
+
+@dataclass
+class SearchResult:
+    masks: Masks
+    target: int
+    full_macs: int
+    soft_macs: float          # at the last step
+    steps: int
+    seconds: float
+    history: list[dict]       # per step: soft MACs, scheduled target, losses
+
+
+def scheduled_target(step: int, steps: int, full: float, target: float, ramp: float) -> float:
+    """DMS's "root" schedule: the target falls geometrically from the full MACs to the final target
+    over the first `ramp` fraction of the steps, then stays: a gentle squeeze lets the Taylor
+    importances settle before many units go."""
+    n = max(1, round(ramp * steps))
+    return full * (target / full) ** min(1.0, step / n)
+
+
+def search(model: nn.Module, space: ElasticSpace, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+           target: float, steps: int = 200, lr: float = 0.01, ramp: float = 0.5,
+           events: Callable[[dict], None] | None = None, cancel=None) -> SearchResult:
+    """Learn the pruning ratios (weights and BN statistics frozen) for `steps` batches of
+    cross-entropy + log(F_soft / T) resource loss. `batches` is cycled; `cancel` (a threading.Event)
+    stops after the current step. Emits {"type": "step", ...} events for a live display."""
+    full = float(soft_cost(space)["macs"])
+    check_target(space, target)
+    masks = Masks(space)
+    opt = torch.optim.Adam([masks.ratio], lr=lr)
+    events = events or (lambda e: None)
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.eval()                      # BN uses its running statistics: the exported net is the searched one
+    for p, _ in frozen:
+        p.requires_grad_(False)       # no weight gradients: only activations' (cheaper)
+    device = next(model.parameters()).device
+    history, soft, start, step = [], full, time.perf_counter(), 0
+    try:
+        data = _cycle(batches)
+        for step in range(1, steps + 1):
+            x, y = next(data)
+            m = masks.soft()
+            width_of, depth_of = masks.lookups(m)
+            f_soft = masks.soft_macs(m)
+            t_now = scheduled_target(step, steps, full, target, ramp)
+            with masked(model, space, width_of, depth_of):
+                task = F.cross_entropy(model(x.to(device)), y.to(device))
+            res = resource_loss(f_soft, t_now)
+            loss = task + res.to(task.dtype)
+            opt.zero_grad()
+            loss.backward()
+            masks.update_taylor(m)
+            opt.step()
+            with torch.no_grad():
+                masks.ratio.clamp_(0, 1)
+            soft = float(f_soft.detach())
+            record = {"step": step, "soft_macs": soft, "target": float(target), "scheduled_target": t_now,
+                      "loss": float(loss.detach()), "task_loss": float(task.detach()), "resource_loss": float(res.detach())}
+            history.append(record)
+            events({"type": "step", "total_steps": steps, **record, "keep": masks.keep_ratios(m)})
+            if cancel is not None and cancel.is_set():
+                break
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return SearchResult(masks, int(target), int(full), soft, step, time.perf_counter() - start, history)
+
+
+def _cycle(batches: Iterable) -> Iterator:
+    while True:
+        empty = True
+        for b in batches:
+            empty = False
+            yield b
+        if empty:
+            raise ShrinkError("no images to search on: the data set is empty")
+
+
+def smallest_macs(space: ElasticSpace) -> int:
+    """The least DMS can reach: one unit per width, one droppable block per stage (plus the first)."""
+    tks = topks(space)
+    widths = {t.key: 1 for t in tks if not t.is_depth}
+    skip = sorted(b for t in tks if t.is_depth for b in t.blocks[1:])
+    return subnet_cost(space, SubnetConfig(space.full_config().depth, widths, skip)).macs
+
+
+def check_target(space: ElasticSpace, target: float) -> None:
+    full = subnet_cost(space, space.full_config()).macs
+    if not target > 0:
+        raise ShrinkError(f"the target must be a positive number of MACs, got {target:g}")
+    if target >= full:
+        raise ShrinkError(f"the target ({target / 1e6:.2f} M MACs) is not below the model's own "
+                          f"{full / 1e6:.2f} M MACs: nothing to shrink")
+    low = smallest_macs(space)
+    if target < low:
+        raise ShrinkError(f"the target ({target / 1e6:.2f} M MACs) is below the smallest network shrinking can "
+                          f"make from this model ({low / 1e6:.2f} M MACs: one unit per width, one droppable "
+                          "block per stage)")
+
+
+# --- export --------------------------------------------------------------------------------------
+
+def fit_shift(masks: Masks, target: float, iterations: int = 40) -> float:
+    """The smallest common shift of all ratios whose hard masks cost at most `target` MACs
+    (bisection; the hard cost only falls as the ratios rise). It removes the rounding excess of the
+    hard masks (up to one unit per width above the soft count) and, when the search ended below
+    the target, gives the spare budget back uniformly."""
+    def cost(shift: float) -> int:
+        return subnet_cost(masks.space, masks.config(masks.hard(shift))).macs
+
+    lo, hi = -1.0, 1.0
+    if cost(hi) > target:
+        raise ShrinkError(f"no pruning ratios reach {target / 1e6:.2f} M MACs")
+    if cost(lo) <= target:
+        return lo
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if cost(mid) <= target else (mid, hi)
+    return hi
+
+
+def export(model: nn.Module, space: ElasticSpace, masks: Masks, target: float | None = None
+           ) -> tuple[nn.Module, SubnetConfig, dict[str, torch.Tensor]]:
+    """The static pruned network of the hard masks (fitted to `target` when given, see `fit_shift`):
+    a copy of `model` with each width permuted so that the kept units come first, then cut by
+    `subnet.extract`. Returns (network, configuration, permutation per width)."""
+    hard = masks.hard(fit_shift(masks, target) if target is not None else 0.0)
+    order, config = masks.order(hard), masks.config(hard)
+    work = copy.deepcopy(model)
+    permute_(work, space, order)
+    return extract(work, space, config).eval(), config, order
+
+
+def stage_summary(space: ElasticSpace, config: SubnetConfig) -> list[dict]:
+    """Per stage: blocks kept of all, and units kept of all in the kept blocks' widths."""
+    kept = space.kept_blocks(config)
+    out = []
+    for s in range(space.num_stages):
+        blocks = space.stage_blocks(s)
+        dims = [d for b in blocks if kept[b] for d in space.blocks[b].widths]
+        units = sum(config.widths.get(d.key, d.size) for d in dims)
+        out.append({"stage": s, "blocks": sum(kept[b] for b in blocks), "of_blocks": len(blocks),
+                    "width_keep": units / max(1, sum(d.size for d in dims))})
+    return out
+
+
+@torch.inference_mode()
+def top1(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
+    """(top-1 in %, number of images) of a plain classifier."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = n = 0
+    try:
+        for x, y in batches:
+            correct += int((model(x.to(device)).argmax(-1).cpu() == y).sum())
+            n += len(y)
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / max(n, 1), n
+
+
+# --- from a run: search, export, evaluate, store ------------------------------------------------
+
+FORMAT = "zoo-composer-shrunk"
+FOLDER = "shrink"          # RUN/shrink/<name>/: model.safetensors + config.json per shrunk network
+
+
+@dataclass
+class ShrinkResult:
+    candidate: Candidate
+    folder: Path
+    full_macs: int
+    target: int
+    soft_macs: float            # the search's last soft MACs
+    counted_macs: int           # composer.costs.model_cost of the exported network
+    top1_before: float          # the anchor, same images
+    top1_after: float
+    eval_images: int
+    stages: list[dict]
+    search_seconds: float
+    steps: int
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+
+
+def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: int = 200,
+                  eval_data: str | None = None, eval_limit: int | None = 1000, batch_size: int = 64,
+                  lr: float = 0.01, seed: int = 0, workers: int = 0,
+                  events: Callable[[dict], None] | None = None, cancel=None) -> ShrinkResult:
+    """DMS on anchor `anchor` of a run: search on `data` (shuffled, cycled), export, evaluate the
+    anchor and the pruned network on the same `eval_limit` images of `eval_data` (default: the
+    validation split of `data`), save RUN/shrink/<name>/ and add the candidate to the run."""
+    from composer import data as data_mod
+    from composer.run import load_run
+
+    events = events or (lambda e: None)
+    if not target_macs > 0:   # before loading anything
+        raise ShrinkError(f"the target must be a positive number of MACs, got {target_macs:g}")
+    run = load_run(run_dir)
+    if not 0 <= anchor < len(run.net.anchors):
+        listed = ", ".join(f"{i}: {s}" for i, s in enumerate(run.plan.anchors))
+        raise ShrinkError(f"no anchor {anchor} in {run_dir} (anchors are {listed})")
+    model, spec = run.net.anchors[anchor], run.plan.anchors[anchor]
+    space = elastic_space(model)
+    check_target(space, target_macs)
+    cfg = data_mod.data_config(model)
+    train_ds = data_mod.open_dataset(data, cfg)
+    eval_ds = data_mod.subset(data_mod.open_dataset(eval_data or data, cfg, split="validation"), eval_limit, seed=seed)
+    torch.manual_seed(seed)
+    batches = data_mod.loader(train_ds, batch_size, shuffle=True, workers=workers, seed=seed)
+    events({"type": "start", "anchor": spec, "full_macs": subnet_cost(space, space.full_config()).macs,
+            "target": int(target_macs), "total_steps": steps})
+    result = search(model, space, batches, target_macs, steps=steps, lr=lr, events=events, cancel=cancel)
+    pruned, config, order = export(model, space, result.masks, target_macs)
+    cost = model_cost(pruned, space.input_size)
+    events({"type": "evaluate", "images": len(eval_ds)})
+    before, n = top1(model, data_mod.loader(eval_ds, batch_size, workers=workers))
+    after, _ = top1(pruned, data_mod.loader(eval_ds, batch_size, workers=workers))
+
+    arch = model.pretrained_cfg.get("architecture") or spec
+    name = f"{arch} DMS <={target_macs / 1e6:.2f}M"
+    folder = Path(run.dir) / FOLDER / _slug(f"anchor{anchor}-{int(target_macs)}")
+    stages = stage_summary(space, config)
+    described = {"format": FORMAT, "anchor": _anchor_entry(anchor, spec, model), "subnet": config.to_dict(),
+                 "order": {k: v.tolist() for k, v in order.items()},
+                 "ratios": {t.key: float(a) for t, a in zip(result.masks.topks, result.masks.ratio.detach())},
+                 "target_macs": int(target_macs), "soft_macs": result.soft_macs, "steps": result.steps,
+                 "search_data": data, "lr": lr, "preprocessing": _preprocessing(model), **cost.to_dict(),
+                 "top1": after, "eval_data": eval_data or data, "eval_images": n}
+    save_shrunk(folder, pruned, described)
+    candidate = Candidate("shrink", name, spec, cost.macs, cost.params, cost.activations, top1=after,
+                          status="measured", config={k: described[k] for k in
+                                                     ("subnet", "order", "ratios", "target_macs", "soft_macs",
+                                                      "steps", "eval_data", "eval_images")}
+                          | {"anchor_index": anchor, "folder": str(folder.relative_to(run.dir)),
+                             "top1_before": before, "stages": stages})
+    add_candidates(run.dir, [candidate])
+    out = ShrinkResult(candidate, folder, result.full_macs, int(target_macs), result.soft_macs, cost.macs,
+                       before, after, n, stages, result.seconds, result.steps)
+    events({"type": "done", "counted_macs": cost.macs, "top1_before": before, "top1_after": after})
+    return out
+
+
+def save_shrunk(folder: Path, pruned: nn.Module, config: dict) -> None:
+    """model.safetensors (the pruned weights, the anchor's parameter names) + config.json."""
+    save_safetensors_atomic(Path(folder) / "model.safetensors", pruned.state_dict(), metadata={"format": "pt"})
+    write_json_atomic(Path(folder) / "config.json", config)
+
+
+def load_shrunk(folder) -> nn.Module:
+    """A network saved by `shrink_anchor`, rebuilt with plain timm (random init, no download), cut
+    to its configuration and loaded strictly; in eval mode."""
+    folder = Path(folder).expanduser()
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShrinkError(f"{folder}: not a shrunk network (config.json: {e})") from None
+    if config.get("format") != FORMAT:
+        raise ShrinkError(f"{folder}: config.json is not a {FORMAT} file (format={config.get('format')!r})")
+    model = _build_anchor(config["anchor"])
+    space = elastic_space(model)
+    # The saved weights are already permuted: cutting the first k units of a fresh model gives the shapes.
+    pruned = extract(model, space, SubnetConfig.from_dict(config["subnet"]))
+    try:
+        pruned.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise ShrinkError(f"{folder}: weights do not load ({str(e).splitlines()[0]})") from None
+    return pruned.eval()
