@@ -13,18 +13,20 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from composer.candidates import CandidateError
 from composer.curve import CurveError
 from composer.data import DataError
 from composer.export import ExportError
 from composer.fold import FoldError
 from composer.plan import PlanError
 from composer.run import RunError
+from composer.scaling import ScaleError
 from composer.train import TrainError
 from zoo.adapters import UnsupportedModel
 from zoo.sources import AnchorError
 
 USER_ERRORS = (AnchorError, UnsupportedModel, PlanError, DataError, RunError, CurveError, TrainError, ExportError,
-               FoldError)
+               CandidateError, ScaleError, FoldError)
 COMMANDS = {}   # name -> (function that adds the command's arguments, function that runs it)
 
 
@@ -253,15 +255,20 @@ def _curve_args(sp) -> None:
 
 @command("curve", _curve_args)
 def cmd_curve(args) -> None:
-    """Draw the accuracy curve of a run (one point per stitch, Pareto front) from its latest evaluation."""
+    """Draw the accuracy curve of a run (one point per stitch, Pareto front, the other builders'
+    candidates) from its latest evaluation."""
+    from composer.candidates import read_candidates
     from composer.curve import curve_figure, curve_rows, load_plan_of_run, read_latency, read_top1, write_curve
     plan = load_plan_of_run(args.run)
     top1, source = read_top1(args.run)
     latency = read_latency(args.run) if args.x == "latency" else None
-    fig = curve_figure(plan, top1, args.x, latency=latency, title=f"{args.run.name}: {source}")
-    rows = curve_rows(plan, top1, args.x, latency)
+    candidates = read_candidates(args.run)
+    fig = curve_figure(plan, top1, args.x, latency=latency, title=f"{args.run.name}: {source}", candidates=candidates)
+    rows = curve_rows(plan, top1, args.x, latency, candidates)
     write_curve(fig, rows, args.out)
-    print(f"wrote {args.out}: {len(rows['stitches'])} stitches, Pareto front {rows['pareto']} ({source})")
+    drawn = sum(c["top1"] is not None and c["x"] is not None for c in rows["candidates"])
+    extra = f", {drawn} of {len(candidates)} candidates drawn" if candidates else ""
+    print(f"wrote {args.out}: {len(rows['stitches'])} stitches{extra}, Pareto front {rows['pareto']} ({source})")
 
 
 def _train_args(sp) -> None:
@@ -376,6 +383,90 @@ def cmd_export(args) -> None:
         print(json.dumps({"out": str(out), "files": files, "hub": url}))
     else:
         print(f"wrote {out}: {', '.join(files)}" + (f"; pushed to {url}" if url else ""))
+
+
+def _scale_args(sp) -> None:
+    sp.add_argument("run", type=Path)
+    what = sp.add_mutually_exclusive_group(required=True)
+    what.add_argument("--factor", type=float, metavar="S", help="scale the anchor by S in MACs (dWr rule)")
+    what.add_argument("--fill", action="store_true", help="suggest the scaled anchor that fills the biggest MACs gap")
+    sp.add_argument("--anchor", type=int, default=0, metavar="I", help="with --factor: which anchor (0 = fewest MACs)")
+    sp.add_argument("--alpha", type=float, default=0.8, help="share of the scaling given to width (Fast Scaling: 0.8)")
+    sp.add_argument("--json", action="store_true")
+
+
+@command("scale", _scale_args)
+def cmd_scale(args) -> None:
+    """dWr-scale an anchor (Fast Scaling) and predict its MACs, params, activations; adds a "scale" candidate."""
+    from composer.candidates import add_candidates
+    from composer.curve import load_plan_of_run
+    from composer.scaling import anchor_config, dwr_factors, dwr_scale, predict, scale_candidate, suggest_fill
+    plan = load_plan_of_run(args.run)
+    if args.fill:
+        bases = [anchor_config(spec) for spec in plan.anchors]
+        anchor_macs = [info.total.macs for info in plan.infos]
+        fill = suggest_fill(bases, args.alpha, anchor_macs)
+        i, s, config, cost = fill.base, fill.s, fill.config, fill.cost
+        lo, hi = (plan.anchors[j].rstrip("/").rsplit("/", 1)[-1] for j in fill.gap)
+        note = (f"biggest MACs gap: {lo} -> {hi} ({anchor_macs[fill.gap[0]] / 1e6:.2f} -> "
+                f"{anchor_macs[fill.gap[1]] / 1e6:.2f} M), middle {fill.target_macs / 1e6:.2f} M")
+    else:
+        if not 0 <= args.anchor < len(plan.anchors):
+            raise ScaleError(f"--anchor {args.anchor} does not exist (0..{len(plan.anchors) - 1})")
+        dwr_factors(args.factor, args.alpha)   # a bad factor or alpha fails before anything is built
+        i, s = args.anchor, args.factor
+        config = dwr_scale(anchor_config(plan.anchors[i]), s, args.alpha)
+        cost, note = predict(config), None
+    base = anchor_config(plan.anchors[i])
+    cand = scale_candidate(plan.anchors[i], base, s, args.alpha, config, cost)
+    add_candidates(args.run, [cand])
+    if args.json:
+        print(json.dumps({"anchor": i, "s": s, "alpha": args.alpha, "base": base.to_dict(), "config": config.to_dict(),
+                          "predicted": cost.to_dict(), "candidate": cand.name, "note": note}))
+        return
+    if note:
+        print(note)
+    b = predict(base)
+    print(f"{base.describe()}  ->  {config.describe()}   (s = {s:.4g}, alpha = {args.alpha:g})")
+    for what in ("macs", "params", "activations"):
+        print(f"  {what:<12} {getattr(b, what) / 1e6:10.3f} M  ->  {getattr(cost, what) / 1e6:10.3f} M (predicted)")
+    print(f"added candidate 'scale:{cand.name}' (predicted costs, no accuracy). MACs: 1 multiply-add = 1.")
+
+
+def _latency_fit_args(sp) -> None:
+    sp.add_argument("run", type=Path)
+    sp.add_argument("--remeasure", action="store_true", help="time every stitch again even if the run has latencies")
+    sp.add_argument("--repeats", type=_positive, default=10, help="timed runs per stitch (median kept)")
+    sp.add_argument("--json", action="store_true")
+
+
+@command("latency-fit", _latency_fit_args)
+def cmd_latency_fit(args) -> None:
+    """How well MACs and activations each predict this device's batch-1 latency (R^2), measuring it if needed."""
+    from composer.candidates import read_candidates
+    from composer.curve import load_plan_of_run, measure_latency, read_latency, save_latency
+    from composer.scaling import latency_fit, latency_points
+    plan = load_plan_of_run(args.run)
+    latency = None if args.remeasure else read_latency(args.run)
+    if not latency:
+        import torch
+
+        from composer.run import load_run
+        net = load_run(args.run).net
+        bar = tqdm(total=len(plan.stitches), desc="latency", file=sys.stderr, disable=None)
+        latency = measure_latency(net, repeats=args.repeats, progress=lambda n, _: bar.update(n - bar.n))
+        bar.close()
+        save_latency(args.run, latency)
+        print(f"measured batch-1 latency of {len(latency)} stitches ({torch.get_num_threads()} threads); "
+              f"saved in {args.run / 'latency.json'}", file=sys.stderr)
+    fit = latency_fit(latency_points(plan, latency, read_candidates(args.run)))
+    if args.json:
+        print(json.dumps(fit.to_dict()))
+        return
+    print(f"R^2 of a straight line through {fit.n} points (batch-1 latency on this device):")
+    print(f"  latency ~ MACs        {fit.r2_macs:.3f}")
+    print(f"  latency ~ activations {fit.r2_activations:.3f}")
+    print(f"{fit.better} predict latency better here.")
 
 
 def _fold_args(sp) -> None:

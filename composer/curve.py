@@ -1,10 +1,16 @@
-"""The MACs/accuracy curve of an SN-Net: one point per stitch, anchors marked, Pareto front drawn.
+"""The MACs/accuracy curve of an SN-Net: one point per stitch, anchors marked, Pareto front drawn,
+and beside them the run's candidates from the other curve builders (composer/candidates.py).
 
 `curve_figure` builds the plotly figure that both the CLI (`python -m composer curve RUN`) and the
 app show. Costs come from the plan (MACs with 1 multiply-add = 1, params, activations, all per
 image); accuracy from RUN/evaluation.json (written by `evaluate`) or the latest "eval" line of
 RUN/metrics.jsonl (written by training), whichever is newer. Latency, when chosen as the x axis,
 comes from RUN/latency.json (written by `measure_latency`).
+
+Candidates (elastic / shrink / fold / scale) are one trace per method, marker by status: measured
+filled, predicted open, quoted a cross. Their customdata is the string "METHOD:NAME", never an int,
+so a click on one cannot be taken for a stitch id. Only points with a top-1 are drawn; only
+measured points (stitches and measured candidates) can be on the Pareto front.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from composer.candidates import Candidate
 from composer.io import write_json_atomic, write_text_atomic
 from composer.plan import StitchPlan
 
@@ -31,6 +38,8 @@ AXES = {
     "latency": ("latency (ms) per image, batch 1", 1.0),
 }
 ANCHOR_COLOUR, STITCH_COLOUR, FRONT_COLOUR, HIGHLIGHT_COLOUR = "#1f3b73", "#7aa6d8", "#e4572e", "#f2a900"
+METHOD_COLOURS = {"elastic": "#2a9d8f", "shrink": "#8e44ad", "fold": "#6b705c", "scale": "#d62d7a"}
+STATUS_SYMBOLS = {"measured": "circle", "predicted": "circle-open", "quoted": "x-thin-open"}
 
 
 class CurveError(ValueError):
@@ -91,15 +100,60 @@ def curve_points(plan: StitchPlan, top1: dict[int, float], x: str = "macs",
     return out
 
 
-def curve_figure(plan: StitchPlan, top1: dict[int, float], x: str = "macs", highlight: int | None = None,
-                 latency: dict[int, float] | None = None, title: str | None = None) -> "go.Figure":
-    """One point per evaluated stitch; anchors as diamonds; the Pareto front as a line.
+@dataclass
+class CandidatePoint:
+    candidate: Candidate
+    x: float | None   # in the axis unit; None when the candidate lacks this axis (latency)
 
-    Every point carries its stitch id as customdata (the app selects a stitch by clicking it)
-    and names its route in the hover text.
+    @property
+    def top1(self) -> float | None:
+        return self.candidate.top1
+
+    @property
+    def key(self) -> str:
+        """What customdata and the JSON's "pareto" list carry for a candidate (a stitch: its int id)."""
+        return f"{self.candidate.method}:{self.candidate.name}"
+
+    @property
+    def drawn(self) -> bool:
+        return self.x is not None and self.candidate.top1 is not None
+
+    @property
+    def on_front(self) -> bool:
+        """May join the Pareto front: only accuracies measured here (never predicted or quoted)."""
+        return self.drawn and self.candidate.status == "measured"
+
+
+def candidate_points(candidates: Sequence[Candidate], x: str = "macs") -> list[CandidatePoint]:
+    """Every candidate with its x value in the axis unit (None where it has no latency)."""
+    if x not in AXES:
+        raise CurveError(f"x must be one of {', '.join(AXES)}, not '{x}'")
+    _, scale = AXES[x]
+    out = []
+    for c in candidates:
+        value = c.latency_ms if x == "latency" else getattr(c, x) / scale
+        out.append(CandidatePoint(c, None if value is None else float(value)))
+    return out
+
+
+def _front(pts: list[CurvePoint], cands: list[CandidatePoint]) -> list[CurvePoint | CandidatePoint]:
+    """The Pareto front over stitches and measured candidates, in increasing x."""
+    members: list[CurvePoint | CandidatePoint] = [*pts, *(c for c in cands if c.on_front)]
+    return [members[i] for i in pareto_front([(p.x, p.top1) for p in members])]
+
+
+def curve_figure(plan: StitchPlan, top1: dict[int, float], x: str = "macs", highlight: int | None = None,
+                 latency: dict[int, float] | None = None, title: str | None = None,
+                 candidates: Sequence[Candidate] = ()) -> "go.Figure":
+    """One point per evaluated stitch; anchors as diamonds; the Pareto front as a line; the
+    candidates that have a top-1, one trace per method.
+
+    Every stitch point carries its stitch id as customdata (the app selects a stitch by clicking
+    it) and names its route in the hover text; a candidate carries "METHOD:NAME".
     """
     import plotly.graph_objects as go
     pts = curve_points(plan, top1, x, latency)
+    cands = [c for c in candidate_points(candidates, x) if c.drawn]
     axis_title, _ = AXES[x]
     unit = "ms" if x == "latency" else "M"
     fig = go.Figure()
@@ -110,10 +164,12 @@ def curve_figure(plan: StitchPlan, top1: dict[int, float], x: str = "macs", high
             text=[f"stitch {p.id}: {p.route}" for p in sel],
             hovertemplate=f"%{{text}}<br>%{{x:.3g}} {unit} · top-1 %{{y:.2f}}%<extra></extra>", **style))
 
-    front = [pts[i] for i in pareto_front([(p.x, p.top1) for p in pts])]
+    front = _front(pts, cands)
     if len(front) > 1:
-        trace(front, "Pareto front", mode="lines", line=dict(color=FRONT_COLOUR, width=2, shape="hv"),
-              hoverinfo="skip")
+        fig.add_trace(go.Scatter(
+            x=[p.x for p in front], y=[p.top1 for p in front],
+            name="Pareto front (measured)" if cands else "Pareto front", mode="lines",
+            line=dict(color=FRONT_COLOUR, width=2, shape="hv"), hoverinfo="skip"))
     trace([p for p in pts if not p.is_anchor], "stitches", mode="markers",
           marker=dict(color=STITCH_COLOUR, size=9, line=dict(color="white", width=1)))
     anchors = [p for p in pts if p.is_anchor]
@@ -121,6 +177,16 @@ def curve_figure(plan: StitchPlan, top1: dict[int, float], x: str = "macs", high
           marker=dict(color=ANCHOR_COLOUR, size=13, symbol="diamond", line=dict(color="white", width=1)))
     fig.data[-1].update(text=[f"stitch {p.id}: {p.route}" for p in anchors],
                         texttemplate=[_short_anchor(plan, p.id) for p in anchors])
+    for method, colour in METHOD_COLOURS.items():
+        mine = [c for c in cands if c.candidate.method == method]
+        if not mine:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[c.x for c in mine], y=[c.top1 for c in mine], customdata=[c.key for c in mine],
+            name=method, mode="markers", text=[_candidate_hover(c.candidate) for c in mine],
+            hovertemplate=f"%{{text}}<br>%{{x:.3g}} {unit} · top-1 %{{y:.2f}}%<extra></extra>",
+            marker=dict(color=colour, size=10, symbol=[STATUS_SYMBOLS[c.candidate.status] for c in mine],
+                        line=dict(color=colour, width=2))))
     chosen = [p for p in pts if p.id == highlight]
     if chosen:
         trace(chosen, "selected", mode="markers",
@@ -130,6 +196,11 @@ def curve_figure(plan: StitchPlan, top1: dict[int, float], x: str = "macs", high
         xaxis_title=axis_title, yaxis_title="top-1 (%)", legend=dict(orientation="h", y=-0.2),
         hovermode="closest", clickmode="event", uirevision=x)
     return fig
+
+
+def _candidate_hover(c: Candidate) -> str:
+    return (f"{c.method} · {c.name}<br>{c.status} · MACs {c.macs / 1e6:.3g} M · "
+            f"activations {c.activations / 1e6:.3g} M")
 
 
 def _short_anchor(plan: StitchPlan, anchor: int) -> str:
@@ -229,14 +300,22 @@ def save_latency(run_dir: Path, ms: dict[int, float]) -> None:
 
 
 def curve_rows(plan: StitchPlan, top1: dict[int, float], x: str = "macs",
-               latency: dict[int, float] | None = None) -> dict:
-    """The curve as data (what `--out FILE.json` writes)."""
+               latency: dict[int, float] | None = None, candidates: Sequence[Candidate] = ()) -> dict:
+    """The curve as data (what `--out FILE.json` writes). Every candidate is listed, drawn or not
+    (top1 null: no accuracy; x null: not on this axis); "pareto" names the front's points in
+    increasing x: a stitch by its int id, a candidate by "METHOD:NAME"."""
     pts = curve_points(plan, top1, x, latency)
-    front = {pts[i].id for i in pareto_front([(p.x, p.top1) for p in pts])}
+    cands = candidate_points(candidates, x)
+    front = [p.id if isinstance(p, CurvePoint) else p.key for p in _front(pts, cands)]
     return {"x": x, "x_title": AXES[x][0],
             "stitches": [{"id": p.id, "route": p.route, "x": p.x, "top1": p.top1, "anchor": p.is_anchor,
                           "pareto": p.id in front} for p in pts],
-            "pareto": [p.id for p in pts if p.id in front]}
+            "candidates": [{"key": c.key, "method": c.candidate.method, "name": c.candidate.name,
+                            "status": c.candidate.status, "source": c.candidate.source, "x": c.x,
+                            "top1": c.top1, "macs": c.candidate.macs, "params": c.candidate.params,
+                            "activations": c.candidate.activations, "latency_ms": c.candidate.latency_ms,
+                            "pareto": c.key in front} for c in cands],
+            "pareto": front}
 
 
 def write_curve(fig: "go.Figure", rows: dict, out: Path) -> None:

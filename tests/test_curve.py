@@ -170,3 +170,104 @@ def test_cli_curve_errors_are_one_line(plan, tmp_path, capsys):
     else:
         assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "c.html").exists() and not (tmp_path / "c.svg").exists()
+
+
+# --- candidates of the other curve builders on the same curve ----------------------------------
+
+def _candidates(plan, top1):
+    from composer.candidates import Candidate
+    best = max(top1.values())
+    big = plan.cost(len(plan.stitches) - 1)
+    small = plan.cost(0)
+    return [
+        # cheaper than every stitch (less accurate than all): must join the front
+        Candidate("elastic", "sub-a", "stitch 1", small.macs // 2, small.params // 2, small.activations // 2,
+                  top1=min(top1.values()) - 1.0, status="measured", latency_ms=0.5),
+        Candidate("elastic", "sub-b", "stitch 1", big.macs, big.params, big.activations, top1=1.0, status="measured"),
+        # predicted and quoted points that would dominate everything: never on the front
+        Candidate("shrink", "dms-50", "anchor 1", small.macs // 4, small.params // 4, small.activations // 4,
+                  top1=best + 20.0, status="predicted", latency_ms=0.25),
+        Candidate("fold", "paper", "anchor 0", small.macs // 3, small.params // 3, small.activations // 3,
+                  top1=best + 10.0, status="quoted"),
+        # no accuracy: listed, not drawn
+        Candidate("scale", "resnet20 x2", "cifar_resnet20", 2 * small.macs, 2 * small.params, small.activations,
+                  status="predicted"),
+    ]
+
+
+def test_figure_draws_candidates_by_method_and_status(plan):
+    top1 = _top1(plan)
+    cands = _candidates(plan, top1)
+    fig = curve_figure(plan, top1, "macs", candidates=cands)
+    by_name = {t.name: t for t in fig.data}
+    assert set(by_name) == {"Pareto front (measured)", "stitches", "anchors", "elastic", "shrink", "fold"}
+    assert list(by_name["elastic"].customdata) == ["elastic:sub-a", "elastic:sub-b"]
+    assert list(by_name["elastic"].marker.symbol) == ["circle", "circle"]       # measured: filled
+    assert list(by_name["shrink"].marker.symbol) == ["circle-open"]             # predicted: open
+    assert list(by_name["fold"].marker.symbol) == ["x-thin-open"]               # quoted: a cross
+    colours = {by_name[m].marker.color for m in ("elastic", "shrink", "fold")}
+    assert len(colours) == 3 and not colours & {"#1f3b73", "#7aa6d8"}        # own colours, not the stitches'
+    for c, x, y, text in zip(cands, by_name["elastic"].x, by_name["elastic"].y, by_name["elastic"].text):
+        assert x == pytest.approx(c.macs / 1e6) and y == c.top1
+        assert all(s in text for s in ("elastic", c.name, "measured", "MACs", "activations"))
+    assert "predicted" in by_name["shrink"].text[0] and "quoted" in by_name["fold"].text[0]
+    # stitches keep their int ids (the app selects a stitch by clicking); no candidate id is an int
+    ids = list(by_name["stitches"].customdata) + list(by_name["anchors"].customdata)
+    assert sorted(ids) == [s.id for s in plan.stitches]
+    assert all(isinstance(i, str) for m in ("elastic", "shrink", "fold") for i in by_name[m].customdata)
+    # the front: brute force over the stitches and the *measured* candidates only
+    pts = [(plan.cost(sid).macs / 1e6, top1[sid]) for sid in top1]
+    pts += [(c.macs / 1e6, c.top1) for c in cands if c.status == "measured"]
+    undominated = sorted(p for p in pts if not any(_dominated(p, q) for q in pts))
+    front = by_name["Pareto front (measured)"]
+    assert list(zip(front.x, front.y)) == pytest.approx(undominated)
+    assert front.x[0] == pytest.approx(cands[0].macs / 1e6)                     # sub-a leads it
+    assert cands[2].top1 not in front.y and cands[3].top1 not in front.y
+
+
+def test_rows_list_every_candidate(plan):
+    top1 = _top1(plan)
+    cands = _candidates(plan, top1)
+    rows = curve_rows(plan, top1, "activations", candidates=cands)
+    got = {r["key"]: r for r in rows["candidates"]}
+    assert list(got) == [f"{c.method}:{c.name}" for c in cands]
+    for c in cands:
+        r = got[f"{c.method}:{c.name}"]
+        assert (r["method"], r["name"], r["status"], r["top1"]) == (c.method, c.name, c.status, c.top1)
+        assert r["x"] == pytest.approx(c.activations / 1e6) and r["macs"] == c.macs
+    assert got["scale:resnet20 x2"]["top1"] is None and not got["scale:resnet20 x2"]["pareto"]
+    assert got["elastic:sub-a"]["pareto"] and not got["shrink:dms-50"]["pareto"]
+    assert rows["pareto"][0] == "elastic:sub-a"
+    assert {p for p in rows["pareto"] if isinstance(p, int)} == {s["id"] for s in rows["stitches"] if s["pareto"]}
+    xs = {**{s["id"]: s["x"] for s in rows["stitches"]}, **{c["key"]: c["x"] for c in rows["candidates"]}}
+    assert [xs[p] for p in rows["pareto"]] == sorted(xs[p] for p in rows["pareto"])   # in increasing x
+    assert json.loads(json.dumps(rows)) == rows
+
+
+def test_candidates_on_the_latency_axis(plan):
+    top1 = _top1(plan)
+    cands = _candidates(plan, top1)
+    lat = {sid: 1.0 + sid for sid in top1}
+    fig = curve_figure(plan, top1, "latency", latency=lat, candidates=cands)
+    by_name = {t.name: t for t in fig.data}
+    assert list(by_name["elastic"].customdata) == ["elastic:sub-a"] and list(by_name["elastic"].x) == [0.5]
+    assert list(by_name["shrink"].x) == [0.25] and "fold" not in by_name      # no latency_ms: not drawn
+    rows = curve_rows(plan, top1, "latency", lat, cands)
+    assert {r["key"]: r["x"] for r in rows["candidates"]}["fold:paper"] is None
+
+
+def test_cli_curve_shows_the_runs_candidates(plan, tmp_path, capsys):
+    from composer.candidates import add_candidates
+    top1 = _top1(plan)
+    run = tmp_path / "run"
+    _write_run(run, plan, top1)
+    cands = _candidates(plan, top1)
+    add_candidates(run, cands)
+    code, err = _main(capsys, run, "--out", tmp_path / "c.json")
+    assert code == 0, err
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data == json.loads(json.dumps(curve_rows(plan, top1, "macs", candidates=cands)))
+    assert "elastic:sub-a" in data["pareto"]
+    code, err = _main(capsys, run, "--out", tmp_path / "c.html")
+    assert code == 0, err
+    assert "elastic:sub-a" in (tmp_path / "c.html").read_text()
