@@ -16,17 +16,20 @@ from tqdm import tqdm
 from composer.candidates import CandidateError
 from composer.curve import CurveError
 from composer.data import DataError
+from composer.elastic import ElasticError
 from composer.export import ExportError
 from composer.fold import FoldError
 from composer.plan import PlanError
 from composer.run import RunError
 from composer.scaling import ScaleError
+from composer.shrink import ShrinkError
+from composer.subnet import SubnetError
 from composer.train import TrainError
 from zoo.adapters import UnsupportedModel
 from zoo.sources import AnchorError
 
 USER_ERRORS = (AnchorError, UnsupportedModel, PlanError, DataError, RunError, CurveError, TrainError, ExportError,
-               CandidateError, ScaleError, FoldError)
+               CandidateError, ScaleError, FoldError, ShrinkError, ElasticError, SubnetError)
 COMMANDS = {}   # name -> (function that adds the command's arguments, function that runs it)
 
 
@@ -510,6 +513,141 @@ def cmd_fold(args) -> None:
         print(format_certificate(report.certificate))
         print(f"top-1 {c.top1:.2f} % (source {c.config['source_top1']:.2f} %, {c.config['changed_predictions']} of "
               f"{c.config['images']} predictions changed); wrote {report.out}; candidate '{c.name}' added to {args.run}")
+
+
+def _macs(text: str) -> float:
+    """A MACs count: 97170000, 97.17M, 0.1G or 500k."""
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:].lower(), 1)
+    try:
+        return float(text[:-1] if scale != 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MACs like 97170000 or 97.17M, got '{text}'") from None
+
+
+def _shrink_args(sp) -> None:
+    sp.add_argument("run", type=Path)
+    sp.add_argument("--anchor", type=int, required=True, metavar="I", help="which anchor of the run (0 = fewest MACs)")
+    sp.add_argument("--data", required=True, help="labelled images to search on: ImageFolder path, 'starter', ...")
+    sp.add_argument("--eval-data", help="held-out images for top-1 (default: the validation split of --data)")
+    sp.add_argument("--target-macs", type=_macs, required=True, metavar="M", help="MACs per image, e.g. 97.17M")
+    sp.add_argument("--steps", type=_positive, default=200, help="search steps (batches), default 200")
+    sp.add_argument("--eval-limit", type=_positive, default=1000, help="evaluation images (default 1000)")
+    sp.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of the pruning ratios")
+    _common(sp)
+
+
+@command("shrink", _shrink_args)
+def cmd_shrink(args) -> None:
+    """Shrink one anchor to a MACs budget (DMS: differentiable top-k widths and depth), export and
+    evaluate the pruned network; adds a "shrink" candidate to the run."""
+    from composer.shrink import shrink_anchor
+    bar = tqdm(desc="shrink", unit="step", file=sys.stderr, disable=None)
+
+    def show(e: dict) -> None:
+        if e["type"] == "start":
+            bar.reset(total=e["total_steps"])
+        elif e["type"] == "step":
+            bar.update(e["step"] - bar.n)
+            bar.set_postfix(soft=f"{e['soft_macs'] / 1e6:.2f}M", target=f"{e['target'] / 1e6:.2f}M",
+                            loss=f"{e['loss']:.3f}", refresh=False)
+        elif e["type"] == "evaluate":
+            bar.set_description(f"evaluate {e['images']} images")
+
+    try:
+        r = shrink_anchor(args.run, args.anchor, args.data, args.target_macs, steps=args.steps, eval_data=args.eval_data,
+                          eval_limit=args.eval_limit, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          workers=args.workers, events=show)
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps({"candidate": r.candidate.to_dict(), "folder": str(r.folder), "full_macs": r.full_macs,
+                          "target_macs": r.target, "soft_macs": r.soft_macs, "counted_macs": r.counted_macs,
+                          "top1_before": r.top1_before, "top1_after": r.top1_after, "eval_images": r.eval_images,
+                          "stages": r.stages, "search_seconds": r.search_seconds, "steps": r.steps}))
+        return
+    print(f"{r.candidate.source}: {r.full_macs / 1e6:.2f} M MACs -> target {r.target / 1e6:.2f} M")
+    print(f"search: {r.steps} steps in {r.search_seconds:.0f} s, soft MACs {r.soft_macs / 1e6:.2f} M")
+    print(f"exported: {r.counted_macs / 1e6:.2f} M MACs counted, {r.candidate.params / 1e6:.3f} M params")
+    for s in r.stages:
+        print(f"  stage {s['stage']}: {s['blocks']}/{s['of_blocks']} blocks, widths kept {100 * s['width_keep']:.0f} %")
+    print(f"top-1 on {r.eval_images} images: {r.top1_before:.2f} % (anchor) -> {r.top1_after:.2f} % (shrunk, no fine-tune)")
+    print(f"candidate '{r.candidate.name}' added to {args.run}; network in {r.folder}")
+    print("MACs: one multiply-add = 1 (FLOPs = 2 x MACs), per image.")
+
+
+def _elastic_args(sp) -> None:
+    sp.add_argument("run", type=Path)
+    sp.add_argument("--anchor", type=int, required=True, metavar="I", help="which anchor of the run (0 = fewest MACs)")
+    sp.add_argument("--data", required=True, help="images to re-estimate BatchNorm statistics and to measure the "
+                    "predictor's sample sub-networks on (disjoint seeded subsets)")
+    sp.add_argument("--eval-data", help="images the chosen sub-networks are measured on (default: --data)")
+    sp.add_argument("--budget-macs", type=_macs, action="append", default=[], metavar="M",
+                    help="MACs per image, e.g. 68.86M (repeatable; default: 30/50/70/90 %% of the anchor's)")
+    sp.add_argument("--budget-activations", type=_macs, action="append", default=[], metavar="A",
+                    help="activations per image, e.g. 0.4M (repeatable)")
+    sp.add_argument("--budget-latency", type=float, action="append", default=[], metavar="MS",
+                    help="batch-1 latency in ms on this machine (repeatable; measures a latency table first)")
+    sp.add_argument("--samples", type=_positive, default=40, help="sub-networks measured to fit the predictor (default 40)")
+    sp.add_argument("--eval-limit", type=_positive, default=500, help="images per measurement (default 500)")
+    sp.add_argument("--bn-images", type=int, default=1024,
+                    help="images of --data (at most half) to re-estimate each sub-network's BatchNorm statistics on "
+                         "(default 1024; 0 keeps the anchor's)")
+    sp.add_argument("--predictor", choices=["ridge", "mlp"], default="ridge")
+    sp.add_argument("--population", type=_positive, default=64)
+    sp.add_argument("--generations", type=_positive, default=20)
+    _common(sp)
+
+
+@command("elastic", _elastic_args)
+def cmd_elastic(args) -> None:
+    """Once-for-All sub-networks of one anchor: measure samples, fit an accuracy predictor, search
+    each budget, measure the chosen ones; adds "elastic" candidates to the run."""
+    from composer.candidates import add_candidates
+    from composer.elastic import anchor_of_run, check_budget, image_batches, latency_table, search_elastic
+    anchor = anchor_of_run(args.run, args.anchor)
+    budgets = ([("macs", v) for v in args.budget_macs] + [("activations", v) for v in args.budget_activations]
+               + [("latency", v) for v in args.budget_latency])
+    for metric, value in budgets:
+        if metric != "latency":   # latency needs its table; checked once it is measured
+            check_budget(anchor.space, metric, value, None)
+    bar, phases = tqdm(file=sys.stderr, disable=None), []
+
+    def show(phase: str, done: int, total: int) -> None:
+        if not phases or phases[-1] != phase:   # each phase (latency, measure, search, verify) gets a fresh bar
+            phases.append(phase)
+            bar.set_description(phase)
+            bar.reset(total=total)
+        bar.update(done - bar.n)
+
+    try:
+        table = latency_table(anchor, progress=lambda d, t: show("latency", d, t)) if args.budget_latency else None
+        bn, batches = image_batches(args.data, anchor.model, args.eval_limit, args.seed, args.batch_size,
+                                    bn_images=args.bn_images, workers=args.workers)
+        eval_batches = image_batches(args.eval_data, anchor.model, args.eval_limit, args.seed, args.batch_size,
+                                     split="validation", workers=args.workers)[1] if args.eval_data else None
+        result = search_elastic(anchor, batches, eval_batches, bn, budgets, samples=args.samples,
+                                predictor=args.predictor, latency=table, population=args.population,
+                                generations=args.generations, seed=args.seed, data=args.eval_data or args.data,
+                                progress=show)
+    finally:
+        bar.close()
+    add_candidates(args.run, result.candidates)
+    if args.json:
+        print(json.dumps({"candidates": [c.to_dict() for c in result.candidates], "predictor": result.predictor,
+                          "rank_correlation": result.rank_correlation, "samples": result.samples,
+                          "latency_table": result.latency.to_dict() if result.latency else None}))
+        return
+    print(f"{'MACs (M)':>9}  {'act. (M)':>8}  {'top-1':>6}  {'pred.':>6}  {'budget':>16}  name")
+    for c in result.candidates:
+        b = c.config["budget"]
+        budget = f"{b['metric']} {b['value']:.4g}" if b["metric"] == "latency" else f"{b['metric'][:4]} {b['value'] / 1e6:.2f}M"
+        print(f"{c.macs / 1e6:9.2f}  {c.activations / 1e6:8.3f}  {c.top1:6.2f}  {c.config['predicted_top1']:6.2f}  "
+              f"{budget:>16}  {c.name}")
+    rho = result.rank_correlation
+    print(f"top-1 (%) measured on {result.candidates[0].config['images']} images of {args.eval_data or args.data}; "
+          f"predictor ({result.predictor}) fitted on {len(result.samples)} measured sub-networks, rank correlation "
+          f"(Spearman, held-out quarter) {'n/a' if rho is None else f'{rho:.3f}'}")
+    print(f"{len(result.candidates)} 'elastic' candidates added to {args.run}. MACs: one multiply-add = 1, per image.")
 
 
 def _common(sp) -> None:

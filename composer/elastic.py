@@ -1,0 +1,617 @@
+"""Once-for-All on one pretrained anchor: many static sub-networks, an accuracy predictor fitted
+on a few measured ones, and an evolutionary search under a MACs / activations / latency budget.
+
+The pieces, in the order `search_elastic` runs them:
+1. `prepare_anchor`: a copy of the anchor with every width sorted by importance (composer.subnet),
+   so that "keep a fraction" keeps the most important units. Outputs are unchanged.
+2. An architecture (`Arch`) is a depth per stage (OFA: keep the first D blocks) and a kept fraction
+   per width, from `WIDTH_CHOICES`; `sample_archs` draws them at random.
+3. `evaluate_subnets`: top-1 of extracted sub-networks, each after re-estimating its BatchNorm
+   statistics on a few calibration images (OFA does the same: shrinking a network shifts the
+   statistics every BN layer sees; without it pretrained ResNet sub-networks collapse).
+4. `fit_predictor` (ridge with leave-one-out regularisation, or OFA's small MLP) on an
+   architecture encoding; `holdout_rank_correlation` reports its Spearman correlation on measured
+   architectures it was not fitted on.
+5. `latency_table` (optional): each block's batch-1 latency per width choice, measured on this
+   device; a sub-network's latency is predicted as the sum of its blocks plus the rest.
+6. `evolutionary_search`: mutation + crossover, keeping the predicted-best under the budget.
+7. The chosen sub-networks are measured and become Candidates (method "elastic", status
+   "measured") whose `config` rebuilds them; `export_subnet` writes one as a model folder.
+
+Costs are exact (`subnet_cost`, MACs with 1 multiply-add = 1), never estimated.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from composer.candidates import Candidate
+from composer.costs import Cost, measure_latency
+from composer.io import save_safetensors_atomic, write_json_atomic
+from composer.subnet import ElasticSpace, SubnetConfig, SubnetError, elastic_space, extract, sort_by_importance_, \
+    subnet_cost
+
+WIDTH_CHOICES = (0.25, 0.5, 0.75, 1.0)
+FORMAT = "zoo-composer-subnet"
+METRICS = ("macs", "activations", "latency")
+
+Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+Progress = Callable[[int, int], None]
+
+
+class ElasticError(ValueError):
+    """An elastic search or export that cannot run as asked; the message says why."""
+
+
+# --- the anchor and its architectures -----------------------------------------------------------------
+
+@dataclass
+class ElasticAnchor:
+    model: nn.Module        # importance-sorted copy of the anchor, eval mode
+    space: ElasticSpace
+    spec: str               # the anchor's spec (timm name, local-dir:, hf-hub:)
+    index: int | None = None   # its index in a run, if it came from one
+    entry: dict = field(default_factory=dict, repr=False)   # what rebuilds the architecture (composer.export)
+
+    @property
+    def short_name(self) -> str:
+        return self.entry.get("architecture") or Path(self.spec.split(":")[-1]).name
+
+
+def prepare_anchor(model: nn.Module, spec: str = "", index: int | None = None,
+                   input_size: tuple[int, ...] | None = None, model_args: dict | None = None) -> ElasticAnchor:
+    """Sort a copy of `model` by importance; the original is left as it is. `model_args`: the
+    timm.create_model keyword arguments the model was built with (timm does not record them;
+    needed to rebuild an export of a model that is not a plain timm name or a model folder)."""
+    import copy
+
+    from composer.export import _anchor_entry
+    model = copy.deepcopy(model).eval()
+    space = elastic_space(model, input_size)
+    sort_by_importance_(model, space)
+    entry = _anchor_entry(index or 0, spec, model)
+    entry["model_args"] = {**entry["model_args"], **(model_args or {})}
+    return ElasticAnchor(model, space, spec, index, entry)
+
+
+def anchor_of_run(run_dir, index: int) -> ElasticAnchor:
+    """Anchor `index` of a run (with the run's fine-tuned weights if it was trained)."""
+    from composer.run import load_run
+    run = load_run(Path(run_dir))
+    n = len(run.net.anchors)
+    if not 0 <= index < n:
+        raise ElasticError(f"anchor {index} does not exist (this run has anchors 0..{n - 1}: "
+                           f"{', '.join(run.plan.anchors)})")
+    return prepare_anchor(run.net.anchors[index], run.plan.anchors[index], index)
+
+
+def kept_units(size: int, fraction: float) -> int:
+    """Units kept of `size` for a fraction (rounded half up, at least one)."""
+    return max(1, min(size, int(math.floor(size * fraction + 0.5))))
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One point of the search space: blocks kept per stage, kept fraction per width."""
+    depth: tuple[int, ...]
+    width: tuple[float, ...]    # one per ElasticSpace.dims(), in that order
+
+    def config(self, space: ElasticSpace) -> SubnetConfig:
+        widths = {}
+        for d, f in zip(space.dims(), self.width):
+            k = kept_units(d.size, f)
+            if k < d.size:
+                widths[d.key] = k
+        return SubnetConfig(list(self.depth), widths)
+
+    def label(self) -> str:
+        """Short and unique: depths, mean kept fraction, and a digest of the widths."""
+        import hashlib
+        digest = hashlib.sha1(repr(self.width).encode()).hexdigest()[:6]
+        mean = sum(self.width) / max(1, len(self.width))
+        return f"d={','.join(map(str, self.depth))} w~{mean:.2f} #{digest}"
+
+    def to_dict(self) -> dict:
+        return {"depth": list(self.depth), "width": list(self.width)}
+
+
+def largest_arch(space: ElasticSpace) -> Arch:
+    return Arch(tuple(space.full_config().depth), (1.0,) * len(space.dims()))
+
+
+def smallest_arch(space: ElasticSpace, choices: Sequence[float] = WIDTH_CHOICES) -> Arch:
+    return Arch((1,) * space.num_stages, (min(choices),) * len(space.dims()))
+
+
+def _random_arch(space: ElasticSpace, rnd: random.Random, choices: Sequence[float]) -> Arch:
+    return Arch(tuple(rnd.randint(1, len(space.stage_blocks(s))) for s in range(space.num_stages)),
+                tuple(rnd.choice(choices) for _ in space.dims()))
+
+
+def sample_archs(space: ElasticSpace, n: int, seed: int = 0, choices: Sequence[float] = WIDTH_CHOICES,
+                 include_extremes: bool = True) -> list[Arch]:
+    """`n` distinct architectures drawn uniformly (depth per stage, a choice per width); with
+    include_extremes the largest and smallest come first, so a predictor sees the whole range."""
+    rnd = random.Random(seed)
+    archs = [largest_arch(space), smallest_arch(space, choices)] if include_extremes else []
+    archs = archs[:n]
+    seen, tries = set(archs), 0
+    while len(archs) < n and tries < 100 * n:
+        a = _random_arch(space, rnd, choices)
+        tries += 1
+        if a not in seen:
+            seen.add(a)
+            archs.append(a)
+    return archs
+
+
+def arch_cost(space: ElasticSpace, arch: Arch) -> Cost:
+    return subnet_cost(space, arch.config(space))
+
+
+def encode(space: ElasticSpace, archs: Sequence[Arch]) -> torch.Tensor:
+    """Predictor input per architecture: per block whether it runs and the kept fraction of each of
+    its widths (0 when dropped), each stage's kept depth fraction, and the MACs fraction."""
+    full = subnet_cost(space, space.full_config()).macs
+    rows = []
+    for a in archs:
+        kept = space.kept_blocks(a.config(space))
+        frac = dict(zip((d.key for d in space.dims()), a.width))
+        row = []
+        for b, blk in enumerate(space.blocks):
+            row.append(float(kept[b]))
+            row += [frac[d.key] * kept[b] for d in blk.widths]
+        row += [d / len(space.stage_blocks(s)) for s, d in enumerate(a.depth)]
+        row.append(arch_cost(space, a).macs / full)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+# --- measuring ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, images: Iterable[torch.Tensor]) -> None:
+    """Re-estimate every BatchNorm's running statistics on `images` (a plain average over them)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [m.momentum for m in bns]
+    was_training = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None   # cumulative average instead of an exponential one
+    model.train()
+    device = next(model.parameters()).device
+    try:
+        for x in images:
+            model(x.to(device))
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def top1(model: nn.Module, batches: Batches) -> float:
+    """Top-1 accuracy (%) of `model` on (images, labels) batches."""
+    model.eval()
+    device = next(model.parameters()).device
+    correct = n = 0
+    for x, y in batches:
+        correct += int((model(x.to(device)).argmax(-1).cpu() == y).sum())
+        n += len(y)
+    if n == 0:
+        raise ElasticError("no evaluation images")
+    return 100.0 * correct / n
+
+
+def build_subnet(anchor: ElasticAnchor, config: SubnetConfig, bn_images: Sequence[torch.Tensor] | None = None) -> nn.Module:
+    """The static sub-network, its BatchNorm statistics re-estimated when images are given."""
+    sub = extract(anchor.model, anchor.space, config)
+    if bn_images:
+        recalibrate_bn(sub, bn_images)
+    return sub.eval()
+
+
+def evaluate_subnets(anchor: ElasticAnchor, configs: Sequence[SubnetConfig], batches: Batches,
+                     bn_images: Sequence[torch.Tensor] | None = None, progress: Progress | None = None) -> list[float]:
+    """Top-1 (%) of each extracted sub-network on `batches` (measured, one by one)."""
+    out = []
+    for i, c in enumerate(configs):
+        out.append(top1(build_subnet(anchor, c, bn_images), batches))
+        if progress is not None:
+            progress(i + 1, len(configs))
+    return out
+
+
+def image_batches(spec: str, model: nn.Module, limit: int | None, seed: int = 0, batch_size: int = 64,
+                  bn_images: int = 0, split: str = "train", workers: int = 0
+                  ) -> tuple[list[torch.Tensor] | None, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Images of a data spec, preprocessed for `model`, decoded once and kept as tensors (every
+    sub-network sees the same ones): up to `bn_images` for BatchNorm statistics (at most half of the
+    set; None when 0) and then `limit` labelled ones to measure on, disjoint, from one seeded shuffle."""
+    from torch.utils.data import Subset
+
+    from composer import data
+    ds = data.open_dataset(spec, data.data_config(model), split=split)
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_bn = min(bn_images, len(ds) // 2)
+    bn = [x for x, _ in data.loader(Subset(ds, sorted(perm[:n_bn])), batch_size, workers=workers)] if n_bn else None
+    picked = perm[n_bn:n_bn + limit] if limit is not None else perm[n_bn:]
+    return bn, list(data.loader(Subset(ds, sorted(picked)), batch_size, workers=workers))
+
+
+# --- the accuracy predictor ---------------------------------------------------------------------------
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 0..n-1, ties sharing their average rank."""
+    x = torch.as_tensor(x, dtype=torch.float64).flatten()
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(len(x), dtype=torch.float64)
+    _, inv = torch.unique(x, return_inverse=True)
+    sums = torch.zeros(int(inv.max()) + 1, dtype=torch.float64).index_add_(0, inv, ranks)
+    return (sums / torch.bincount(inv).double())[inv]
+
+
+def spearman(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor) -> float:
+    """Spearman rank correlation (Pearson correlation of average ranks); nan if either is constant."""
+    ra, rb = _ranks(torch.as_tensor(a)), _ranks(torch.as_tensor(b))
+    if len(ra) != len(rb) or len(ra) < 2:
+        raise ElasticError("rank correlation needs two equally long sequences of at least 2 values")
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float((ra.square().sum() * rb.square().sum()).sqrt())
+    return float((ra * rb).sum()) / den if den > 0 else float("nan")
+
+
+@dataclass
+class Predictor:
+    """Predicted top-1 (%) from `encode` rows: standardise, then ridge or MLP."""
+    kind: str
+    mean: torch.Tensor
+    std: torch.Tensor
+    y_mean: float
+    y_std: float
+    weights: torch.Tensor | None = None    # ridge
+    mlp: nn.Module | None = None
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x.double() - self.mean) / self.std
+        y = z @ self.weights if self.kind == "ridge" else self.mlp(z.float()).squeeze(-1).double()
+        return y * self.y_std + self.y_mean
+
+
+RIDGE_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
+def fit_predictor(x: torch.Tensor, y: Sequence[float], kind: str = "ridge", seed: int = 0) -> Predictor:
+    """Fit a predictor of top-1 on measured architectures. Ridge picks its strength by exact
+    leave-one-out error (closed form); "mlp" is OFA's 3-layer MLP, trained full-batch with Adam."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    y = torch.as_tensor(y, dtype=torch.float64)
+    if len(y) < 3:
+        raise ElasticError(f"a predictor needs at least 3 measured sub-networks, got {len(y)}")
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
+    y_mean, y_std = float(y.mean()), float(y.std().clamp_min(1e-8))
+    z, t = (x - mean) / std, (y - y_mean) / y_std
+    if kind == "ridge":
+        best = None
+        for alpha in RIDGE_ALPHAS:
+            inv = torch.linalg.inv(z.T @ z + alpha * torch.eye(z.shape[1], dtype=torch.float64))
+            w = inv @ z.T @ t
+            hat = ((z @ inv) * z).sum(1)                      # diagonal of the hat matrix
+            loo = (((t - z @ w) / (1 - hat)).square()).mean()  # leave-one-out residuals, exactly
+            if best is None or loo < best[0]:
+                best = (loo, w)
+        return Predictor("ridge", mean, std, y_mean, y_std, weights=best[1])
+    if kind == "mlp":
+        g = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
+            mlp = nn.Sequential(nn.Linear(z.shape[1], 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+        opt = torch.optim.Adam(mlp.parameters(), lr=1e-3, weight_decay=1e-4)
+        zf, tf = z.float(), t.float()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)   # tiny matrices: more threads only spin (40x the CPU time on a busy machine)
+        try:
+            for _ in range(1500):
+                opt.zero_grad()
+                loss = (mlp(zf).squeeze(-1) - tf).square().mean()
+                loss.backward()
+                opt.step()
+        finally:
+            torch.set_num_threads(threads)
+        return Predictor("mlp", mean, std, y_mean, y_std, mlp=mlp.eval())
+    raise ElasticError(f"unknown predictor '{kind}' (ridge or mlp)")
+
+
+def holdout_rank_correlation(x: torch.Tensor, y: Sequence[float], kind: str = "ridge", holdout: float = 0.25,
+                             seed: int = 0) -> float:
+    """Spearman correlation between predicted and measured top-1 on a seeded held-out share of
+    the measured architectures, the predictor fitted on the rest."""
+    n = len(y)
+    n_test = max(2, int(round(n * holdout)))
+    if n - n_test < 3:
+        raise ElasticError(f"{n} measured sub-networks are too few to hold some out (need at least {n_test + 3})")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    test, train = perm[:n_test], perm[n_test:]
+    y = torch.as_tensor(y, dtype=torch.float64)
+    p = fit_predictor(x[train], y[train], kind, seed)
+    return spearman(p(x[test]), y[test])
+
+
+# --- latency lookup table -----------------------------------------------------------------------------
+
+@dataclass
+class LatencyTable:
+    """Batch-1 latency (ms) of each block per choice of its widths' fractions, on one device."""
+    device: str
+    choices: tuple[float, ...]
+    rest_ms: float                  # stem, head and anything outside the blocks
+    blocks: dict[str, float]        # f"{block}:{f1},{f2}" -> ms
+
+    @staticmethod
+    def key(block: int, fractions: Sequence[float]) -> str:
+        return f"{block}:{','.join(f'{f:g}' for f in fractions)}"
+
+    def predict(self, space: ElasticSpace, arch: Arch) -> float:
+        kept = space.kept_blocks(arch.config(space))
+        frac = dict(zip((d.key for d in space.dims()), arch.width))
+        total = self.rest_ms
+        for b, blk in enumerate(space.blocks):
+            if kept[b]:
+                fr = [frac[d.key] for d in blk.widths]
+                if any(f not in self.choices for f in fr):
+                    raise ElasticError(f"the latency table was measured for widths {self.choices}, not {fr}")
+                total += self.blocks[self.key(b, fr)]
+        return total
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def latency_table(anchor: ElasticAnchor, choices: Sequence[float] = WIDTH_CHOICES, device: str | torch.device = "cpu",
+                  repeats: int = 10, progress: Progress | None = None) -> LatencyTable:
+    """Measure every block at every combination of its widths' choices (one extraction of the whole
+    model per combination, all blocks measured in it), batch 1, on `device`."""
+    import itertools
+    if 1.0 not in choices:
+        raise ElasticError("latency choices must include 1.0 (the full width) to measure the rest of the model")
+    space = anchor.space
+    n_dims = max(len(b.widths) for b in space.blocks)
+    combos = list(itertools.product(choices, repeat=n_dims))
+    x = torch.zeros(1, *space.input_size, device=device)
+    entries, full_blocks = {}, 0.0
+    for i, combo in enumerate(combos):
+        arch = Arch(tuple(space.full_config().depth),
+                    tuple(combo[j] for blk in space.blocks for j in range(len(blk.widths))))
+        sub = extract(anchor.model, space, arch.config(space)).to(device).eval()
+        inputs = _block_inputs(sub, space, x)
+        for b, blk in enumerate(space.blocks):
+            key = LatencyTable.key(b, combo[:len(blk.widths)])
+            if key not in entries:
+                entries[key] = measure_latency(sub.get_submodule(blk.module), inputs[b], repeats=repeats)
+        if all(f == 1.0 for f in combo):
+            whole = measure_latency(sub, x, repeats=repeats)
+            full_blocks = sum(entries[LatencyTable.key(b, combo[:len(blk.widths)])] for b, blk in enumerate(space.blocks))
+        if progress is not None:
+            progress(i + 1, len(combos))
+    return LatencyTable(str(device), tuple(choices), max(0.0, whole - full_blocks), entries)
+
+
+@torch.inference_mode()
+def _block_inputs(model: nn.Module, space: ElasticSpace, x: torch.Tensor) -> list[torch.Tensor]:
+    got = {}
+    handles = [model.get_submodule(b.module).register_forward_pre_hook(
+        lambda m, args, i=i: got.__setitem__(i, args[0].clone())) for i, b in enumerate(space.blocks)]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return [got[i] for i in range(len(space.blocks))]
+
+
+# --- evolutionary search ------------------------------------------------------------------------------
+
+@dataclass
+class SearchResult:
+    arch: Arch
+    predicted: float
+    cost: float                     # in the budget's metric
+    population: list[tuple[Arch, float]] = field(repr=False, default_factory=list)   # final, best first
+
+
+def budget_cost(space: ElasticSpace, metric: str, table: LatencyTable | None = None) -> Callable[[Arch], float]:
+    """The function a budget is checked with: exact MACs / activations, or the latency table."""
+    if metric == "latency":
+        if table is None:
+            raise ElasticError("a latency budget needs a latency table measured on this device")
+        return lambda a: table.predict(space, a)
+    if metric not in METRICS:
+        raise ElasticError(f"unknown budget metric '{metric}' (one of {', '.join(METRICS)})")
+    return lambda a: float(getattr(arch_cost(space, a), metric))
+
+
+def evolutionary_search(space: ElasticSpace, predict: Callable[[list[Arch]], torch.Tensor], budget: float,
+                        cost: Callable[[Arch], float], choices: Sequence[float] = WIDTH_CHOICES,
+                        population: int = 64, generations: int = 20, parent_ratio: float = 0.25,
+                        mutation_ratio: float = 0.5, mutate_prob: float = 0.1, seed: int = 0,
+                        progress: Progress | None = None) -> SearchResult:
+    """OFA's search: a population under the budget; each generation keeps the predicted-best
+    parents and refills with mutations (each gene redrawn with `mutate_prob`) and crossovers."""
+    rnd = random.Random(seed)
+    floor = smallest_arch(space, choices)
+    if cost(floor) > budget:
+        raise ElasticError(f"budget {budget:,.6g} is below the smallest sub-network ({cost(floor):,.6g})")
+    cache: dict[Arch, float] = {}
+
+    def fits(a: Arch) -> bool:
+        if a not in cache:
+            cache[a] = cost(a)
+        return cache[a] <= budget
+
+    def mutate(a: Arch) -> Arch:
+        depth = tuple(rnd.randint(1, len(space.stage_blocks(s))) if rnd.random() < mutate_prob else d
+                      for s, d in enumerate(a.depth))
+        width = tuple(rnd.choice(choices) if rnd.random() < mutate_prob else w for w in a.width)
+        return Arch(depth, width)
+
+    def cross(a: Arch, b: Arch) -> Arch:
+        return Arch(tuple(rnd.choice(p) for p in zip(a.depth, b.depth)),
+                    tuple(rnd.choice(p) for p in zip(a.width, b.width)))
+
+    def fill(seeds: list[Arch], make: Callable[[], Arch], n: int) -> list[Arch]:
+        out, tries = list(seeds), 0
+        while len(out) < n and tries < 50 * n:
+            a = make()
+            tries += 1
+            if fits(a):
+                out.append(a)
+        return out
+
+    # start: random feasible archs; under tight budgets few are, so mutations of the smallest help
+    pop = fill([floor], lambda: _random_arch(space, rnd, choices), population)
+    pop = fill(pop, lambda: mutate(rnd.choice(pop)), population)
+    n_parents = max(2, int(population * parent_ratio))
+    n_mutate = int(population * mutation_ratio)
+    ranked: list[tuple[Arch, float]] = []
+    for g in range(generations + 1):
+        uniq = list(dict.fromkeys(pop))
+        scores = predict(uniq).tolist()
+        ranked = sorted(zip(uniq, scores), key=lambda t: -t[1])
+        if g == generations:
+            break
+        parents = [a for a, _ in ranked[:n_parents]]
+        children = fill([], lambda: mutate(rnd.choice(parents)), n_mutate)
+        children = fill(children, lambda: cross(rnd.choice(parents), rnd.choice(parents)), population - n_parents)
+        pop = parents + children
+        if progress is not None:
+            progress(g + 1, generations)
+    best, pred = ranked[0]
+    return SearchResult(best, pred, cache.get(best, cost(best)), ranked)
+
+
+# --- the whole builder --------------------------------------------------------------------------------
+
+@dataclass
+class ElasticResult:
+    candidates: list[Candidate]
+    rank_correlation: float | None          # Spearman on held-out measured sub-networks (None: undefined)
+    predictor: str
+    samples: list[dict]                     # the measured sub-networks the predictor was fitted on
+    latency: LatencyTable | None = None
+
+
+def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batches | None = None,
+                   bn_images: Sequence[torch.Tensor] | None = None, budgets: Sequence[tuple[str, float]] = (),
+                   samples: int = 40, predictor: str = "ridge", choices: Sequence[float] = WIDTH_CHOICES,
+                   latency: LatencyTable | None = None, population: int = 64, generations: int = 20, seed: int = 0,
+                   data: str = "", progress: Callable[[str, int, int], None] | None = None) -> ElasticResult:
+    """Measure `samples` random sub-networks on `batches`, fit the predictor, search each budget
+    ((metric, value) pairs; default: 30/50/70/90 % of the anchor's MACs) and measure the chosen
+    sub-networks on `eval_batches` (default `batches`). progress(phase, done, total) reports each
+    phase ("measure", "search", "verify")."""
+    space = anchor.space
+    say = (lambda phase: (lambda d, t: progress(phase, d, t))) if progress else (lambda phase: None)
+    full_macs = arch_cost(space, largest_arch(space)).macs
+    budgets = list(budgets) or [("macs", f * full_macs) for f in (0.3, 0.5, 0.7, 0.9)]
+    for metric, value in budgets:   # fail before the slow part
+        check_budget(space, metric, value, latency, choices)
+    archs = sample_archs(space, samples, seed, choices)
+    measured = evaluate_subnets(anchor, [a.config(space) for a in archs], batches, bn_images, say("measure"))
+    x = encode(space, archs)
+    rho = holdout_rank_correlation(x, measured, predictor, seed=seed) if len(archs) >= 8 else None
+    rho = None if rho is None or math.isnan(rho) else rho   # nan: the held-out accuracies were all equal
+    model = fit_predictor(x, measured, predictor, seed)
+    chosen = []
+    for i, (metric, value) in enumerate(budgets):
+        res = evolutionary_search(space, lambda a: model(encode(space, a)), value, budget_cost(space, metric, latency),
+                                  choices, population, generations, seed=seed + i,
+                                  progress=say(f"search {i + 1}/{len(budgets)}"))
+        chosen.append((metric, value, res))
+    eval_batches = eval_batches if eval_batches is not None else batches
+    unique = list(dict.fromkeys(r.arch for _, _, r in chosen))
+    acc = dict(zip(unique, evaluate_subnets(anchor, [a.config(space) for a in unique], eval_batches, bn_images,
+                                           say("verify"))))
+    n_eval = sum(len(y) for _, y in eval_batches)
+    candidates = []
+    for metric, value, res in chosen:
+        cfg = res.arch.config(space)
+        cost = subnet_cost(space, cfg)
+        lat = None
+        if latency is not None:
+            sub = build_subnet(anchor, cfg, bn_images)
+            lat = measure_latency(sub, torch.zeros(1, *space.input_size))
+        candidates.append(Candidate(
+            "elastic", f"{anchor.short_name} {res.arch.label()}", anchor.spec, cost.macs, cost.params,
+            cost.activations, acc[res.arch], "measured", lat,
+            {"anchor": anchor.index, "spec": anchor.spec, "subnet": cfg.to_dict(), "arch": res.arch.to_dict(),
+             "budget": {"metric": metric, "value": value}, "predicted_top1": res.predicted,
+             "predictor": predictor, "rank_correlation": rho, "bn_images": len(bn_images or []),
+             "data": data, "images": n_eval,
+             "latency_predicted_ms": latency.predict(space, res.arch) if latency is not None else None}))
+    sample_rows = [{"arch": a.to_dict(), "top1": t, **arch_cost(space, a).to_dict()} for a, t in zip(archs, measured)]
+    return ElasticResult(candidates, rho, predictor, sample_rows, latency)
+
+
+def check_budget(space: ElasticSpace, metric: str, value: float, table: LatencyTable | None,
+                              choices: Sequence[float] = WIDTH_CHOICES) -> None:
+    """Refuse a budget no sub-network meets, with the smallest cost there is."""
+    cost = budget_cost(space, metric, table)(smallest_arch(space, choices))
+    if value < cost:
+        unit = "ms" if metric == "latency" else ""
+        raise ElasticError(f"{metric} budget {value:,.6g}{unit} is below the smallest sub-network "
+                           f"({cost:,.6g}{unit}: depth 1 per stage, widths x{min(choices)})")
+
+
+# --- export -------------------------------------------------------------------------------------------
+
+def export_subnet(anchor: ElasticAnchor, config: SubnetConfig, out_dir, bn_images: Sequence[torch.Tensor] | None = None,
+                  top1: float | None = None, program: bool = True) -> Path:
+    """Write the sub-network as model.safetensors + config.json (the anchor's architecture and the
+    SubnetConfig: `load_subnet` builds the anchor, extracts, loads the weights) and, with
+    program=True, model.pt2 (torch.export) for plain-torch use."""
+    from composer.export import _preprocessing, _save_program
+    out_dir = Path(out_dir).expanduser()
+    sub = build_subnet(anchor, config, bn_images)
+    cost = subnet_cost(anchor.space, config)
+    cfg = {"format": FORMAT, "version": 1, "anchor": anchor.entry, "subnet": config.to_dict(),
+           "input_size": list(anchor.space.input_size), "preprocessing": _preprocessing(anchor.model),
+           "cost": cost.to_dict(), "top1": top1, "bn_images": len(bn_images or [])}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(out_dir / "model.safetensors", sub.state_dict())
+    write_json_atomic(out_dir / "config.json", cfg)
+    if program:
+        cfg["program"] = _save_program(load_subnet(out_dir), anchor.space.input_size, out_dir)
+        write_json_atomic(out_dir / "config.json", cfg)
+    return out_dir
+
+
+def load_subnet(path) -> nn.Module:
+    """The sub-network exported by `export_subnet` in folder `path`, in eval mode."""
+    from composer.export import _build_anchor
+    path = Path(path).expanduser()
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ElasticError(f"{path}: not an exported sub-network (config.json: {e})") from None
+    if cfg.get("format") != FORMAT:
+        raise ElasticError(f"{path}: config.json is not a {FORMAT} export (format={cfg.get('format')!r})")
+    model = _build_anchor(cfg["anchor"])
+    space = elastic_space(model, tuple(cfg["input_size"]))
+    try:
+        sub = extract(model, space, SubnetConfig.from_dict(cfg["subnet"]))
+        sub.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+    except (OSError, RuntimeError, SubnetError) as e:
+        raise ElasticError(f"{path}: weights do not load ({str(e).splitlines()[0]})") from None
+    return sub.eval()
