@@ -628,6 +628,7 @@ def cmd_elastic(args) -> None:
         result = search_elastic(anchor, batches, eval_batches, bn, budgets, samples=args.samples,
                                 predictor=args.predictor, latency=table, population=args.population,
                                 generations=args.generations, seed=args.seed, data=args.eval_data or args.data,
+                                bn_source={"data": args.data, "seed": args.seed, "batch_size": args.batch_size},
                                 progress=show)
     finally:
         bar.close()

@@ -246,7 +246,13 @@ def image_batches(spec: str, model: nn.Module, limit: int | None, seed: int = 0,
     n_bn = min(bn_images, len(ds) // 2)
     bn = [x for x, _ in data.loader(Subset(ds, sorted(perm[:n_bn])), batch_size, workers=workers)] if n_bn else None
     picked = perm[n_bn:n_bn + limit] if limit is not None else perm[n_bn:]
+    if limit == 0:   # only the BatchNorm images were asked for
+        return bn, []
     return bn, list(data.loader(Subset(ds, sorted(picked)), batch_size, workers=workers))
+
+
+def _count(images: Sequence[torch.Tensor] | None) -> int:
+    return sum(len(x) for x in images or [])
 
 
 # --- the accuracy predictor ---------------------------------------------------------------------------
@@ -516,11 +522,14 @@ def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batche
                    bn_images: Sequence[torch.Tensor] | None = None, budgets: Sequence[tuple[str, float]] = (),
                    samples: int = 40, predictor: str = "ridge", choices: Sequence[float] = WIDTH_CHOICES,
                    latency: LatencyTable | None = None, population: int = 64, generations: int = 20, seed: int = 0,
-                   data: str = "", progress: Callable[[str, int, int], None] | None = None) -> ElasticResult:
+                   data: str = "", bn_source: dict | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> ElasticResult:
     """Measure `samples` random sub-networks on `batches`, fit the predictor, search each budget
     ((metric, value) pairs; default: 30/50/70/90 % of the anchor's MACs) and measure the chosen
-    sub-networks on `eval_batches` (default `batches`). progress(phase, done, total) reports each
-    phase ("measure", "search", "verify")."""
+    sub-networks on `eval_batches` (default `batches`). `bn_source` says where `bn_images` came from
+    (e.g. {"data", "seed", "batch_size"} of `image_batches`), stored so that `export_candidate` can
+    take the same images again. progress(phase, done, total) reports each phase ("measure",
+    "search i/n", "verify")."""
     space = anchor.space
     say = (lambda phase: (lambda d, t: progress(phase, d, t))) if progress else (lambda phase: None)
     full_macs = arch_cost(space, largest_arch(space)).macs
@@ -557,7 +566,7 @@ def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batche
             cost.activations, acc[res.arch], "measured", lat,
             {"anchor": anchor.index, "spec": anchor.spec, "subnet": cfg.to_dict(), "arch": res.arch.to_dict(),
              "budget": {"metric": metric, "value": value}, "predicted_top1": res.predicted,
-             "predictor": predictor, "rank_correlation": rho, "bn_images": len(bn_images or []),
+             "predictor": predictor, "rank_correlation": rho, "bn": {"images": _count(bn_images), **(bn_source or {})},
              "data": data, "images": n_eval,
              "latency_predicted_ms": latency.predict(space, res.arch) if latency is not None else None}))
     sample_rows = [{"arch": a.to_dict(), "top1": t, **arch_cost(space, a).to_dict()} for a, t in zip(archs, measured)]
@@ -587,7 +596,7 @@ def export_subnet(anchor: ElasticAnchor, config: SubnetConfig, out_dir, bn_image
     cost = subnet_cost(anchor.space, config)
     cfg = {"format": FORMAT, "version": 1, "anchor": anchor.entry, "subnet": config.to_dict(),
            "input_size": list(anchor.space.input_size), "preprocessing": _preprocessing(anchor.model),
-           "cost": cost.to_dict(), "top1": top1, "bn_images": len(bn_images or [])}
+           "cost": cost.to_dict(), "top1": top1, "bn_images": _count(bn_images)}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(out_dir / "model.safetensors", sub.state_dict())
     write_json_atomic(out_dir / "config.json", cfg)
@@ -615,3 +624,21 @@ def load_subnet(path) -> nn.Module:
     except (OSError, RuntimeError, SubnetError) as e:
         raise ElasticError(f"{path}: weights do not load ({str(e).splitlines()[0]})") from None
     return sub.eval()
+
+
+def export_candidate(run_dir, name: str, out_dir, program: bool = True) -> Path:
+    """Export the run's elastic candidate `name`: its anchor, sorted again, the stored SubnetConfig,
+    and BatchNorm statistics re-estimated on the same images as when it was measured."""
+    from composer.candidates import read_candidates
+    found = [c for c in read_candidates(run_dir) if c.method == "elastic" and c.name == name]
+    if not found:
+        names = [c.name for c in read_candidates(run_dir) if c.method == "elastic"]
+        raise ElasticError(f"no elastic candidate '{name}' in {run_dir} ({', '.join(names) or 'none yet'})")
+    c = found[0]
+    anchor = anchor_of_run(run_dir, c.config["anchor"])
+    bn_info = c.config.get("bn") or {}
+    bn = None
+    if bn_info.get("images"):
+        bn, _ = image_batches(bn_info["data"], anchor.model, 0, bn_info.get("seed", 0), bn_info.get("batch_size", 64),
+                              bn_images=bn_info["images"])
+    return export_subnet(anchor, SubnetConfig.from_dict(c.config["subnet"]), out_dir, bn, c.top1, program)

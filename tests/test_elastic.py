@@ -236,6 +236,14 @@ def test_cli_elastic_adds_measured_candidates(vit_run, main):
     assert all(c.method == "elastic" and c.status == "measured" and c.config["images"] == 20 for c in cands)
     # random weights on random images: accuracies may all be equal, leaving the correlation undefined
     assert len(out["samples"]) == 9 and (out["rank_correlation"] is None or -1 <= out["rank_correlation"] <= 1)
+    # a candidate exports from the run alone and measures the same again (images: after the 20 for BN)
+    out_dir = el.export_candidate(run, cands[0].name, run.parent / "exported", program=False)
+    net = el.load_subnet(out_dir)
+    assert model_cost(net).macs == cands[0].macs and cands[0].config["bn"]["data"] == str(images)
+    _, same_images = el.image_batches(str(images), net, 20, bn_images=cands[0].config["bn"]["images"])
+    assert el.top1(net, same_images) == pytest.approx(cands[0].top1)
+    with pytest.raises(el.ElasticError, match="no elastic candidate 'nope'"):
+        el.export_candidate(run, "nope", run.parent / "x")
     r = main("elastic", run, "--anchor", 0, "--data", images, "--budget-macs", "0.2M", "--samples", 8,
              "--eval-limit", 10, "--population", 8, "--generations", 1)
     assert r.returncode == 0, r.stderr
