@@ -289,3 +289,60 @@ def test_cancel_then_resume_and_two_sessions(client):
     state, step2, html = _poll_until(client, a, {"done", "error"})
     assert (state, step2) == ("done", step + 2), html
     assert f"resumed from step {step}" in html
+
+
+def _builder_until_done(client, key, timeout=300) -> tuple[str, str]:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        line, result, plot, curve, timer = client.predict(key, "macs", api_name="/builder_poll")
+        if line.startswith(("✓", "⚠")):
+            return line, result
+        time.sleep(0.3)
+    raise AssertionError(f"builder did not end in {timeout} s: {line}")
+
+
+def _candidate_traces(client, key) -> dict[str, list]:
+    curve = client.predict(key, "macs", api_name="/set_axis")[0]
+    return {t["name"]: t for t in curve["data"] if str((t.get("customdata") or [""])[0]).count(":")}
+
+
+@pytest.mark.slow
+def test_other_builders_join_the_curve(client, app):
+    """Scale, shrink and elastic from the app on the starter run: each adds its candidates to the
+    run, and the curve draws the measured ones; bad input is refused without disturbing a job."""
+    from composer.candidates import read_candidates
+    from composer.curve import load_plan_of_run
+    _, _, config = app
+    key = _starter_session(client)
+    assert "⚠" in client.predict(key, 0, 2.0, 0.8, "macs", api_name="/scale")[-1]   # nothing fitted yet
+    client.predict(key, "starter", 32, 100, "macs", api_name="/fit")
+    run_dir = next((Path(config.runs_root) / key).glob("run-*"))
+
+    report, curve, status = client.predict(key, 0, 2.0, 0.8, "macs", api_name="/scale")
+    assert "predicted" in report and "⚠" not in status
+    assert "⚠" in client.predict(key, 0, -1, 0.8, "macs", api_name="/scale")[-1]
+
+    timer, line, status = client.predict(key, 2, 50, 6, api_name="/shrink_start")
+    assert "started" in status
+    assert "is running" in client.predict(key, 2, "30", 8, api_name="/elastic_start")[-1]   # one job at a time
+    line, report = _builder_until_done(client, key)
+    assert line.startswith("✓ shrink"), line
+    assert "MACs counted" in report
+
+    timer, line, status = client.predict(key, 1, "40, 80", 8, api_name="/elastic_start")
+    line, report = _builder_until_done(client, key)
+    assert line.startswith("✓ elastic"), line
+    assert "rank correlation" in report
+
+    stored = read_candidates(run_dir)
+    assert {c.method for c in stored} == {"scale", "shrink", "elastic"}
+    anchor_macs = load_plan_of_run(run_dir).infos[2].total.macs
+    shrunk = next(c for c in stored if c.method == "shrink")
+    assert shrunk.macs <= 0.5 * anchor_macs * 1.02 and shrunk.status == "measured"
+    traces = _candidate_traces(client, key)
+    drawn = {cd for t in traces.values() for cd in t["customdata"]}
+    measured = {f"{c.method}:{c.name}" for c in stored if c.top1 is not None}
+    assert measured and measured <= drawn
+    assert not any(cd.startswith("scale:") for cd in drawn)       # predicted costs only: not on the accuracy axis
+    described = app[0].store.get(key).candidate_md(f"shrink:{shrunk.name}")   # what a click on the point shows
+    assert shrunk.name in described and "measured" in described

@@ -192,6 +192,43 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                     export_stitch_btn = gr.Button("Export selected stitch (zip)")
                     export_snnet_btn = gr.Button("Export whole SN-Net (zip)")
                 download = gr.File(label="exported files", interactive=False, file_count="multiple")
+                gr.Markdown("### 7 · More points from other methods · they join the curve above")
+                with gr.Row():
+                    builder_anchor = gr.Dropdown(label="anchor", choices=[], interactive=True, scale=2, allow_custom_value=True)
+                    builder_cancel = gr.Button("Cancel", variant="stop", size="sm", scale=1)
+                builder_line = gr.Markdown("")
+                with gr.Tabs():
+                    with gr.Tab("Elastic (Once-for-All)"):
+                        gr.Markdown("Sub-networks keeping the first blocks of each stage and the most important "
+                                    "channels / hidden units / heads; an accuracy predictor picks the best under each budget.")
+                        with gr.Row():
+                            elastic_budgets = gr.Textbox("30, 50, 70, 90", label="MACs budgets (% of the anchor's)")
+                            elastic_samples = gr.Number(24, precision=0, label="measured samples")
+                        elastic_btn = gr.Button("Search sub-networks", variant="primary")
+                    with gr.Tab("Shrink (DMS)"):
+                        gr.Markdown("Differentiable top-k on every width and block toward a MACs target, then the "
+                                    "static pruned network (no fine-tune).")
+                        with gr.Row():
+                            shrink_target = gr.Slider(5, 95, value=60, step=1, label="target (% of the anchor's MACs)")
+                            shrink_steps = gr.Number(100, precision=0, label="search steps")
+                        shrink_btn = gr.Button("Shrink", variant="primary")
+                        shrink_plot = gr.Plot(label="soft MACs vs target · keep ratios")
+                    with gr.Tab("Fold"):
+                        gr.Markdown("Fold what is linear (conv+BN, linear branches) into fewer layers; every fold is "
+                                    "checked on real images and refused if not exact.")
+                        fold_btn = gr.Button("Fold the anchor", variant="primary")
+                    with gr.Tab("Scale (Fast Scaling)"):
+                        gr.Markdown("dWr scaling (depth, width, resolution; alpha 0.8) with predicted costs: where a "
+                                    "missing anchor size would go.")
+                        with gr.Row():
+                            scale_factor = gr.Number(2.0, label="scale factor s (MACs)")
+                            scale_alpha = gr.Number(0.8, label="alpha")
+                        with gr.Row():
+                            scale_btn = gr.Button("Scale the anchor")
+                            fill_btn = gr.Button("Fill the biggest gap")
+                            r2_btn = gr.Button("Latency: MACs or activations?")
+                builder_result = gr.Markdown("")
+                builder_timer = gr.Timer(0.5, active=False)
 
         # --- handlers ----------------------------------------------------------------------------
         everything = [family, family_info, members, anchors, graph_html, count, curve_html, budget, picked,
@@ -425,7 +462,13 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                 return [gr.skip()] * 3 + [_status(_message(e), True)]
 
         def point_click(key: str, x: str, evt: gr.EventData):
-            return select_stitch(key, getattr(evt, "id", None), x)
+            point = getattr(evt, "id", None)
+            if isinstance(point, str) and ":" in point:   # another builder's candidate: describe it, select nothing
+                try:
+                    return [gr.skip()] * 2 + [session_of(key).candidate_md(point), _status("")]
+                except Exception as e:
+                    return [gr.skip()] * 3 + [_status(_message(e), True)]
+            return select_stitch(key, point, x)
 
         curve_html.point_click(point_click, [session, axis], sel_outputs, api_name="curve_point_click",
                                api_visibility="undocumented")
@@ -479,9 +522,87 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
         export_snnet_btn.click(export("snnet"), [session], [download, status], api_name="export_snnet",
                                concurrency_id="compute", concurrency_limit=2, show_progress_on=[status])
 
+        # --- the other curve builders --------------------------------------------------------------
+        def builder_anchors(key: str, current):
+            s = store.find(key)
+            if s is None or s.plan is None:
+                return gr.Dropdown(choices=[], value=None)
+            choices = [(f"{_short_spec(spec)} ({info.total.macs / 1e6:.3g} M MACs)", i)
+                       for i, (spec, info) in enumerate(zip(s.plan.anchors, s.plan.infos))]
+            keep = isinstance(current, int) and 0 <= current < len(choices)   # the curve changes often: keep the choice
+            return gr.Dropdown(choices=choices, value=current if keep else len(choices) - 1)
+
+        def start_builder(kind: str, *names):
+            def handler(key: str, anchor, *values):
+                try:
+                    s = session_of(key)
+                    s.start_builder(kind, anchor, **dict(zip(names, values)))
+                    return gr.Timer(active=True), views.builder_md(s.builder.snapshot()), _status(f"{kind} started")
+                except Exception as e:
+                    return gr.skip(), gr.skip(), _status(_message(e), True)
+            return handler
+
+        builder_starts = [(elastic_btn, "elastic", [elastic_budgets, elastic_samples], ("budgets", "samples")),
+                          (shrink_btn, "shrink", [shrink_target, shrink_steps], ("target_pct", "steps")),
+                          (fold_btn, "fold", [], ())]
+        for button, kind, inputs, names in builder_starts:
+            button.click(start_builder(kind, *names), [session, builder_anchor, *inputs],
+                         [builder_timer, builder_line, status], api_name=f"{kind}_start")
+
+        def builder_poll(key: str, x: str):
+            s = store.find(key)
+            if s is None or s.builder is None:
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)
+            snap = s.builder.snapshot()
+            running = s.builder.running
+            plot = views.shrink_figure(snap) if s.builder.kind == "shrink" else gr.skip()
+            return (views.builder_md(snap), s.builder_result, plot, curve(s, x) if not running else gr.skip(),
+                    gr.Timer(active=running))
+
+        builder_timer.tick(builder_poll, [session, axis], [builder_line, builder_result, shrink_plot, curve_html,
+                                                           builder_timer], api_name="builder_poll",
+                           show_progress="hidden")
+
+        def builder_cancel_click(key: str):
+            try:
+                cancelled = session_of(key).cancel_builder()
+                return _status("cancelling (the search stops at its next step)" if cancelled else "nothing to cancel")
+            except Exception as e:
+                return _status(_message(e), True)
+
+        builder_cancel.click(builder_cancel_click, [session], [status], api_name="builder_cancel")
+
+        def scale_click(fill: bool):
+            def handler(key: str, anchor, factor, alpha, x: str):
+                try:
+                    s = session_of(key)
+                    return s.scale(anchor, factor, alpha, fill=fill), curve(s, x), _status("scale candidate added")
+                except Exception as e:
+                    return gr.skip(), gr.skip(), _status(_message(e), True)
+            return handler
+
+        scale_btn.click(scale_click(False), [session, builder_anchor, scale_factor, scale_alpha, axis],
+                        [builder_result, curve_html, status], api_name="scale")
+        fill_btn.click(scale_click(True), [session, builder_anchor, scale_factor, scale_alpha, axis],
+                       [builder_result, curve_html, status], api_name="scale_fill")
+
+        def r2_click(key: str):
+            try:
+                return session_of(key).latency_fit_md(), _status("")
+            except Exception as e:
+                return gr.skip(), _status(_message(e), True)
+
+        r2_btn.click(r2_click, [session], [builder_result, status], api_name="latency_fit")
+        curve_html.change(builder_anchors, [session, builder_anchor], [builder_anchor], api_name="builder_anchors",
+                          api_visibility="undocumented")
+
     demo.store = store          # tests and the benchmark look sessions up
     demo.zc_config = config
     return demo
+
+
+def _short_spec(spec: str) -> str:
+    return spec.rstrip("/").rsplit("/", 1)[-1].split(":")[-1]
 
 
 def _whole(v, what: str, lo: int) -> int:

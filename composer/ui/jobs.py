@@ -77,3 +77,48 @@ class TrainJob:
         except Exception as e:  # a bug in training must end this job, not the server
             log.exception("fine-tune in %s failed", self.run_dir)
             self._update(state="error", message=f"fine-tuning failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+
+
+class BuilderJob:
+    """One run of another curve builder (elastic search, DMS shrinking, folding) in a background
+    thread. `work(events, cancel)` calls the library and returns a one-line summary; events (dicts
+    with a "type") are kept for the UI: the latest one, and for DMS the soft-MACs history it draws."""
+
+    def __init__(self, kind: str, work: Callable[[Callable[[dict], None], threading.Event], str]):
+        self.kind, self._work = kind, work
+        self.cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._state = {"kind": kind, "state": "starting", "message": f"{kind}: starting", "last": {}, "history": [],
+                       "started": time.time()}
+        self._thread = threading.Thread(target=self._run, name=f"builder:{kind}", daemon=True)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() or self._state["state"] == "starting"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return dict(self._state, history=list(self._state["history"]))
+
+    def _event(self, e: dict) -> None:
+        with self._lock:
+            self._state.update(state="running", last=dict(e))
+            if e.get("type") == "step" and "soft_macs" in e:
+                self._state["history"].append((e.get("step"), e["soft_macs"], e.get("target")))
+
+    def _run(self) -> None:
+        from composer.ui.session import USER_ERRORS
+        try:
+            summary = self._work(self._event, self.cancel)
+            with self._lock:
+                self._state.update(state="done", message=summary)
+        except USER_ERRORS as e:
+            with self._lock:
+                self._state.update(state="error", message=f"{self.kind}: {e}")
+        except Exception as e:  # a bug in a builder ends this job, never the server
+            log.exception("%s failed", self.kind)
+            with self._lock:
+                self._state.update(state="error", message=f"{self.kind} failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")

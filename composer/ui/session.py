@@ -38,23 +38,10 @@ class AppError(ValueError):
     """Bad input or an impossible action; the message is shown to the user as it is."""
 
 
-# Library errors that are the user's to fix: their messages are shown as they are.
-USER_ERRORS: tuple[type[Exception], ...] = (AppError, AnchorError, UnsupportedModel, PlanError, DataError, RunError)
-try:
-    from composer.curve import CurveError
-    USER_ERRORS += (CurveError,)
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from composer.export import ExportError
-    USER_ERRORS += (ExportError,)
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from composer.train import TrainError
-    USER_ERRORS += (TrainError,)
-except ImportError:  # pragma: no cover - the trainer is optional for browsing and fitting
-    pass
+# Library errors that are the user's to fix (the CLI's list): their messages are shown as they are.
+from composer.cli import USER_ERRORS as _LIBRARY_ERRORS  # noqa: E402
+
+USER_ERRORS: tuple[type[Exception], ...] = (AppError, *_LIBRARY_ERRORS)
 
 
 @dataclass
@@ -142,6 +129,8 @@ class Session:
         self.latency: dict[int, float] | None = None
         self.selected: int | None = None
         self.job = None                            # composer.ui.jobs.TrainJob
+        self.builder = None                        # composer.ui.jobs.BuilderJob: elastic / shrink / fold
+        self.builder_result = ""                   # the last builder's report (Markdown)
         self.exports: set[Path] = set()
         self.message, self.error = "", False       # the latest message drawn on the graph
 
@@ -484,6 +473,8 @@ class Session:
     def _no_running_job(self) -> None:
         if self.job is not None and self.job.running:
             raise AppError("a fine-tune is running in this session: cancel it (or wait) before changing this")
+        if self.builder is not None and self.builder.running:
+            raise AppError(f"a {self.builder.kind} job is running in this session: wait for it (or cancel it) first")
 
     def _need_plan(self) -> None:
         if self.plan is None:
@@ -496,7 +487,12 @@ class Session:
         if self.plan is None or not self.top1:
             return None
         return curve_figure(self.plan, self.top1, x, highlight=self.selected, latency=self.latency,
-                            title=self.top1_source)
+                            title=self.top1_source, candidates=self.candidates())
+
+    def candidates(self) -> list:
+        """The other builders' points stored in this session's run (elastic, shrink, fold, scale)."""
+        from composer.candidates import read_candidates
+        return read_candidates(self.run_dir) if self.run_dir is not None else []
 
     def select(self, stitch_id: int) -> int:
         with self.lock:
@@ -546,6 +542,102 @@ class Session:
                 "activations": cost.activations, "top1": self.top1.get(sid), "r2": self.r2.get(sid),
                 "is_anchor": self.plan.stitches[sid].is_anchor}
 
+    # --- the other curve builders: elastic sub-networks, DMS shrinking, folding, scaling --------------
+
+    def _builder_setup(self, anchor) -> tuple[Path, int, str, str]:
+        """The run, a valid anchor index, and the run's data as (search/fit split, held-out split)."""
+        if self.run_dir is None or self.plan is None:
+            raise AppError("fit first (step 3): the other builders work on the anchors of a fitted run")
+        i = _bounded_int(anchor, "anchor", 0, len(self.plan.anchors) - 1)
+        spec = self.resolve_data(self.data or "")
+        if spec.startswith("starter"):
+            return self.run_dir, i, "starter:train", "starter:val"
+        return self.run_dir, i, spec, spec
+
+    def start_builder(self, kind: str, anchor, **options):
+        """Start an elastic search, a DMS shrink or a fold of one anchor in the background; its
+        candidates land in the run (and so on the curve) when it ends."""
+        from composer.ui.jobs import BuilderJob
+        with self.lock:
+            self._no_running_job()
+            run, i, train_spec, eval_spec = self._builder_setup(anchor)
+            limit = self.config.eval_limit
+            full = self.plan.infos[i].total.macs
+            if kind == "shrink":
+                pct = _bounded_float(options.get("target_pct"), "target (% of the anchor's MACs)", 1, 99)
+                steps = _bounded_int(options.get("steps") or 100, "search steps", 5, 5000)
+                work = _shrink_work(run, i, train_spec, eval_spec, full * pct / 100, steps, limit, self._report)
+            elif kind == "elastic":
+                budgets = _percentages(options.get("budgets") or "30, 50, 70, 90")
+                samples = _bounded_int(options.get("samples") or 24, "sampled sub-networks", 8, 500)
+                work = _elastic_work(run, i, train_spec, eval_spec, [("macs", full * b / 100) for b in budgets],
+                                     samples, limit, self._report)
+            elif kind == "fold":
+                work = _fold_work(run, i, eval_spec, run / "folded" / f"anchor{i}", limit, self._report)
+            else:
+                raise AppError(f"unknown builder '{kind}' (elastic, shrink or fold)")
+            self.builder_result = ""
+            self.builder = BuilderJob(kind, work)
+            self.builder.start()
+            return self.builder
+
+    def _report(self, markdown: str) -> None:
+        self.builder_result = markdown
+
+    def cancel_builder(self) -> bool:
+        job = self.builder
+        if job is None or not job.running:
+            return False
+        job.cancel.set()
+        return True
+
+    def scale(self, anchor, factor, alpha=0.8, fill: bool = False) -> str:
+        """dWr-scale an anchor (or fill the biggest MACs gap between anchors); adds a "scale" candidate
+        with predicted costs. Returns a Markdown report."""
+        from composer.candidates import add_candidates
+        from composer.scaling import anchor_config, dwr_factors, dwr_scale, predict, scale_candidate, suggest_fill
+        with self.lock:
+            run, i, _, _ = self._builder_setup(anchor)
+            alpha = _bounded_float(alpha, "alpha", 0, 1)
+            if fill:
+                fill_ = suggest_fill([anchor_config(spec) for spec in self.plan.anchors], alpha,
+                                     [info.total.macs for info in self.plan.infos])
+                i, s, config, cost = fill_.base, fill_.s, fill_.config, fill_.cost
+            else:
+                s = _bounded_float(factor, "scale factor", 0.01, 100)
+                dwr_factors(s, alpha)
+                config = dwr_scale(anchor_config(self.plan.anchors[i]), s, alpha)
+                cost = predict(config)
+            base = anchor_config(self.plan.anchors[i])
+            add_candidates(run, [scale_candidate(self.plan.anchors[i], base, s, alpha, config, cost)])
+            b = predict(base)
+            rows = "\n".join(f"| {w} | {getattr(b, w) / 1e6:.3f} | {getattr(cost, w) / 1e6:.3f} |"
+                              for w in ("macs", "params", "activations"))
+            return (f"**{_short(self.plan.anchors[i])}** x {s:.3g} (alpha {alpha:g}): `{base.describe()}` -> "
+                    f"`{config.describe()}`\n\n| | anchor (M) | scaled (M, predicted) |\n|---|---:|---:|\n{rows}\n\n"
+                    "Predicted costs only (no accuracy): the point is listed, not drawn on the accuracy curve.")
+
+    def candidate_md(self, key: str) -> str:
+        """What a clicked candidate point is ("METHOD:NAME"), with where its files are."""
+        method, _, name = str(key).partition(":")
+        c = next((c for c in self.candidates() if c.method == method and c.name == name), None)
+        if c is None:
+            raise AppError(f"no candidate '{str(key)[:80]}' in this run")
+        top1 = "no accuracy" if c.top1 is None else f"top-1 {c.top1:.2f} % ({c.status})"
+        return (f"**{c.method}: {c.name}** · from {_short(c.source)} · {c.macs / 1e6:.3g} M MACs · "
+                f"{c.params / 1e6:.3g} M params · {c.activations / 1e6:.3g} M activations · {top1}")
+
+    def latency_fit_md(self) -> str:
+        """How well MACs and activations each predict the measured latency of this run's points."""
+        from composer.scaling import latency_fit, latency_points
+        with self.lock:
+            if not self.latency:
+                raise AppError("measure latency first (the button above the curve)")
+            fit = latency_fit(latency_points(self.plan, self.latency, self.candidates()))
+            return (f"R^2 of a straight line through {fit.n} measured points (batch-1 latency here): "
+                    f"MACs **{fit.r2_macs:.3f}**, activations **{fit.r2_activations:.3f}**: {fit.better} predict "
+                    "latency better on this device.")
+
     # --- export ----------------------------------------------------------------------------------
 
     def export(self, what: str, stitch_id: int | None = None) -> Path:
@@ -574,6 +666,67 @@ class Session:
             shutil.rmtree(out_base / name, ignore_errors=True)
             self.exports.add(zip_path.resolve())
             return zip_path
+
+
+def _shrink_work(run: Path, i: int, data: str, eval_data: str, target: float, steps: int, limit: int, report):
+    def work(events, cancel) -> str:
+        from composer.shrink import shrink_anchor
+        r = shrink_anchor(run, i, data, target, steps=steps, eval_data=eval_data, eval_limit=limit, events=events,
+                          cancel=cancel)
+        stages = "\n".join(f"| {s['stage']} | {s['blocks']}/{s['of_blocks']} | {100 * s['width_keep']:.0f} % |"
+                            for s in r.stages)
+        report(f"**{r.candidate.name}**: {r.full_macs / 1e6:.2f} M -> {r.counted_macs / 1e6:.2f} M MACs counted "
+               f"(target {r.target / 1e6:.2f} M), top-1 {r.top1_before:.2f} % -> {r.top1_after:.2f} % on {r.eval_images} "
+               f"images (no fine-tune)\n\n| stage | blocks | widths kept |\n|---|---|---|\n{stages}")
+        return f"shrink: {r.candidate.name} added to the curve"
+    return work
+
+
+def _elastic_work(run: Path, i: int, data: str, eval_data: str, budgets: list, samples: int, limit: int, report):
+    def work(events, cancel) -> str:
+        from composer.candidates import add_candidates
+        from composer.elastic import anchor_of_run, image_batches, search_elastic
+        anchor = anchor_of_run(run, i)
+        _, batches = image_batches(data, anchor.model, limit)
+        _, eval_batches = image_batches(eval_data, anchor.model, limit, split="validation")
+        result = search_elastic(anchor, batches, eval_batches, None, budgets, samples=samples, data=eval_data,
+                                progress=lambda phase, done, total: events({"type": "progress", "phase": phase,
+                                                                             "done": done, "total": total}))
+        add_candidates(run, result.candidates)
+        rho = result.rank_correlation
+        rows = "\n".join(f"| {c.name} | {c.macs / 1e6:.2f} | {c.activations / 1e6:.3f} | {c.top1:.2f} | "
+                          f"{c.config['predicted_top1']:.2f} |" for c in result.candidates)
+        report(f"predictor fitted on {len(result.samples)} measured sub-networks; rank correlation (Spearman, held out) "
+               f"**{'n/a' if rho is None else f'{rho:.3f}'}**\n\n| sub-network | MACs (M) | activations (M) | top-1 | "
+               f"predicted |\n|---|---:|---:|---:|---:|\n{rows}")
+        return f"elastic: {len(result.candidates)} sub-networks added to the curve"
+    return work
+
+
+def _fold_work(run: Path, i: int, data: str, out: Path, limit: int, report):
+    def work(events, cancel) -> str:
+        from composer.fold import fold_run, format_certificate
+        r = fold_run(run, data, out, anchor=i, limit=limit, events=events)
+        report(f"**{r.candidate.name}**: top-1 {r.candidate.top1:.2f} %\n\n```\n{format_certificate(r.certificate)}\n```")
+        return f"fold: {r.candidate.name} added to the curve"
+    return work
+
+
+def _bounded_float(v, what: str, lo: float, hi: float) -> float:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise AppError(f"{what} must be a number, not '{str(v)[:20]}'") from None
+    if not lo <= x <= hi:
+        raise AppError(f"{what} must be between {lo:g} and {hi:g}, got {x:g}")
+    return x
+
+
+def _percentages(text: str) -> list[float]:
+    parts = [p for p in re.split(r"[,\s]+", str(text).strip()) if p]
+    if not parts or len(parts) > 12:
+        raise AppError("give 1 to 12 budgets as percentages of the anchor's MACs, e.g. 30, 50, 70")
+    return [_bounded_float(p.rstrip("%"), "a budget (% of the anchor's MACs)", 1, 100) for p in parts]
 
 
 def _write_evaluation(run_dir: Path, plan: StitchPlan, top1: dict[int, float], data: str, images: int) -> None:

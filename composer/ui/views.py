@@ -120,3 +120,43 @@ def stitch_md(summary: dict | None) -> str:
     kind = "anchor" if summary["is_anchor"] else "stitch"
     return (f"**Selected {kind} {summary['id']}**: `{summary['route']}`  \n"
             f"top-1 {top1} · {summary['macs'] / 1e6:.3g} M MACs · {summary['params'] / 1e6:.3g} M params{r2}")
+
+
+def builder_md(snap: dict | None) -> str:
+    """One line on the background builder job: its state, and where a long phase stands."""
+    if not snap:
+        return ""
+    last, state = snap.get("last") or {}, snap.get("state")
+    if state in ("done", "error"):
+        return ("⚠ " if state == "error" else "✓ ") + snap.get("message", "")
+    kind = snap.get("kind", "")
+    if last.get("type") == "step" and "soft_macs" in last:
+        return (f"{kind}: step {last.get('step')}/{last.get('total_steps')} · soft MACs {last['soft_macs'] / 1e6:.2f} M "
+                f"· target {last.get('target', 0) / 1e6:.2f} M · loss {last.get('loss', float('nan')):.3f}")
+    if last.get("type") == "progress":
+        return f"{kind}: {last.get('phase')} {last.get('done')}/{last.get('total')}"
+    if last.get("type") == "evaluate":
+        return f"{kind}: evaluating on {last.get('images')} images"
+    return f"{kind}: {last.get('type', 'starting')}…"
+
+
+def shrink_figure(snap: dict | None):
+    """DMS live view: soft MACs per step against the target, and the keep ratio of every width."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45],
+                        subplot_titles=("soft MACs (M) vs target", "kept fraction per width / block"))
+    history = (snap or {}).get("history") or []
+    if history:
+        steps = [h[0] for h in history]
+        fig.add_trace(go.Scatter(x=steps, y=[h[1] / 1e6 for h in history], name="soft MACs", mode="lines"), 1, 1)
+        fig.add_trace(go.Scatter(x=steps, y=[(h[2] or 0) / 1e6 for h in history], name="target",
+                                 mode="lines", line=dict(dash="dash")), 1, 1)
+    keep = ((snap or {}).get("last") or {}).get("keep") or {}
+    if keep:
+        fig.add_trace(go.Bar(x=list(keep), y=list(keep.values()), name="kept", showlegend=False), 1, 2)
+    fig.update_layout(template="plotly_white", height=300, margin=dict(l=40, r=10, t=30, b=80),
+                      legend=dict(orientation="h", y=-0.35))
+    fig.update_xaxes(title_text="step", row=1, col=1)
+    fig.update_yaxes(range=[0, 1.05], row=1, col=2)
+    return fig
