@@ -533,6 +533,8 @@ def _shrink_args(sp) -> None:
     sp.add_argument("--steps", type=_positive, default=200, help="search steps (batches), default 200")
     sp.add_argument("--eval-limit", type=_positive, default=1000, help="evaluation images (default 1000)")
     sp.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of the pruning ratios")
+    sp.add_argument("--bn-images", type=int, default=256,
+                    help="re-estimate the shrunk network's BatchNorm statistics on N images of --data (0: off)")
     _common(sp)
 
 
@@ -555,14 +557,15 @@ def cmd_shrink(args) -> None:
 
     try:
         r = shrink_anchor(args.run, args.anchor, args.data, args.target_macs, steps=args.steps, eval_data=args.eval_data,
-                          eval_limit=args.eval_limit, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                          workers=args.workers, events=show)
+                          eval_limit=args.eval_limit, batch_size=args.batch_size, lr=args.lr,
+                          bn_images=args.bn_images, seed=args.seed, workers=args.workers, events=show)
     finally:
         bar.close()
     if args.json:
         print(json.dumps({"candidate": r.candidate.to_dict(), "folder": str(r.folder), "full_macs": r.full_macs,
                           "target_macs": r.target, "soft_macs": r.soft_macs, "counted_macs": r.counted_macs,
-                          "top1_before": r.top1_before, "top1_after": r.top1_after, "eval_images": r.eval_images,
+                          "top1_before": r.top1_before, "top1_after": r.top1_after,
+                          "top1_exported": r.top1_exported, "bn_images": r.bn_images, "eval_images": r.eval_images,
                           "stages": r.stages, "search_seconds": r.search_seconds, "steps": r.steps}))
         return
     print(f"{r.candidate.source}: {r.full_macs / 1e6:.2f} M MACs -> target {r.target / 1e6:.2f} M")
@@ -570,7 +573,10 @@ def cmd_shrink(args) -> None:
     print(f"exported: {r.counted_macs / 1e6:.2f} M MACs counted, {r.candidate.params / 1e6:.3f} M params")
     for s in r.stages:
         print(f"  stage {s['stage']}: {s['blocks']}/{s['of_blocks']} blocks, widths kept {100 * s['width_keep']:.0f} %")
-    print(f"top-1 on {r.eval_images} images: {r.top1_before:.2f} % (anchor) -> {r.top1_after:.2f} % (shrunk, no fine-tune)")
+    recal = (f", {r.top1_exported:.2f} % before re-estimating BN statistics on {r.bn_images} images"
+             if r.bn_images else "")
+    print(f"top-1 on {r.eval_images} images: {r.top1_before:.2f} % (anchor) -> {r.top1_after:.2f} % "
+          f"(shrunk, no fine-tune{recal})")
     print(f"candidate '{r.candidate.name}' added to {args.run}; network in {r.folder}")
     print("MACs: one multiply-add = 1 (FLOPs = 2 x MACs), per image.")
 
@@ -592,7 +598,8 @@ def _elastic_args(sp) -> None:
     sp.add_argument("--bn-images", type=int, default=1024,
                     help="images of --data (at most half) to re-estimate each sub-network's BatchNorm statistics on "
                          "(default 1024; 0 keeps the anchor's)")
-    sp.add_argument("--predictor", choices=["ridge", "mlp"], default="ridge")
+    sp.add_argument("--predictor", choices=["mlp", "ridge"], default="mlp",
+                    help="accuracy predictor: OFA's 3-layer MLP (default) or ridge regression")
     sp.add_argument("--population", type=_positive, default=64)
     sp.add_argument("--generations", type=_positive, default=20)
     _common(sp)
@@ -647,7 +654,7 @@ def cmd_elastic(args) -> None:
     rho = result.rank_correlation
     print(f"top-1 (%) measured on {result.candidates[0].config['images']} images of {args.eval_data or args.data}; "
           f"predictor ({result.predictor}) fitted on {len(result.samples)} measured sub-networks, rank correlation "
-          f"(Spearman, held-out quarter) {'n/a' if rho is None else f'{rho:.3f}'}")
+          f"(Spearman, 5-fold out-of-fold predictions) {'n/a' if rho is None else f'{rho:.3f}'}")
     print(f"{len(result.candidates)} 'elastic' candidates added to {args.run}. MACs: one multiply-add = 1, per image.")
 
 

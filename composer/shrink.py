@@ -34,6 +34,7 @@ from torch import nn
 
 from composer.candidates import Candidate, add_candidates
 from composer.costs import model_cost
+from composer.elastic import recalibrate_bn, top1
 from composer.export import _anchor_entry, _build_anchor, _preprocessing
 from composer.io import save_safetensors_atomic, write_json_atomic
 from composer.subnet import (ElasticSpace, SubnetConfig, elastic_space, extract, masked, permute_, soft_cost,
@@ -205,6 +206,7 @@ def search(model: nn.Module, space: ElasticSpace, batches: Iterable[tuple[torch.
     check_target(space, target)
     masks = Masks(space)
     opt = torch.optim.Adam([masks.ratio], lr=lr)
+    balance = _Balance()
     events = events or (lambda e: None)
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
@@ -226,14 +228,20 @@ def search(model: nn.Module, space: ElasticSpace, batches: Iterable[tuple[torch.
             res = resource_loss(f_soft, t_now)
             loss = task + res.to(task.dtype)
             opt.zero_grad()
-            loss.backward()
+            over = res.requires_grad and float(res.detach()) > 0
+            g_res = torch.autograd.grad(res, masks.ratio, retain_graph=True)[0] if over else None
+            task.backward()           # the task loss alone: Taylor's dL/dm and the ratios' task gradient
             masks.update_taylor(m)
+            if masks.ratio.grad is None:
+                masks.ratio.grad = torch.zeros_like(masks.ratio)
+            balance.combine(masks.ratio.grad, g_res)
             opt.step()
             with torch.no_grad():
                 masks.ratio.clamp_(0, 1)
             soft = float(f_soft.detach())
             record = {"step": step, "soft_macs": soft, "target": float(target), "scheduled_target": t_now,
-                      "loss": float(loss.detach()), "task_loss": float(task.detach()), "resource_loss": float(res.detach())}
+                      "loss": float(loss.detach()), "task_loss": float(task.detach()),
+                      "resource_loss": float(res.detach()), "pressure": balance.pressure}
             history.append(record)
             events({"type": "step", "total_steps": steps, **record, "keep": masks.keep_ratios(m)})
             if cancel is not None and cancel.is_set():
@@ -243,6 +251,36 @@ def search(model: nn.Module, space: ElasticSpace, batches: Iterable[tuple[torch.
             p.requires_grad_(flag)
         model.train(was_training)
     return SearchResult(masks, int(target), int(full), soft, step, time.perf_counter() - start, history)
+
+
+class _Balance:
+    """How much the resource loss pulls against the task loss.
+
+    As DMS's code does, the resource gradient on the ratios is rescaled to the norm of the task
+    gradient (a moving average), so one setting works for any model and loss scale; and, added
+    here, the scale ("pressure", from 1) grows by GROW every step the soft MACs are above the
+    scheduled target and falls back toward 1 below it. With a fixed scale, a pretrained network's
+    task gradient can balance the resource gradient well above the target (measured on ResNet-56:
+    the soft MACs stalled at 105.8 M for targets of 97.2 M and 68.9 M); growing pressure always
+    reaches the target, while the task gradient still decides which widths and blocks give way."""
+    GROW = 1.05
+
+    def __init__(self):
+        self.task_norm: float | None = None
+        self.pressure = 1.0
+
+    def combine(self, grad: torch.Tensor, g_res: torch.Tensor | None) -> None:
+        """grad (the task gradient, in place) += pressure * |task| * g_res / |g_res|."""
+        norm = float(grad.norm())
+        if norm > 0:
+            self.task_norm = norm if self.task_norm is None else DECAY * self.task_norm + (1 - DECAY) * norm
+        if g_res is None or float(g_res.norm()) == 0:
+            self.pressure = max(1.0, self.pressure / self.GROW)
+            return
+        # Before any task gradient (the first step: all masks 1) the resource gradient leads alone.
+        scale = self.pressure * (self.task_norm or 1.0) / float(g_res.norm())
+        grad.add_(g_res.to(grad.dtype), alpha=scale)
+        self.pressure *= self.GROW
 
 
 def _cycle(batches: Iterable) -> Iterator:
@@ -323,22 +361,6 @@ def stage_summary(space: ElasticSpace, config: SubnetConfig) -> list[dict]:
     return out
 
 
-@torch.inference_mode()
-def top1(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
-    """(top-1 in %, number of images) of a plain classifier."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = n = 0
-    try:
-        for x, y in batches:
-            correct += int((model(x.to(device)).argmax(-1).cpu() == y).sum())
-            n += len(y)
-    finally:
-        model.train(was_training)
-    return 100.0 * correct / max(n, 1), n
-
-
 # --- from a run: search, export, evaluate, store ------------------------------------------------
 
 FORMAT = "zoo-composer-shrunk"
@@ -354,7 +376,9 @@ class ShrinkResult:
     soft_macs: float            # the search's last soft MACs
     counted_macs: int           # composer.costs.model_cost of the exported network
     top1_before: float          # the anchor, same images
-    top1_after: float
+    top1_after: float           # the shrunk network as saved (BN statistics re-estimated)
+    top1_exported: float        # the shrunk network with the anchor's BN statistics
+    bn_images: int              # images the BN statistics were re-estimated on (0: not done)
     eval_images: int
     stages: list[dict]
     search_seconds: float
@@ -367,10 +391,11 @@ def _slug(text: str) -> str:
 
 def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: int = 200,
                   eval_data: str | None = None, eval_limit: int | None = 1000, batch_size: int = 64,
-                  lr: float = 0.01, seed: int = 0, workers: int = 0,
+                  lr: float = 0.01, bn_images: int = 256, seed: int = 0, workers: int = 0,
                   events: Callable[[dict], None] | None = None, cancel=None) -> ShrinkResult:
-    """DMS on anchor `anchor` of a run: search on `data` (shuffled, cycled), export, evaluate the
-    anchor and the pruned network on the same `eval_limit` images of `eval_data` (default: the
+    """DMS on anchor `anchor` of a run: search on `data` (shuffled, cycled), export, re-estimate the
+    pruned network's BN statistics on `bn_images` images of `data` (0: keep the anchor's), evaluate
+    the anchor and the pruned network on the same `eval_limit` images of `eval_data` (default: the
     validation split of `data`), save RUN/shrink/<name>/ and add the candidate to the run."""
     from composer import data as data_mod
     from composer.run import load_run
@@ -396,8 +421,17 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
     pruned, config, order = export(model, space, result.masks, target_macs)
     cost = model_cost(pruned, space.input_size)
     events({"type": "evaluate", "images": len(eval_ds)})
-    before, n = top1(model, data_mod.loader(eval_ds, batch_size, workers=workers))
-    after, _ = top1(pruned, data_mod.loader(eval_ds, batch_size, workers=workers))
+    before = top1(model, data_mod.loader(eval_ds, batch_size, workers=workers))
+    after_export = top1(pruned, data_mod.loader(eval_ds, batch_size, workers=workers))
+    after, recalibrated, n = after_export, 0, len(eval_ds)
+    if bn_images > 0 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pruned.modules()):
+        # Pruning shifts the statistics downstream of every cut, so the anchor's BN statistics are
+        # off: re-estimating them (no weight changes) is nearly free and recovers much of the loss
+        # (ResNet-56 shrunk to ResNet-32's MACs: 63.5 -> 72.9 % top-1 from 256 images, 2 s on CPU).
+        bn_ds = data_mod.subset(train_ds, bn_images, seed=seed + 1)
+        recalibrate_bn(pruned, (x for x, _ in data_mod.loader(bn_ds, batch_size, workers=workers)))
+        recalibrated = len(bn_ds)
+        after = top1(pruned.eval(), data_mod.loader(eval_ds, batch_size, workers=workers))
 
     arch = model.pretrained_cfg.get("architecture") or spec
     name = f"{arch} DMS <={target_macs / 1e6:.2f}M"
@@ -408,17 +442,19 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
                  "ratios": {t.key: float(a) for t, a in zip(result.masks.topks, result.masks.ratio.detach())},
                  "target_macs": int(target_macs), "soft_macs": result.soft_macs, "steps": result.steps,
                  "search_data": data, "lr": lr, "preprocessing": _preprocessing(model), **cost.to_dict(),
-                 "top1": after, "eval_data": eval_data or data, "eval_images": n}
+                 "top1": after, "top1_before_bn_recalibration": after_export, "bn_images": recalibrated,
+                 "eval_data": eval_data or data, "eval_images": n}
     save_shrunk(folder, pruned, described)
     candidate = Candidate("shrink", name, spec, cost.macs, cost.params, cost.activations, top1=after,
                           status="measured", config={k: described[k] for k in
                                                      ("subnet", "order", "ratios", "target_macs", "soft_macs",
-                                                      "steps", "eval_data", "eval_images")}
+                                                      "steps", "eval_data", "eval_images", "bn_images",
+                                                      "top1_before_bn_recalibration")}
                           | {"anchor_index": anchor, "folder": str(folder.relative_to(run.dir)),
                              "top1_before": before, "stages": stages})
     add_candidates(run.dir, [candidate])
     out = ShrinkResult(candidate, folder, result.full_macs, int(target_macs), result.soft_macs, cost.macs,
-                       before, after, n, stages, result.seconds, result.steps)
+                       before, after, after_export, recalibrated, n, stages, result.seconds, result.steps)
     events({"type": "done", "counted_macs": cost.macs, "top1_before": before, "top1_after": after})
     return out
 
