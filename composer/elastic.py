@@ -10,8 +10,8 @@ The pieces, in the order `search_elastic` runs them:
    statistics on a few calibration images (OFA does the same: shrinking a network shifts the
    statistics every BN layer sees; without it pretrained ResNet sub-networks collapse).
 4. `fit_predictor` (ridge with leave-one-out regularisation, or OFA's small MLP) on an
-   architecture encoding; `holdout_rank_correlation` reports its Spearman correlation on measured
-   architectures it was not fitted on.
+   architecture encoding; `cv_rank_correlation` reports its Spearman correlation on measured
+   architectures it was not fitted on (k-fold, out-of-fold predictions).
 5. `latency_table` (optional): each block's batch-1 latency per width choice, measured on this
    device; a sub-network's latency is predicted as the sum of its blocks plus the rest.
 6. `evolutionary_search`: mutation + crossover, keeping the predicted-best under the budget.
@@ -137,19 +137,36 @@ def _random_arch(space: ElasticSpace, rnd: random.Random, choices: Sequence[floa
 
 
 def sample_archs(space: ElasticSpace, n: int, seed: int = 0, choices: Sequence[float] = WIDTH_CHOICES,
-                 include_extremes: bool = True) -> list[Arch]:
-    """`n` distinct architectures drawn uniformly (depth per stage, a choice per width); with
-    include_extremes the largest and smallest come first, so a predictor sees the whole range."""
+                 include_extremes: bool = True, pool: int = 30) -> list[Arch]:
+    """`n` distinct architectures spread evenly over MACs: drawn from a pool of `pool * n`, each the
+    largest with every gene redrawn with a probability itself uniform in [0, 1] (uniform draws alone
+    cluster in the middle of the MACs range and almost never come near the full network), then one
+    per equal-width MACs bin. With include_extremes the largest and smallest come first."""
     rnd = random.Random(seed)
-    archs = [largest_arch(space), smallest_arch(space, choices)] if include_extremes else []
-    archs = archs[:n]
-    seen, tries = set(archs), 0
-    while len(archs) < n and tries < 100 * n:
-        a = _random_arch(space, rnd, choices)
-        tries += 1
+    top = largest_arch(space)
+    archs = [top, smallest_arch(space, choices)][:n] if include_extremes else []
+    seen = set(archs)
+    candidates = {}
+    for _ in range(pool * n):
+        p, r = rnd.random(), _random_arch(space, rnd, choices)
+        a = Arch(tuple(x if rnd.random() < p else t for x, t in zip(r.depth, top.depth)),
+                 tuple(x if rnd.random() < p else t for x, t in zip(r.width, top.width)))
         if a not in seen:
-            seen.add(a)
-            archs.append(a)
+            candidates[a] = arch_cost(space, a).macs
+    k = n - len(archs)
+    if k <= 0 or not candidates:
+        return archs
+    lo, hi = min(candidates.values()), max(candidates.values())
+    bins: list[list[Arch]] = [[] for _ in range(k)]
+    for a, macs in candidates.items():
+        bins[min(k - 1, int(k * (macs - lo) / max(1, hi - lo)))].append(a)
+    left = [a for b in bins for a in b]
+    for b in bins:   # one per bin; an empty bin (a gap in MACs) lends its turn to a random draw
+        pick = rnd.choice(b) if b else rnd.choice(left)
+        while pick in seen:
+            pick = rnd.choice(left)
+        seen.add(pick)
+        archs.append(pick)
     return archs
 
 
@@ -324,12 +341,12 @@ def fit_predictor(x: torch.Tensor, y: Sequence[float], kind: str = "ridge", seed
         with torch.random.fork_rng():
             torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
             mlp = nn.Sequential(nn.Linear(z.shape[1], 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
-        opt = torch.optim.Adam(mlp.parameters(), lr=1e-3, weight_decay=1e-4)
+        opt = torch.optim.Adam(mlp.parameters(), lr=3e-3, weight_decay=1e-4)
         zf, tf = z.float(), t.float()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)   # tiny matrices: more threads only spin (40x the CPU time on a busy machine)
         try:
-            for _ in range(1500):
+            for _ in range(500):
                 opt.zero_grad()
                 loss = (mlp(zf).squeeze(-1) - tf).square().mean()
                 loss.backward()
@@ -340,19 +357,23 @@ def fit_predictor(x: torch.Tensor, y: Sequence[float], kind: str = "ridge", seed
     raise ElasticError(f"unknown predictor '{kind}' (ridge or mlp)")
 
 
-def holdout_rank_correlation(x: torch.Tensor, y: Sequence[float], kind: str = "ridge", holdout: float = 0.25,
-                             seed: int = 0) -> float:
-    """Spearman correlation between predicted and measured top-1 on a seeded held-out share of
-    the measured architectures, the predictor fitted on the rest."""
+def cv_rank_correlation(x: torch.Tensor, y: Sequence[float], kind: str = "ridge", folds: int = 5,
+                        seed: int = 0) -> float:
+    """Spearman correlation between measured top-1 and out-of-fold predictions: every measured
+    architecture is predicted by a predictor fitted without it (k-fold, seeded). Uses all the
+    measurements, so it is far steadier than one small held-out share."""
     n = len(y)
-    n_test = max(2, int(round(n * holdout)))
-    if n - n_test < 3:
-        raise ElasticError(f"{n} measured sub-networks are too few to hold some out (need at least {n_test + 3})")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    test, train = perm[:n_test], perm[n_test:]
+    folds = min(folds, n)
+    if n - -(-n // folds) < 3 or folds < 2:
+        raise ElasticError(f"{n} measured sub-networks are too few to cross-validate a predictor (need at least 5)")
     y = torch.as_tensor(y, dtype=torch.float64)
-    p = fit_predictor(x[train], y[train], kind, seed)
-    return spearman(p(x[test]), y[test])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    pred = torch.empty(n, dtype=torch.float64)
+    for f in range(folds):
+        test = perm[f::folds]
+        train = torch.cat([perm[g::folds] for g in range(folds) if g != f])
+        pred[test] = fit_predictor(x[train], y[train], kind, seed)(x[test])
+    return spearman(pred, y)
 
 
 # --- latency lookup table -----------------------------------------------------------------------------
@@ -512,7 +533,7 @@ def evolutionary_search(space: ElasticSpace, predict: Callable[[list[Arch]], tor
 @dataclass
 class ElasticResult:
     candidates: list[Candidate]
-    rank_correlation: float | None          # Spearman on held-out measured sub-networks (None: undefined)
+    rank_correlation: float | None          # Spearman, out-of-fold predictions vs measured (None: undefined)
     predictor: str
     samples: list[dict]                     # the measured sub-networks the predictor was fitted on
     latency: LatencyTable | None = None
@@ -520,7 +541,7 @@ class ElasticResult:
 
 def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batches | None = None,
                    bn_images: Sequence[torch.Tensor] | None = None, budgets: Sequence[tuple[str, float]] = (),
-                   samples: int = 40, predictor: str = "ridge", choices: Sequence[float] = WIDTH_CHOICES,
+                   samples: int = 40, predictor: str = "mlp", choices: Sequence[float] = WIDTH_CHOICES,
                    latency: LatencyTable | None = None, population: int = 64, generations: int = 20, seed: int = 0,
                    data: str = "", bn_source: dict | None = None,
                    progress: Callable[[str, int, int], None] | None = None) -> ElasticResult:
@@ -539,8 +560,8 @@ def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batche
     archs = sample_archs(space, samples, seed, choices)
     measured = evaluate_subnets(anchor, [a.config(space) for a in archs], batches, bn_images, say("measure"))
     x = encode(space, archs)
-    rho = holdout_rank_correlation(x, measured, predictor, seed=seed) if len(archs) >= 8 else None
-    rho = None if rho is None or math.isnan(rho) else rho   # nan: the held-out accuracies were all equal
+    rho = cv_rank_correlation(x, measured, predictor, seed=seed) if len(archs) >= 5 else None
+    rho = None if rho is None or math.isnan(rho) else rho   # nan: the measured accuracies were all equal
     model = fit_predictor(x, measured, predictor, seed)
     chosen = []
     for i, (metric, value) in enumerate(budgets):
@@ -553,8 +574,11 @@ def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batche
     acc = dict(zip(unique, evaluate_subnets(anchor, [a.config(space) for a in unique], eval_batches, bn_images,
                                            say("verify"))))
     n_eval = sum(len(y) for _, y in eval_batches)
-    candidates = []
+    candidates, done = [], set()
     for metric, value, res in chosen:
+        if res.arch in done:   # two budgets chose the same network: one candidate (the first budget's)
+            continue
+        done.add(res.arch)
         cfg = res.arch.config(space)
         cost = subnet_cost(space, cfg)
         lat = None
