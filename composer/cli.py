@@ -602,6 +602,8 @@ def _elastic_args(sp) -> None:
                     help="accuracy predictor: OFA's 3-layer MLP (default) or ridge regression")
     sp.add_argument("--population", type=_positive, default=64)
     sp.add_argument("--generations", type=_positive, default=20)
+    sp.add_argument("--check", type=_positive, default=3,
+                    help="measure this many predicted-best per budget on --data and keep the best measured (default 3)")
     _common(sp)
 
 
@@ -636,7 +638,7 @@ def cmd_elastic(args) -> None:
                                 predictor=args.predictor, latency=table, population=args.population,
                                 generations=args.generations, seed=args.seed, data=args.eval_data or args.data,
                                 bn_source={"data": args.data, "seed": args.seed, "batch_size": args.batch_size},
-                                progress=show)
+                                check=args.check, progress=show)
     finally:
         bar.close()
     add_candidates(args.run, result.candidates)

@@ -543,14 +543,16 @@ def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batche
                    bn_images: Sequence[torch.Tensor] | None = None, budgets: Sequence[tuple[str, float]] = (),
                    samples: int = 40, predictor: str = "mlp", choices: Sequence[float] = WIDTH_CHOICES,
                    latency: LatencyTable | None = None, population: int = 64, generations: int = 20, seed: int = 0,
-                   data: str = "", bn_source: dict | None = None,
+                   data: str = "", bn_source: dict | None = None, check: int = 3,
                    progress: Callable[[str, int, int], None] | None = None) -> ElasticResult:
     """Measure `samples` random sub-networks on `batches`, fit the predictor, search each budget
-    ((metric, value) pairs; default: 30/50/70/90 % of the anchor's MACs) and measure the chosen
-    sub-networks on `eval_batches` (default `batches`). `bn_source` says where `bn_images` came from
-    (e.g. {"data", "seed", "batch_size"} of `image_batches`), stored so that `export_candidate` can
-    take the same images again. progress(phase, done, total) reports each phase ("measure",
-    "search i/n", "verify")."""
+    ((metric, value) pairs; default: 30/50/70/90 % of the anchor's MACs), measure the `check`
+    predicted-best of each search on `batches` and keep the best measured (the predicted-best alone
+    is biased toward networks the predictor overrates), then measure the kept ones on
+    `eval_batches` (default `batches`). `bn_source` says where `bn_images` came from (e.g. {"data",
+    "seed", "batch_size"} of `image_batches`), stored so that `export_candidate` can take the same
+    images again. progress(phase, done, total) reports each phase ("measure", "search i/n",
+    "check i/n", "verify")."""
     space = anchor.space
     say = (lambda phase: (lambda d, t: progress(phase, d, t))) if progress else (lambda phase: None)
     full_macs = arch_cost(space, largest_arch(space)).macs
@@ -568,14 +570,20 @@ def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batche
         res = evolutionary_search(space, lambda a: model(encode(space, a)), value, budget_cost(space, metric, latency),
                                   choices, population, generations, seed=seed + i,
                                   progress=say(f"search {i + 1}/{len(budgets)}"))
-        chosen.append((metric, value, res))
+        top = [a for a, _ in res.population[:max(1, check)]]
+        checked = evaluate_subnets(anchor, [a.config(space) for a in top], batches, bn_images,
+                                   say(f"check {i + 1}/{len(budgets)}")) if len(top) > 1 else [None]
+        best = max(range(len(top)), key=lambda j: checked[j] if checked[j] is not None else 0.0)
+        arch = top[best]
+        res = SearchResult(arch, dict(res.population)[arch], budget_cost(space, metric, latency)(arch), res.population)
+        chosen.append((metric, value, res, checked[best]))
     eval_batches = eval_batches if eval_batches is not None else batches
-    unique = list(dict.fromkeys(r.arch for _, _, r in chosen))
+    unique = list(dict.fromkeys(r.arch for _, _, r, _ in chosen))
     acc = dict(zip(unique, evaluate_subnets(anchor, [a.config(space) for a in unique], eval_batches, bn_images,
                                            say("verify"))))
     n_eval = sum(len(y) for _, y in eval_batches)
     candidates, done = [], set()
-    for metric, value, res in chosen:
+    for metric, value, res, search_top1 in chosen:
         if res.arch in done:   # two budgets chose the same network: one candidate (the first budget's)
             continue
         done.add(res.arch)
@@ -590,6 +598,7 @@ def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batche
             cost.activations, acc[res.arch], "measured", lat,
             {"anchor": anchor.index, "spec": anchor.spec, "subnet": cfg.to_dict(), "arch": res.arch.to_dict(),
              "budget": {"metric": metric, "value": value}, "predicted_top1": res.predicted,
+             "search_top1": search_top1, "checked": check,
              "predictor": predictor, "rank_correlation": rho, "bn": {"images": _count(bn_images), **(bn_source or {})},
              "data": data, "images": n_eval,
              "latency_predicted_ms": latency.predict(space, res.arch) if latency is not None else None}))

@@ -181,6 +181,8 @@ def test_search_elastic_measures_candidates_that_rebuild(vit_anchor):
         sub = el.build_subnet(anchor, cfg)
         assert model_cost(sub, space.input_size).macs == c.macs and sum(p.numel() for p in sub.parameters()) == c.params
         assert el.top1(sub, eval_batches) == pytest.approx(c.top1)
+        # kept as the best measured on the search images of the predicted-best few
+        assert el.top1(sub, batches) == pytest.approx(c.config["search_top1"]) and c.config["checked"] == 3
         json.dumps(c.to_dict())
     with pytest.raises(el.ElasticError, match="below the smallest"):
         el.search_elastic(anchor, batches, budgets=[("macs", 1000)], samples=4)
