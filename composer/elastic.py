@@ -409,15 +409,16 @@ class LatencyTable:
 def latency_table(anchor: ElasticAnchor, choices: Sequence[float] = WIDTH_CHOICES, device: str | torch.device = "cpu",
                   repeats: int = 10, progress: Progress | None = None) -> LatencyTable:
     """Measure every block at every combination of its widths' choices (one extraction of the whole
-    model per combination, all blocks measured in it), batch 1, on `device`."""
+    model per combination, all blocks measured in it), and the stem and head (the anchor's block
+    adapter runs them alone), batch 1, on `device`."""
     import itertools
-    if 1.0 not in choices:
-        raise ElasticError("latency choices must include 1.0 (the full width) to measure the rest of the model")
+
+    from zoo.adapters import adapt
     space = anchor.space
     n_dims = max(len(b.widths) for b in space.blocks)
     combos = list(itertools.product(choices, repeat=n_dims))
     x = torch.zeros(1, *space.input_size, device=device)
-    entries, full_blocks = {}, 0.0
+    entries = {}
     for i, combo in enumerate(combos):
         arch = Arch(tuple(space.full_config().depth),
                     tuple(combo[j] for blk in space.blocks for j in range(len(blk.widths))))
@@ -427,12 +428,17 @@ def latency_table(anchor: ElasticAnchor, choices: Sequence[float] = WIDTH_CHOICE
             key = LatencyTable.key(b, combo[:len(blk.widths)])
             if key not in entries:
                 entries[key] = measure_latency(sub.get_submodule(blk.module), inputs[b], repeats=repeats)
-        if all(f == 1.0 for f in combo):
-            whole = measure_latency(sub, x, repeats=repeats)
-            full_blocks = sum(entries[LatencyTable.key(b, combo[:len(blk.widths)])] for b, blk in enumerate(space.blocks))
         if progress is not None:
             progress(i + 1, len(combos))
-    return LatencyTable(str(device), tuple(choices), max(0.0, whole - full_blocks), entries)
+    # The rest is timed directly: a whole-model time minus the blocks' sum would carry the noise of
+    # every block measurement into it.
+    adapter = adapt(extract(anchor.model, space, space.full_config()).to(device).eval())
+    with torch.inference_mode():
+        features = adapter.stem(x)
+        for u in range(len(adapter.units)):
+            features = adapter.unit(u, features)
+    rest = measure_latency(adapter.stem, x, repeats=repeats) + measure_latency(adapter.head, features, repeats=repeats)
+    return LatencyTable(str(device), tuple(choices), rest, entries)
 
 
 @torch.inference_mode()
