@@ -5,16 +5,18 @@ The pieces, in the order `search_elastic` runs them:
 1. `prepare_anchor`: a copy of the anchor with every width sorted by importance (composer.subnet),
    so that "keep a fraction" keeps the most important units. Outputs are unchanged.
 2. An architecture (`Arch`) is a depth per stage (OFA: keep the first D blocks) and a kept fraction
-   per width, from `WIDTH_CHOICES`; `sample_archs` draws them at random.
+   per width, from `WIDTH_CHOICES`; `sample_archs` draws them spread evenly over MACs.
 3. `evaluate_subnets`: top-1 of extracted sub-networks, each after re-estimating its BatchNorm
-   statistics on a few calibration images (OFA does the same: shrinking a network shifts the
-   statistics every BN layer sees; without it pretrained ResNet sub-networks collapse).
+   statistics on calibration images (OFA does the same: shrinking a network shifts what every BN
+   layer sees). Measured on the CIFAR ResNet-56, 300 images: 7/7/7 blocks 35.7 % without, 68.7 %
+   with (1024 images); all blocks at 0.75 width 70.0 % -> 75.0 %.
 4. `fit_predictor` (ridge with leave-one-out regularisation, or OFA's small MLP) on an
    architecture encoding; `cv_rank_correlation` reports its Spearman correlation on measured
    architectures it was not fitted on (k-fold, out-of-fold predictions).
 5. `latency_table` (optional): each block's batch-1 latency per width choice, measured on this
    device; a sub-network's latency is predicted as the sum of its blocks plus the rest.
-6. `evolutionary_search`: mutation + crossover, keeping the predicted-best under the budget.
+6. `evolutionary_search`: mutation + crossover, keeping the predicted-best under the budget;
+   the few predicted-best are measured and the best measured is kept.
 7. The chosen sub-networks are measured and become Candidates (method "elastic", status
    "measured") whose `config` rebuilds them; `export_subnet` writes one as a model folder.
 
