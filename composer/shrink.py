@@ -9,17 +9,21 @@ The core, in four formulas (see ../shared/notes/methods.md):
   kept (for a > 0): always at least one. If all importances are equal every mask is 1;
 - importance is Taylor's, as a moving average over steps: t <- 0.99 t + 0.01 (m * dL/dm)^2;
 - a resource loss log(F_soft / T) when the soft MACs F_soft exceed the target T (else 0), with F_soft
-  the exact linear cost model of `composer.subnet` evaluated at the soft kept counts sum(m).
+  `composer.subnet`'s exact cost polynomial (linear in each width's kept count and each block's
+  keep mask) evaluated at the soft counts sum(m) and the soft block masks.
 
-The search is "DMS_p-": weights frozen, only the ratios a are trained, for a few hundred steps of
-task loss (cross-entropy on the user's labelled images) + resource loss. Export keeps the units
-whose hard mask is 1: each width is permuted so they come first, `composer.subnet.extract` cuts the
-network, and dropped blocks become nn.Identity (x + 0 * f(x) = x).
+The search is "DMS_p-": weights and BN statistics frozen, only the ratios a are trained (Adam), for
+a few hundred steps of task loss (cross-entropy on the user's labelled images) + resource loss,
+the resource gradient normalised against the task gradient (`_Balance`) and the target lowered
+geometrically over the first half (DMS's "root" schedule). Export keeps the units whose hard mask
+is 1 (ratios shifted so that the counted MACs meet the target, `fit_hard`): each width is permuted
+so they come first, `composer.subnet.extract` cuts the network, dropped blocks become nn.Identity
+(x + 0 * f(x) = x). `shrink_anchor` then re-estimates the BN statistics, evaluates, saves and
+adds the candidate to the run.
 """
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,14 +32,13 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from composer.candidates import Candidate, add_candidates
 from composer.costs import model_cost
+from composer.elastic import FORMAT as SUBNET_FORMAT
 from composer.elastic import recalibrate_bn, top1
-from composer.export import _anchor_entry, _build_anchor, _preprocessing
+from composer.export import _anchor_entry, _preprocessing
 from composer.io import save_safetensors_atomic, write_json_atomic
 from composer.subnet import (ElasticSpace, SubnetConfig, elastic_space, extract, masked, permute_, soft_cost,
                              subnet_cost)
@@ -137,11 +140,13 @@ class Masks:
             masks.append(m)
         return masks
 
-    def hard(self, shift: float = 0.0) -> list[torch.Tensor]:
-        """The 0/1 masks export keeps (m >= 0.5), with every ratio shifted by `shift` (clamped)."""
+    def hard(self, width_shift: float = 0.0, depth_shift: float = 0.0) -> list[torch.Tensor]:
+        """The 0/1 masks export keeps (m >= 0.5), the widths' and the blocks' ratios shifted by
+        `width_shift` / `depth_shift` (then clamped to [0, 1])."""
         with torch.no_grad():
-            return [hard_mask(self.taylor[i], float((self.ratio[i] + shift).clamp(0, 1)))
-                    for i in range(len(self.topks))]
+            return [hard_mask(self.taylor[i], float((self.ratio[i] + (depth_shift if t.is_depth else width_shift))
+                                                    .clamp(0, 1)))
+                    for i, t in enumerate(self.topks)]
 
     def update_taylor(self, masks: list[torch.Tensor]) -> None:
         for t, m in zip(self.taylor, masks):
@@ -317,31 +322,46 @@ def check_target(space: ElasticSpace, target: float) -> None:
 
 # --- export --------------------------------------------------------------------------------------
 
-def fit_shift(masks: Masks, target: float, iterations: int = 40) -> float:
-    """The smallest common shift of all ratios whose hard masks cost at most `target` MACs
-    (bisection; the hard cost only falls as the ratios rise). It removes the rounding excess of the
-    hard masks (up to one unit per width above the soft count) and, when the search ended below
-    the target, gives the spare budget back uniformly."""
-    def cost(shift: float) -> int:
-        return subnet_cost(masks.space, masks.config(masks.hard(shift))).macs
+def fit_hard(masks: Masks, target: float, iterations: int = 40) -> list[torch.Tensor]:
+    """Hard masks costing at most `target` MACs, as close to it as shifting the ratios gets: first
+    the smallest common shift of all ratios (bisection; the hard cost only falls as ratios rise),
+    then, the blocks kept as that leaves them, the smallest shift of the widths' ratios alone. This
+    removes the rounding excess of the hard masks (up to one unit per width above the soft count
+    sum(m)) and gives back budget the search left unused; the second pass fills what the coarse
+    first one overshot (one block of ResNet-56's second stage is 2.4 M MACs, one channel 0.3 M).
+    What is left below the target is less than the units crossing at the last shift (usually one
+    channel), or, when every width is back to full, less than one block."""
+    def cost(hard: list[torch.Tensor]) -> int:
+        return subnet_cost(masks.space, masks.config(hard)).macs
 
-    lo, hi = -1.0, 1.0
-    if cost(hi) > target:
+    def smallest_shift(shifted) -> float:
+        lo, hi = -1.0, 1.0
+        if cost(shifted(lo)) <= target:
+            return lo
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if cost(shifted(mid)) <= target else (mid, hi)
+        return hi
+
+    def both(shift: float) -> list[torch.Tensor]:
+        return masks.hard(width_shift=shift, depth_shift=shift)
+
+    if cost(both(1.0)) > target:
         raise ShrinkError(f"no pruning ratios reach {target / 1e6:.2f} M MACs")
-    if cost(lo) <= target:
-        return lo
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if cost(mid) <= target else (mid, hi)
-    return hi
+    depth_shift = smallest_shift(both)
+
+    def widths(shift: float) -> list[torch.Tensor]:
+        return masks.hard(width_shift=shift, depth_shift=depth_shift)
+
+    return widths(smallest_shift(widths))
 
 
 def export(model: nn.Module, space: ElasticSpace, masks: Masks, target: float | None = None
            ) -> tuple[nn.Module, SubnetConfig, dict[str, torch.Tensor]]:
-    """The static pruned network of the hard masks (fitted to `target` when given, see `fit_shift`):
+    """The static pruned network of the hard masks (fitted to `target` when given, see `fit_hard`):
     a copy of `model` with each width permuted so that the kept units come first, then cut by
     `subnet.extract`. Returns (network, configuration, permutation per width)."""
-    hard = masks.hard(fit_shift(masks, target) if target is not None else 0.0)
+    hard = fit_hard(masks, target) if target is not None else masks.hard()
     order, config = masks.order(hard), masks.config(hard)
     work = copy.deepcopy(model)
     permute_(work, space, order)
@@ -363,7 +383,6 @@ def stage_summary(space: ElasticSpace, config: SubnetConfig) -> list[dict]:
 
 # --- from a run: search, export, evaluate, store ------------------------------------------------
 
-FORMAT = "zoo-composer-shrunk"
 FOLDER = "shrink"          # RUN/shrink/<name>/: model.safetensors + config.json per shrunk network
 
 
@@ -413,7 +432,6 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
     cfg = data_mod.data_config(model)
     train_ds = data_mod.open_dataset(data, cfg)
     eval_ds = data_mod.subset(data_mod.open_dataset(eval_data or data, cfg, split="validation"), eval_limit, seed=seed)
-    torch.manual_seed(seed)
     batches = data_mod.loader(train_ds, batch_size, shuffle=True, workers=workers, seed=seed)
     events({"type": "start", "anchor": spec, "full_macs": subnet_cost(space, space.full_config()).macs,
             "target": int(target_macs), "total_steps": steps})
@@ -427,7 +445,7 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
     if bn_images > 0 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pruned.modules()):
         # Pruning shifts the statistics downstream of every cut, so the anchor's BN statistics are
         # off: re-estimating them (no weight changes) is nearly free and recovers much of the loss
-        # (ResNet-56 shrunk to ResNet-32's MACs: 63.5 -> 72.9 % top-1 from 256 images, 2 s on CPU).
+        # (ResNet-56 shrunk to ResNet-32's MACs: 66.5 -> 74.7 % top-1 from 256 images, 2 s on CPU).
         bn_ds = data_mod.subset(train_ds, bn_images, seed=seed + 1)
         recalibrate_bn(pruned, (x for x, _ in data_mod.loader(bn_ds, batch_size, workers=workers)))
         recalibrated = len(bn_ds)
@@ -437,11 +455,14 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
     name = f"{arch} DMS <={target_macs / 1e6:.2f}M"
     folder = Path(run.dir) / FOLDER / _slug(f"anchor{anchor}-{int(target_macs)}")
     stages = stage_summary(space, config)
-    described = {"format": FORMAT, "anchor": _anchor_entry(anchor, spec, model), "subnet": config.to_dict(),
+    # composer.elastic's format for a static sub-network of an anchor: `elastic.load_subnet` loads it
+    described = {"format": SUBNET_FORMAT, "version": 1, "method": "shrink",
+                 "anchor": _anchor_entry(anchor, spec, model), "subnet": config.to_dict(),
+                 "input_size": list(space.input_size), "cost": cost.to_dict(),
                  "order": {k: v.tolist() for k, v in order.items()},
                  "ratios": {t.key: float(a) for t, a in zip(result.masks.topks, result.masks.ratio.detach())},
                  "target_macs": int(target_macs), "soft_macs": result.soft_macs, "steps": result.steps,
-                 "search_data": data, "lr": lr, "preprocessing": _preprocessing(model), **cost.to_dict(),
+                 "search_data": data, "lr": lr, "preprocessing": _preprocessing(model),
                  "top1": after, "top1_before_bn_recalibration": after_export, "bn_images": recalibrated,
                  "eval_data": eval_data or data, "eval_images": n}
     save_shrunk(folder, pruned, described)
@@ -460,27 +481,8 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
 
 
 def save_shrunk(folder: Path, pruned: nn.Module, config: dict) -> None:
-    """model.safetensors (the pruned weights, the anchor's parameter names) + config.json."""
+    """model.safetensors (the pruned weights, the anchor's parameter names) + config.json; the
+    weights are already permuted, so `composer.elastic.load_subnet(folder)` rebuilds the network
+    (timm anchor, random init, cut to the configuration, strict load)."""
     save_safetensors_atomic(Path(folder) / "model.safetensors", pruned.state_dict(), metadata={"format": "pt"})
     write_json_atomic(Path(folder) / "config.json", config)
-
-
-def load_shrunk(folder) -> nn.Module:
-    """A network saved by `shrink_anchor`, rebuilt with plain timm (random init, no download), cut
-    to its configuration and loaded strictly; in eval mode."""
-    folder = Path(folder).expanduser()
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ShrinkError(f"{folder}: not a shrunk network (config.json: {e})") from None
-    if config.get("format") != FORMAT:
-        raise ShrinkError(f"{folder}: config.json is not a {FORMAT} file (format={config.get('format')!r})")
-    model = _build_anchor(config["anchor"])
-    space = elastic_space(model)
-    # The saved weights are already permuted: cutting the first k units of a fresh model gives the shapes.
-    pruned = extract(model, space, SubnetConfig.from_dict(config["subnet"]))
-    try:
-        pruned.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
-    except (OSError, RuntimeError, SafetensorError) as e:
-        raise ShrinkError(f"{folder}: weights do not load ({str(e).splitlines()[0]})") from None
-    return pruned.eval()

@@ -14,8 +14,8 @@ import zoo  # noqa: F401  (registers the CIFAR ResNets with timm)
 from composer import shrink
 from composer.candidates import read_candidates
 from composer.costs import model_cost
-from composer.elastic import top1
-from composer.subnet import elastic_space, masked, subnet_cost
+from composer.elastic import load_subnet, top1
+from composer.subnet import SubnetConfig, elastic_space, masked, subnet_cost
 
 
 @pytest.fixture(autouse=True)
@@ -70,12 +70,12 @@ def test_resource_loss():
     under = torch.tensor(900.0, requires_grad=True)
     loss = shrink.resource_loss(under, t)
     loss.backward()
-    assert float(loss) == 0 and float(under.grad) == 0
+    assert float(loss.detach()) == 0 and float(under.grad) == 0
     assert float(shrink.resource_loss(torch.tensor(1000.0), t)) == 0
     over = torch.tensor(1500.0, requires_grad=True)
     loss = shrink.resource_loss(over, t)
     loss.backward()
-    assert float(loss) == pytest.approx(math.log(1.5))
+    assert float(loss.detach()) == pytest.approx(math.log(1.5))
     assert float(over.grad) == pytest.approx(1 / 1500)
 
 
@@ -203,10 +203,13 @@ def test_search_moves_soft_macs_to_target_and_export_meets_it():
     assert seen[0]["soft_macs"] > target          # starts above (every mask near 1)
     assert res.soft_macs <= target                # the resource loss pulled it to the target
     assert res.history[-1]["resource_loss"] == 0
-    # export: the hard masks, shifted to fit, are at or below the target, by less than 5 %
+    # export: the hard masks, fitted, cost at most the target, and less than one channel below it
+    # (here; in general the gap is below one block, or the channels that cross at the same shift)
     pruned, config, _ = shrink.export(model, space, res.masks, target)
     counted = model_cost(pruned, size).macs
-    assert 0.95 * target < counted <= target
+    full_depth = space.full_config().depth
+    channel = max(full - subnet_cost(space, SubnetConfig(full_depth, {d.key: d.size - 1})).macs for d in space.dims())
+    assert target - channel < counted <= target
     assert counted == subnet_cost(space, config).macs
 
 
@@ -252,7 +255,7 @@ def test_cli_shrink_adds_a_measured_candidate(tiny_run, main):
     assert [(c.method, c.status) for c in cand] == [("shrink", "measured")]
     assert cand[0].macs == out["counted_macs"] and cand[0].top1 == out["top1_after"]
     # the saved network rebuilds with plain timm and costs what the candidate says
-    net = shrink.load_shrunk(run / cand[0].config["folder"])
+    net = load_subnet(run / cand[0].config["folder"])
     assert model_cost(net).macs == cand[0].macs
     assert sum(p.numel() for p in net.parameters()) == cand[0].params
     from composer import data
