@@ -24,7 +24,6 @@ Costs are exact (`subnet_cost`, MACs with 1 multiply-add = 1), never estimated.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -37,7 +36,7 @@ from torch import nn
 
 from composer.candidates import Candidate
 from composer.costs import Cost, measure_latency
-from composer.io import save_safetensors_atomic, write_json_atomic
+from composer.io import read_config, save_safetensors_atomic, write_json_atomic
 from composer.subnet import ElasticSpace, SubnetConfig, SubnetError, elastic_space, extract, sort_by_importance_, \
     subnet_cost
 
@@ -651,12 +650,7 @@ def load_subnet(path) -> nn.Module:
     """The sub-network exported by `export_subnet` in folder `path`, in eval mode."""
     from composer.export import _build_anchor
     path = Path(path).expanduser()
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ElasticError(f"{path}: not an exported sub-network (config.json: {e})") from None
-    if cfg.get("format") != FORMAT:
-        raise ElasticError(f"{path}: config.json is not a {FORMAT} export (format={cfg.get('format')!r})")
+    cfg = read_config(path, FORMAT, ElasticError, "an exported sub-network")
     model = _build_anchor(cfg["anchor"])
     space = elastic_space(model, tuple(cfg["input_size"]))
     try:

@@ -32,7 +32,7 @@ from torch import nn
 
 from composer.costs import describe
 from composer.data import data_config
-from composer.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
+from composer.io import read_config, save_safetensors_atomic, write_json_atomic, write_text_atomic
 from composer.plan import LayerSpec, Stitch, StitchPlan, load_plan
 from composer.run import MANIFEST, load_run
 from composer.snnet import StitchedNetwork, StitchLayer
@@ -165,12 +165,7 @@ class StitchedRoute(nn.Module):
 def load_stitched(path) -> nn.Module:
     """The stitch exported by `export_stitch` in folder `path`, in eval mode."""
     path = Path(path).expanduser()
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path}: not an exported stitch (config.json: {e})") from None
-    if config.get("format") != FORMAT:
-        raise ExportError(f"{path}: config.json is not a {FORMAT} export (format={config.get('format')!r})")
+    config = read_config(path, FORMAT, ExportError, "an exported stitch")
     anchors = {e["index"]: _build_anchor(e) for e in config["anchors"]}
     module = StitchedRoute(anchors, config["route"], config["stitch_layers"])
     try:

@@ -38,7 +38,6 @@ Costs follow composer.costs: a folded conv gains a bias, and a bias adds 1 MAC p
 from __future__ import annotations
 
 import copy
-import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +50,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from composer.candidates import Candidate, add_candidates
 from composer.costs import Cost, measure_latency, model_cost
-from composer.io import save_safetensors_atomic, write_json_atomic
+from composer.io import read_config, save_safetensors_atomic, write_json_atomic
 from composer.snnet import StitchLayer
 
 FORMAT = "zoo-composer-folded"
@@ -779,12 +778,7 @@ def load_folded(path) -> nn.Module:
 
     from composer.export import ExportError, _build_anchor, load_stitched
     path = Path(path).expanduser()
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FoldError(f"{path}: not a folded model (config.json: {e})") from None
-    if config.get("format") != FORMAT:
-        raise FoldError(f"{path}: config.json is not a {FORMAT} folder (format={config.get('format')!r})")
+    config = read_config(path, FORMAT, FoldError, "a folded model")
     source = config["source"]
     try:
         if source["kind"] == "anchor":

@@ -45,3 +45,16 @@ def save_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metada
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_config(folder: Path, fmt: str, error: type[Exception], what: str) -> dict:
+    """FOLDER/config.json of an exported model, checked to be of format `fmt`; anything else
+    raises `error` naming the folder and saying it is not `what` (e.g. "an exported stitch")."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise error(f"{folder}: not {what} (config.json: {e})") from None
+    if not isinstance(config, dict) or config.get("format") != fmt:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise error(f"{folder}: config.json is not a {fmt} file, so this is not {what} (format={found!r})")
+    return config
