@@ -41,7 +41,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields as dataclass_fields, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,15 +190,33 @@ def fitted_run(work: Path, specs: list[str], calib: Path, n_calib: int = 256) ->
     return run
 
 
-def cpu_seconds_per_step(work: Path, fitted: Path, recipe: str, steps: int = 60) -> float:
-    """CPU seconds (one thread) per training step of `recipe`, start-up included; cached per recipe."""
-    cache = work / f"cpu_per_step_{recipe}.json"
+def with_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
+    """`FIELD=VALUE` strings applied to a TrainConfig, each value parsed as the field's default type."""
+    fields = {f.name: f for f in dataclass_fields(TrainConfig)}
+    changes = {}
+    for item in assignments:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields:
+            sys.exit(f"error: --set takes FIELD=VALUE with FIELD one of {', '.join(fields)}; got {item!r}")
+        if text.lower() in ("none", "true", "false"):
+            changes[name] = {"none": None, "true": True, "false": False}[text.lower()]
+        else:
+            try:
+                changes[name] = int(text) if text.lstrip("-").isdigit() else float(text)
+            except ValueError:
+                changes[name] = text
+    return replace(config, **changes)
+
+
+def cpu_seconds_per_step(work: Path, fitted: Path, label: str, recipe: TrainConfig, steps: int = 60) -> float:
+    """CPU seconds (one thread) per training step of `recipe`, start-up included; cached per label."""
+    cache = work / f"cpu_per_step_{label}.json"
     if cache.is_file():
         return json.loads(cache.read_text())["cpu_s_per_step"]
-    run = work / f"calibrate-{recipe}"
+    run = work / f"calibrate-{label}"
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(fitted, run)
-    cfg = replace(RECIPES[recipe], steps=steps, eval_limit=50, checkpoint_every=10**9)
+    cfg = replace(recipe, steps=steps, eval_limit=50, checkpoint_every=10**9)
     c0 = time.process_time()
     train(run, str(cifar10_splits().calib), cfg, eval_data=str(cifar10_splits().eval))
     per_step = (time.process_time() - c0) / steps
@@ -212,6 +230,8 @@ def main() -> None:
                    help="fine-tune budgets in CPU minutes of one thread")
     p.add_argument("--steps", type=int, help="fixed step counts instead of budgets (quick recipe comparisons)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="default")
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="override TrainConfig fields of the recipe, e.g. --set lr=3e-3 batch_size=32")
     p.add_argument("--eval-limit", type=int, default=None, help="eval images (default: all 5000)")
     p.add_argument("--exact-for", type=float, nargs="*", default=[10],
                    help="budgets also evaluated on the 846 lossless images (least squares always is)")
@@ -226,6 +246,8 @@ def main() -> None:
         return
     if (reason := missing_shared_reason()):
         sys.exit(f"skipped: {reason}")
+    recipe = with_overrides(RECIPES[args.recipe], args.set)
+    label = args.recipe + "".join(f"+{kv}" for kv in args.set)
     torch.set_num_threads(1)     # budgets are single-thread CPU time (see the module docstring)
     args.work.mkdir(parents=True, exist_ok=True)
     splits = cifar10_splits()
@@ -233,7 +255,7 @@ def main() -> None:
     fitted = fitted_run(args.work, specs, splits.calib)
     net = load_run(fitted).net
     plan = net.plan
-    results = {"recipe": args.recipe, "config": asdict(RECIPES[args.recipe]), "threads": 1,
+    results = {"recipe": label, "config": asdict(recipe), "threads": 1,
                "eval_images": args.eval_limit or 5000, "runs": []}
     if not args.no_overhead:
         o = results["overhead"] = overhead_ratio(net)
@@ -266,24 +288,24 @@ def main() -> None:
     if args.steps:
         limits = [("steps", args.steps, args.steps)]
     else:
-        per_step = results["cpu_s_per_step"] = cpu_seconds_per_step(args.work, fitted, args.recipe)
-        print(f"calibration: {per_step:.3f} CPU s per step ({args.recipe}, one thread)", flush=True)
+        per_step = results["cpu_s_per_step"] = cpu_seconds_per_step(args.work, fitted, label, recipe)
+        print(f"calibration: {per_step:.3f} CPU s per step ({label}, one thread)", flush=True)
         limits = [("budget_min", b, max(1, int(b * 60 / per_step))) for b in args.budgets]
     for kind, value, steps in limits:
-        run = args.work / f"{args.recipe}-{kind}-{value:g}"
+        run = args.work / f"{label}-{kind}-{value:g}"
         done = run / "train.json"
         if args.reuse and done.is_file() and json.loads(done.read_text())["steps"] == steps:
             extra = json.loads(done.read_text())     # trained before (e.g. a killed bench): measure only
         else:
             shutil.rmtree(run, ignore_errors=True)
             shutil.copytree(fitted, run)
-            cfg = replace(RECIPES[args.recipe], steps=steps, eval_limit=50, checkpoint_every=10**9)
+            cfg = replace(recipe, steps=steps, eval_limit=50, checkpoint_every=10**9)
             t0, c0 = time.time(), time.process_time()
             r = train(run, str(splits.calib), cfg, eval_data=str(splits.eval))
             extra = {"steps": r["step"], "steps_per_cpu_s": round(r["step"] / (time.process_time() - c0), 3),
                      "cpu_min": round((time.process_time() - c0) / 60, 2), "wall_min": round((time.time() - t0) / 60, 2)}
             done.write_text(json.dumps(extra))
-        row = measure(f"{args.recipe} {kind}={value:g}", load_run(run).net, extra,
+        row = measure(f"{label} {kind}={value:g}", load_run(run).net, extra,
                       exact=kind == "budget_min" and value in args.exact_for, run_dir=run)
         row["anchor_change"] = [a - b for a, b in zip(row["anchors"], base["anchors"])]
         if args.json:   # after every run, so a later kill keeps the finished ones

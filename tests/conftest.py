@@ -64,3 +64,21 @@ def _few_threads():
     import torch
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A run of one random-init CIFAR ResNet-20, and a 10-class folder of 32x32 images."""
+    import numpy as np
+    from PIL import Image
+
+    from composer.cli import main as cli_main
+    root = tmp_path_factory.mktemp("tiny_cifar")
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        (root / "images" / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / f"c{c}" / f"{i}.png")
+    assert cli_main(["fit", "cifar_resnet20", "--data", str(root / "images"), "--calib", "4", "--out",
+                     str(root / "run"), "--batch-size", "4"]) == 0
+    return root / "run", root / "images"

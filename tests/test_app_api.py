@@ -324,21 +324,25 @@ def test_other_builders_join_the_curve(client, app):
 
     timer, line, status = client.predict(key, 2, 50, 6, api_name="/shrink_start")
     assert "started" in status
-    assert "is running" in client.predict(key, 2, "30", 8, api_name="/elastic_start")[-1]   # one job at a time
+    assert "is running" in client.predict(key, 2, "macs", "30", 8, 0, api_name="/elastic_start")[-1]   # one job at a time
     line, report = _builder_until_done(client, key)
     assert line.startswith("✓ shrink"), line
     assert "MACs counted" in report
 
-    timer, line, status = client.predict(key, 1, "40, 80", 8, api_name="/elastic_start")
+    # latency budgets: a latency table is measured first, budgets are % of the anchor's own latency
+    timer, line, status = client.predict(key, 1, "latency", "40, 80", 8, 512, api_name="/elastic_start")
     line, report = _builder_until_done(client, key)
     assert line.startswith("✓ elastic"), line
-    assert "rank correlation" in report
+    assert "rank correlation" in report and "no BatchNorm layers" in report   # the starter ViTs have none
 
     stored = read_candidates(run_dir)
     assert {c.method for c in stored} == {"scale", "shrink", "elastic"}
     anchor_macs = load_plan_of_run(run_dir).infos[2].total.macs
     shrunk = next(c for c in stored if c.method == "shrink")
     assert shrunk.macs <= 0.5 * anchor_macs * 1.02 and shrunk.status == "measured"
+    elastic = [c for c in stored if c.method == "elastic"]
+    assert elastic and all(c.config["budget"]["metric"] == "latency" for c in elastic)
+    assert all(c.config["latency_predicted_ms"] <= c.config["budget"]["value"] * 1.0001 for c in elastic)
     traces = _candidate_traces(client, key)
     drawn = {cd for t in traces.values() for cd in t["customdata"]}
     measured = {f"{c.method}:{c.name}" for c in stored if c.top1 is not None}

@@ -268,3 +268,28 @@ def test_cli_elastic_bad_input_is_one_line(vit_run, main, args, message):
     r = main("elastic", run, "--data", images, "--samples", 4, *args)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+
+
+def test_app_elastic_job_re_estimates_batchnorm_and_keeps_activation_budgets(tiny_run, tmp_path):
+    """The app's elastic job on a CNN: budgets as % of the anchor's activations, every sub-network's
+    BatchNorm statistics re-estimated on the asked number of images (a CIFAR ResNet cut to a few
+    channels is useless with the full network's statistics)."""
+    import shutil
+
+    from composer.ui.session import _elastic_work
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    images = str(tiny_run[1])
+    reports, events = [], []
+    message = _elastic_work(run, 0, images, images, "activations", [50, 80], 8, 6, 10, reports.append)(
+        events.append, None)
+    assert message.startswith("elastic: ")
+    assert "re-estimated on 10 images" in reports[0]
+    space = el.anchor_of_run(run, 0).space
+    full = el.arch_cost(space, el.largest_arch(space))
+    cands = [c for c in read_candidates(run) if c.method == "elastic"]
+    assert cands and {c.config["bn"]["images"] for c in cands} == {10}
+    for c in cands:
+        assert c.config["budget"]["metric"] == "activations"
+        assert c.activations <= c.config["budget"]["value"] <= 0.8 * full.activations + 1e-6
+    assert {e["phase"] for e in events} >= {"measure", "verify"}

@@ -225,22 +225,6 @@ def test_target_checks():
 
 # --- the CLI on a run ----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A run of one random-init CIFAR ResNet-20, and a 10-class folder of 32x32 images."""
-    from PIL import Image
-    from composer.cli import main as cli_main
-    root = tmp_path_factory.mktemp("shrink")
-    rng = np.random.default_rng(0)
-    for c in range(10):
-        (root / "images" / f"c{c}").mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / f"c{c}" / f"{i}.png")
-    assert cli_main(["fit", "cifar_resnet20", "--data", str(root / "images"), "--calib", "4", "--out",
-                     str(root / "run"), "--batch-size", "4"]) == 0
-    return root / "run", root / "images"
-
-
 def test_cli_shrink_adds_a_measured_candidate(tiny_run, main):
     run, images = tiny_run
     full = 40_551_050    # ResNet-20 at 32x32 (composer.costs)

@@ -202,8 +202,13 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                         gr.Markdown("Sub-networks keeping the first blocks of each stage and the most important "
                                     "channels / hidden units / heads; an accuracy predictor picks the best under each budget.")
                         with gr.Row():
-                            elastic_budgets = gr.Textbox("30, 50, 70, 90", label="MACs budgets (% of the anchor's)")
+                            elastic_metric = gr.Dropdown([("MACs", "macs"), ("activations", "activations"),
+                                                          ("latency, measured on this server", "latency")],
+                                                         value="macs", label="budget on")
+                            elastic_budgets = gr.Textbox("30, 50, 70, 90", label="budgets (% of the anchor's)")
                             elastic_samples = gr.Number(24, precision=0, label="measured samples")
+                            elastic_bn = gr.Number(512, precision=0, label="BatchNorm re-estimation images",
+                                                   info="per sub-network, CNNs only; 0 keeps the anchor's statistics")
                         elastic_btn = gr.Button("Search sub-networks", variant="primary")
                     with gr.Tab("Shrink (DMS)"):
                         gr.Markdown("Differentiable top-k on every width and block toward a MACs target, then the "
@@ -542,7 +547,8 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                     return gr.skip(), gr.skip(), _status(_message(e), True)
             return handler
 
-        builder_starts = [(elastic_btn, "elastic", [elastic_budgets, elastic_samples], ("budgets", "samples")),
+        builder_starts = [(elastic_btn, "elastic", [elastic_metric, elastic_budgets, elastic_samples, elastic_bn],
+                           ("metric", "budgets", "samples", "bn_images")),
                           (shrink_btn, "shrink", [shrink_target, shrink_steps], ("target_pct", "steps")),
                           (fold_btn, "fold", [], ())]
         for button, kind, inputs, names in builder_starts:

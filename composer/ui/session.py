@@ -568,10 +568,14 @@ class Session:
                 steps = _bounded_int(options.get("steps") or 100, "search steps", 5, 5000)
                 work = _shrink_work(run, i, train_spec, eval_spec, full * pct / 100, steps, limit, self._report)
             elif kind == "elastic":
+                metric = str(options.get("metric") or "macs")
+                if metric not in ELASTIC_METRICS:
+                    raise AppError(f"budget metric must be one of {', '.join(ELASTIC_METRICS)}, not '{metric[:20]}'")
                 budgets = _percentages(options.get("budgets") or "30, 50, 70, 90")
                 samples = _bounded_int(options.get("samples") or 24, "sampled sub-networks", 8, 500)
-                work = _elastic_work(run, i, train_spec, eval_spec, [("macs", full * b / 100) for b in budgets],
-                                     samples, limit, self._report)
+                bn_images = _bounded_int(options.get("bn_images") or 0, "BatchNorm images", 0, 100_000)
+                work = _elastic_work(run, i, train_spec, eval_spec, metric, budgets, samples, limit, bn_images,
+                                     self._report)
             elif kind == "fold":
                 work = _fold_work(run, i, eval_spec, run / "folded" / f"anchor{i}", limit, self._report)
             else:
@@ -682,23 +686,47 @@ def _shrink_work(run: Path, i: int, data: str, eval_data: str, target: float, st
     return work
 
 
-def _elastic_work(run: Path, i: int, data: str, eval_data: str, budgets: list, samples: int, limit: int, report):
+ELASTIC_METRICS = ("macs", "activations", "latency")
+
+
+def _elastic_work(run: Path, i: int, data: str, eval_data: str, metric: str, percents: list[float], samples: int,
+                  limit: int, bn_images: int, report):
+    """Budgets are percentages of the anchor's own MACs, activations or latency (a latency table is
+    measured here first: batch 1 on this server's CPU/GPU, like the CLI's --budget-latency)."""
     def work(events, cancel) -> str:
+        from torch import nn
+
         from composer.candidates import add_candidates
-        from composer.elastic import anchor_of_run, image_batches, search_elastic
+        from composer.elastic import (anchor_of_run, budget_cost, check_budget, image_batches, largest_arch,
+                                      latency_table, search_elastic)
+
+        def progress(phase: str, done: int, total: int) -> None:
+            events({"type": "progress", "phase": phase, "done": done, "total": total})
+
         anchor = anchor_of_run(run, i)
-        _, batches = image_batches(data, anchor.model, limit)
+        table = latency_table(anchor, progress=lambda d, t: progress("latency", d, t)) if metric == "latency" else None
+        full = budget_cost(anchor.space, metric, table)(largest_arch(anchor.space))
+        budgets = [(metric, full * p / 100) for p in percents]
+        for m, value in budgets:
+            check_budget(anchor.space, m, value, table)
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in anchor.model.modules())
+        bn, batches = image_batches(data, anchor.model, limit, bn_images=bn_images if has_bn else 0)
         _, eval_batches = image_batches(eval_data, anchor.model, limit, split="validation")
-        result = search_elastic(anchor, batches, eval_batches, None, budgets, samples=samples, data=eval_data,
-                                progress=lambda phase, done, total: events({"type": "progress", "phase": phase,
-                                                                             "done": done, "total": total}))
+        result = search_elastic(anchor, batches, eval_batches, bn, budgets, samples=samples, data=eval_data,
+                                latency=table, bn_source={"data": data, "seed": 0, "batch_size": 64},
+                                progress=progress)
         add_candidates(run, result.candidates)
         rho = result.rank_correlation
-        rows = "\n".join(f"| {c.name} | {c.macs / 1e6:.2f} | {c.activations / 1e6:.3f} | {c.top1:.2f} | "
-                          f"{c.config['predicted_top1']:.2f} |" for c in result.candidates)
+        unit = "ms" if metric == "latency" else "M"
+        scale = 1 if metric == "latency" else 1e6
+        rows = "\n".join(f"| {c.name} | {c.config['budget']['value'] / scale:.3g} {unit} | {c.macs / 1e6:.2f} | "
+                          f"{c.activations / 1e6:.3f} | {c.top1:.2f} | {c.config['predicted_top1']:.2f} |"
+                          for c in result.candidates)
+        bn_note = (f"BatchNorm statistics re-estimated on {sum(len(x) for x in bn)} images per sub-network"
+                   if bn else "BatchNorm statistics: the anchor's" if has_bn else "no BatchNorm layers")
         report(f"predictor fitted on {len(result.samples)} measured sub-networks; rank correlation (Spearman, held out) "
-               f"**{'n/a' if rho is None else f'{rho:.3f}'}**\n\n| sub-network | MACs (M) | activations (M) | top-1 | "
-               f"predicted |\n|---|---:|---:|---:|---:|\n{rows}")
+               f"**{'n/a' if rho is None else f'{rho:.3f}'}**; {bn_note}\n\n| sub-network | budget ({metric}) | "
+               f"MACs (M) | activations (M) | top-1 | predicted |\n|---|---:|---:|---:|---:|---:|\n{rows}")
         return f"elastic: {len(result.candidates)} sub-networks added to the curve"
     return work
 
@@ -725,8 +753,8 @@ def _bounded_float(v, what: str, lo: float, hi: float) -> float:
 def _percentages(text: str) -> list[float]:
     parts = [p for p in re.split(r"[,\s]+", str(text).strip()) if p]
     if not parts or len(parts) > 12:
-        raise AppError("give 1 to 12 budgets as percentages of the anchor's MACs, e.g. 30, 50, 70")
-    return [_bounded_float(p.rstrip("%"), "a budget (% of the anchor's MACs)", 1, 100) for p in parts]
+        raise AppError("give 1 to 12 budgets as percentages of the anchor's cost, e.g. 30, 50, 70")
+    return [_bounded_float(p.rstrip("%"), "a budget (% of the anchor's cost)", 1, 100) for p in parts]
 
 
 def _write_evaluation(run_dir: Path, plan: StitchPlan, top1: dict[int, float], data: str, images: int) -> None:
