@@ -17,7 +17,7 @@ from pathlib import Path
 from composer.io import write_json_atomic
 
 CANDIDATES = "candidates.json"
-METHODS = ("elastic", "shrink", "fold", "scale")
+METHODS = ("snnet", "elastic", "shrink", "fold", "scale")   # "snnet": stitches from elsewhere (quoted)
 STATUSES = ("measured", "predicted", "quoted")
 
 

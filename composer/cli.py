@@ -436,6 +436,38 @@ def cmd_scale(args) -> None:
     print(f"added candidate 'scale:{cand.name}' (predicted costs, no accuracy). MACs: 1 multiply-add = 1.")
 
 
+def _quote_args(sp) -> None:
+    sp.add_argument("run", type=Path)
+    sp.add_argument("--method", required=True, choices=["snnet", "elastic", "shrink", "fold", "scale"])
+    sp.add_argument("--name", required=True, help="how the point is labelled, e.g. 'OFA-ResNet50 @ 0.9 GMACs'")
+    sp.add_argument("--source", required=True, help="where the numbers come from, e.g. 'arXiv:1908.09791 Table 3'")
+    sp.add_argument("--macs", type=_macs, required=True, metavar="M", help="MACs per image as published, e.g. 4.6G")
+    sp.add_argument("--top1", type=float, required=True, help="top-1 %% as published")
+    sp.add_argument("--params", type=_macs, default=0, metavar="P", help="parameters, e.g. 22M (default 0: unknown)")
+    sp.add_argument("--activations", type=_macs, default=0, metavar="A", help="activations per image (default 0: unknown)")
+
+
+@command("quote", _quote_args)
+def cmd_quote(args) -> None:
+    """Put a published point on the run's curve: labelled "quoted" (drawn as a cross, never on the
+    Pareto front, since its accuracy was not measured on this run's data)."""
+    from composer.candidates import Candidate, add_candidates
+    from composer.curve import load_plan_of_run
+    name = args.name.strip()
+    if not name or len(name) > 120:
+        raise CandidateError("--name must be 1 to 120 characters")
+    if not 0 <= args.top1 <= 100:
+        raise CandidateError(f"--top1 is a percentage (0 to 100), got {args.top1:g}")
+    if args.macs <= 0 or args.params < 0 or args.activations < 0:
+        raise CandidateError("--macs must be positive, --params and --activations not negative")
+    load_plan_of_run(args.run)   # a run folder (clear error otherwise), not any path
+    add_candidates(args.run, [Candidate(args.method, name, args.source, int(args.macs), int(args.params),
+                                        int(args.activations), args.top1, "quoted", None,
+                                        {"source": args.source, "data": "as published (not this run's data)"})])
+    print(f"added quoted point '{args.method}:{name}' ({args.macs / 1e6:.4g} M MACs, top-1 {args.top1:g} %) "
+          f"to {args.run}")
+
+
 def _latency_fit_args(sp) -> None:
     sp.add_argument("run", type=Path)
     sp.add_argument("--remeasure", action="store_true", help="time every stitch again even if the run has latencies")

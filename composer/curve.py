@@ -38,7 +38,7 @@ AXES = {
     "latency": ("latency (ms) per image, batch 1", 1.0),
 }
 ANCHOR_COLOUR, STITCH_COLOUR, FRONT_COLOUR, HIGHLIGHT_COLOUR = "#1f3b73", "#7aa6d8", "#e4572e", "#f2a900"
-METHOD_COLOURS = {"elastic": "#2a9d8f", "shrink": "#8e44ad", "fold": "#6b705c", "scale": "#d62d7a"}
+METHOD_COLOURS = {"snnet": "#e76f51", "elastic": "#2a9d8f", "shrink": "#8e44ad", "fold": "#6b705c", "scale": "#d62d7a"}
 STATUS_SYMBOLS = {"measured": "circle", "predicted": "circle-open", "quoted": "x-thin-open"}
 
 

@@ -271,3 +271,46 @@ def test_cli_curve_shows_the_runs_candidates(plan, tmp_path, capsys):
     code, err = _main(capsys, run, "--out", tmp_path / "c.html")
     assert code == 0, err
     assert "elastic:sub-a" in (tmp_path / "c.html").read_text()
+
+
+def test_cli_quote_adds_a_published_point_that_never_joins_the_front(plan, tmp_path, capsys):
+    from composer.candidates import read_candidates
+    from composer.cli import main
+    top1 = _top1(plan)
+    run = tmp_path / "run"
+    _write_run(run, plan, top1)
+    smallest = min(plan.cost(s).macs for s in plan.stitches)
+    best = max(top1.values())
+    args = ["quote", str(run), "--method", "snnet", "--name", "SN-Net paper", "--source", "arXiv:2302.06586 Fig. 4",
+            "--macs", str(smallest), "--top1", str(best + 5), "--params", "1.5M"]
+    assert main(args) == 0
+    assert "added quoted point 'snnet:SN-Net paper'" in capsys.readouterr().out
+    assert main(args) == 0                        # quoting the same name again replaces it
+    [c] = read_candidates(run)
+    assert (c.status, c.macs, c.params, c.top1, c.source) == ("quoted", smallest, 1_500_000, best + 5,
+                                                              "arXiv:2302.06586 Fig. 4")
+    code, err = _main(capsys, run, "--out", tmp_path / "c.json")
+    assert code == 0, err
+    data = json.loads((tmp_path / "c.json").read_text())
+    [row] = data["candidates"]
+    assert row["status"] == "quoted" and row["top1"] == best + 5 and not row["pareto"]   # dominates, yet off the front
+    assert data["pareto"] == json.loads(json.dumps(curve_rows(plan, top1, "macs")))["pareto"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--top1", "120"], "percentage"),
+    (["--macs", "0"], "positive"),
+    (["--name", " "], "1 to 120 characters"),
+])
+def test_cli_quote_bad_input_is_one_line(plan, tmp_path, capsys, change, message):
+    from composer.cli import main
+    run = tmp_path / "run"
+    _write_run(run, plan, _top1(plan))
+    args = {"--method": "elastic", "--name": "x", "--source": "paper", "--macs": "1M", "--top1": "70"}
+    args.update(dict(zip(change[::2], change[1::2])))
+    assert main(["quote", str(run), *[a for kv in args.items() for a in kv]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.strip().count("\n") == 0 and message in err, err
+    assert main(["quote", str(tmp_path / "nope"), "--method", "fold", "--name", "x", "--source", "s",
+                 "--macs", "1M", "--top1", "1"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
