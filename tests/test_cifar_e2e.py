@@ -242,3 +242,36 @@ def test_bad_inputs_end_with_one_clear_line(cifar, fitted, tmp_path, main):
     msg = _one_error_line(main("fit", cifar.anchors[0], good, "--data", unreadable.parent, "--out", existing))
     assert "could not be read" in msg
     assert _digest(existing) == before
+
+
+def test_every_builder_joins_the_stitches_on_one_curve(cifar, fitted, tmp_path, main):
+    """Issue 5 on the real ResNets: elastic, shrink, fold and scale each add their points to the
+    fitted run, and one curve lists them with the 40 stitches (quick settings: this checks that the
+    builders work on real weights; bench figures are in the README)."""
+    run = tmp_path / "run"
+    shutil.copytree(fitted.run, run)
+    calib, exact = cifar.splits.calib, cifar.splits.exact846
+    r20_macs = 40_551_050
+    torch.set_num_threads(1)
+    r = main("elastic", run, "--anchor", 1, "--data", calib, "--eval-data", exact, "--budget-macs", r20_macs,
+             "--samples", 8, "--eval-limit", 64, "--bn-images", 128, "--population", 16, "--generations", 3,
+             "--check", 1, "--json")
+    assert r.returncode == 0, r.stderr
+    [elastic] = json.loads(r.stdout)["candidates"]
+    assert elastic["macs"] <= r20_macs and elastic["top1"] > 30   # chance is 10 %
+    r = main("shrink", run, "--anchor", 1, "--data", calib, "--eval-data", exact, "--target-macs", 50_000_000,
+             "--steps", 10, "--eval-limit", 64, "--bn-images", 128, "--batch-size", 32, "--json")
+    assert r.returncode == 0, r.stderr
+    shrunk = json.loads(r.stdout)
+    assert shrunk["counted_macs"] <= 50_000_000 and shrunk["top1_after"] > 30
+    r = main("fold", run, "--anchor", 0, "--data", exact, "--out", tmp_path / "folded", "--limit", 64, "--no-latency")
+    assert r.returncode == 0, r.stderr
+    assert main("scale", run, "--fill").returncode == 0
+    r = main("curve", run, "--out", tmp_path / "curve.json")
+    assert r.returncode == 0, r.stderr
+    curve = json.loads((tmp_path / "curve.json").read_text())
+    assert len(curve["stitches"]) == 40
+    by_method = {c["method"]: c for c in curve["candidates"]}
+    assert set(by_method) == {"elastic", "shrink", "fold", "scale"}
+    assert by_method["fold"]["top1"] > 85 and by_method["scale"]["top1"] is None   # folded R-20: exact images
+    assert by_method["scale"]["macs"] > r20_macs   # the gap ResNet-20 -> 32 is the biggest
