@@ -289,6 +289,8 @@ def _train_args(sp) -> None:
     sp.add_argument("--sampling", choices=["uniform", "macs_grouped"], default="uniform",
                     help="uniform over stitches (SN-Net) or a MACs group first, then a stitch (SN-Netv2)")
     sp.add_argument("--groups", type=_positive, default=4, help="MACs groups for --sampling macs_grouped")
+    sp.add_argument("--stitches-per-step", type=_positive, default=1, metavar="K",
+                    help="split each batch among K sampled stitches, one optimizer step for all (as SN-Net's K GPUs)")
     sp.add_argument("--stitch-layers-only", action="store_true", help="freeze the anchors, train the stitching layers")
     sp.add_argument("--distill", metavar="anchors|largest|off|SPEC",
                     help="distil from each route's last anchor (default with pretrained anchors), the largest "
@@ -311,7 +313,8 @@ def cmd_train(args) -> None:
     from composer.train import TrainConfig, train
     config = TrainConfig(steps=args.steps, time_budget_min=args.time_budget, lr=args.lr, batch_size=args.batch_size,
                          optimizer=args.optimizer, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                         sampling=args.sampling, groups=args.groups, stitch_layers_only=args.stitch_layers_only,
+                         sampling=args.sampling, groups=args.groups, stitches_per_step=args.stitches_per_step,
+                         stitch_layers_only=args.stitch_layers_only,
                          distill=args.distill, distill_weight=args.distill_weight, eval_every=args.eval_every,
                          eval_limit=args.eval_limit, checkpoint_every=args.checkpoint_every, seed=args.seed,
                          workers=args.workers, anchor_lr_scale=args.anchor_lr_scale, min_crop=args.min_crop,

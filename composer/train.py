@@ -69,6 +69,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     sampling: str = "uniform"           # "uniform" (SN-Net) | "macs_grouped" (SN-Netv2: sort by MACs, pick a group, then a stitch)
     groups: int = 4
+    stitches_per_step: int = 1          # the batch split among this many sampled stitches, one optimizer
+    #                                     step for all: what SN-Net's 8 GPUs do (8 stitches per step), in one process
     stitch_layers_only: bool = False
     distill: str | None = None          # None: family default ("anchors" where the anchors have pretrained
     #                                     weights) | "off" | "largest" (largest anchor, frozen copy) | "anchors"
@@ -121,6 +123,8 @@ def resolve(config: TrainConfig, net: StitchedNetwork, data: str = "", teachers:
         (c.time_budget_min is None or c.time_budget_min > 0, f"the time budget must be positive, got {c.time_budget_min}"),
         (c.lr > 0, f"the learning rate must be positive, got {c.lr}"),
         (c.batch_size >= 1, f"the batch size must be >= 1, got {c.batch_size}"),
+        (1 <= c.stitches_per_step <= c.batch_size,
+         f"stitches per step must be between 1 and the batch size ({c.batch_size}), got {c.stitches_per_step}"),
         (c.optimizer in OPTIMIZERS, f"unknown optimizer '{c.optimizer}' (choose {', '.join(OPTIMIZERS)})"),
         (c.sampling in SAMPLINGS, f"unknown sampling '{c.sampling}' (choose {', '.join(SAMPLINGS)})"),
         (c.groups >= 1, f"groups must be >= 1, got {c.groups}"),
@@ -485,6 +489,9 @@ def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dic
             g["lr"] = c.lr * g["lr_scale"]
     teacher_of = _teachers(run, c, device, memory_format)
     model: nn.Module = net
+    if dist.world > 1 and c.stitches_per_step > 1:   # DDP finds unused parameters from one forward only
+        raise TrainError("with several processes every rank already trains its own stitch per step: "
+                         "use stitches_per_step 1 (or one process)")
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
@@ -555,18 +562,26 @@ def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dic
 
         x, y = next(it)
         x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
-        sid = sampler.pick(step, dist.rank)
-        net.select(sid)
         torch.manual_seed(int(np.random.SeedSequence([c.seed, dist.rank, step, 4]).generate_state(1)[0]))  # dropout etc.
-        with autocast:
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=c.label_smoothing)
-            if teacher_of is not None:
-                with torch.no_grad():
-                    target = teacher_of(sid)(x).float()
-                kd = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(target, -1),
-                              log_target=True, reduction="batchmean")
-                loss = (1 - c.distill_weight) * loss + c.distill_weight * kd
+        # One graph per sampled stitch, one backward for their summed loss: the memory of one batch,
+        # and each stitching layer is updated k times as often as with one stitch per step.
+        k = c.stitches_per_step
+        loss = 0.0
+        for j, (xj, yj) in enumerate(zip(x.tensor_split(k), y.tensor_split(k))):
+            if not len(yj):
+                continue
+            sid = sampler.pick(step, dist.rank * k + j)   # k = 1: the one-stitch-per-step sequence
+            net.select(sid)
+            with autocast:
+                logits = model(xj)
+                part = F.cross_entropy(logits.float(), yj, label_smoothing=c.label_smoothing)
+                if teacher_of is not None:
+                    with torch.no_grad():
+                        target = teacher_of(sid)(xj).float()
+                    kd = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(target, -1),
+                                  log_target=True, reduction="batchmean")
+                    part = (1 - c.distill_weight) * part + c.distill_weight * kd
+            loss = loss + part * (len(yj) / len(y))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

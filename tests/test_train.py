@@ -116,6 +116,37 @@ def test_one_step_changes_only_the_sampled_route(tmp_path, vit_family):
     assert all(torch.equal(reloaded[k], v) for k, v in after.items())
 
 
+def test_several_stitches_per_step_train_exactly_their_routes(tmp_path, vit_family):
+    """stitches_per_step=2: the batch is split between two sampled stitches and one optimizer step
+    moves both routes (both stitching layers) and nothing else."""
+    run = make_run(tmp_path, vit_family)
+    before = load_run(run).net
+    plan = before.plan
+    def picks_of(seed):
+        return [StitchSampler(before, "uniform", 4, seed).pick(0, j) for j in (0, 1)]
+
+    def disjoint_stitches(ids):   # two stitches (not anchors) that share no stitching layer
+        a, b = (plan.stitches[i] for i in ids)
+        return a.layers and b.layers and not set(a.layers) & set(b.layers)
+    seed = next(s for s in range(200) if disjoint_stitches(picks_of(s)))
+    picks = picks_of(seed)
+    events = []
+    train(run, vit_family[1], small(steps=1, optimizer="sgd", lr=0.1, seed=seed, stitches_per_step=2),
+          events=events.append, eval_data=vit_family[2])
+    after = weights(run)
+    changed = {k for k, v in before.state_dict().items() if not torch.equal(v, after[k])}
+    routes = [tuple(before.route_prefixes(plan.stitches[sid])) for sid in picks]
+
+    def on(route):
+        return {k for k, _ in before.named_parameters() if any(k == p or k.startswith(p + ".") for p in route)}
+    assert changed <= on(routes[0]) | on(routes[1])
+    for route in routes:   # each route's own stitching layer learned
+        stitch_params = {k for k in on(route) if k.startswith("stitch")}
+        assert stitch_params and stitch_params & changed, route
+    with pytest.raises(TrainError, match="stitches per step"):
+        train(run, vit_family[1], small(steps=2, stitches_per_step=5))    # more stitches than images
+
+
 def test_events_metrics_and_evaluation(tmp_path, vit_family):
     run = make_run(tmp_path, vit_family)
     events = []
