@@ -20,6 +20,8 @@ each prints and writes (`--json`) its own rows; `--combine A.json B.json ...` pr
     python bench/bench_train.py --budgets 10 --json /tmp/b10.json     # the target figure
     python bench/bench_train.py --combine /tmp/b*.json                 # one table from several runs
     python bench/bench_train.py --steps 600 --eval-limit 1000 --recipe frozen_kd   # quick comparisons
+    python bench/bench_train.py --steps 468 --set anchor_lr_scale=0.3 stitches_per_step=4  # any TrainConfig field
+    python bench/bench_train.py --wall --threads 2 --budgets 10   # a quiet machine: `train --time-budget 10`
 
 Recipes compared (`--recipe`; all with uniform stitch sampling unless named):
   snnet        all weights trainable, SGD momentum 0.9, lr 0.01, cosine (the notes' baseline: 29 %)
@@ -229,6 +231,10 @@ def main() -> None:
     p.add_argument("--budgets", type=float, nargs="+", default=[2, 5, 10, 20],
                    help="fine-tune budgets in CPU minutes of one thread")
     p.add_argument("--steps", type=int, help="fixed step counts instead of budgets (quick recipe comparisons)")
+    p.add_argument("--wall", action="store_true",
+                   help="budgets are wall-clock minutes of `composer train --time-budget` with --threads threads "
+                        "(for a quiet machine: what a user gets)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation (default 1)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="default")
     p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="override TrainConfig fields of the recipe, e.g. --set lr=3e-3 batch_size=32")
@@ -248,14 +254,14 @@ def main() -> None:
         sys.exit(f"skipped: {reason}")
     recipe = with_overrides(RECIPES[args.recipe], args.set)
     label = args.recipe + "".join(f"+{kv}" for kv in args.set)
-    torch.set_num_threads(1)     # budgets are single-thread CPU time (see the module docstring)
+    torch.set_num_threads(args.threads)   # 1: budgets are single-thread CPU time (see the module docstring)
     args.work.mkdir(parents=True, exist_ok=True)
     splits = cifar10_splits()
     specs = cifar_anchor_specs()
     fitted = fitted_run(args.work, specs, splits.calib)
     net = load_run(fitted).net
     plan = net.plan
-    results = {"recipe": label, "config": asdict(recipe), "threads": 1,
+    results = {"recipe": label, "config": asdict(recipe), "threads": args.threads,
                "eval_images": args.eval_limit or 5000, "runs": []}
     if not args.no_overhead:
         o = results["overhead"] = overhead_ratio(net)
@@ -287,6 +293,8 @@ def main() -> None:
         cache.write_text(json.dumps(base))
     if args.steps:
         limits = [("steps", args.steps, args.steps)]
+    elif args.wall:
+        limits = [("wall_min", b, None) for b in args.budgets]
     else:
         per_step = results["cpu_s_per_step"] = cpu_seconds_per_step(args.work, fitted, label, recipe)
         print(f"calibration: {per_step:.3f} CPU s per step ({label}, one thread)", flush=True)
@@ -294,16 +302,19 @@ def main() -> None:
     for kind, value, steps in limits:
         run = args.work / f"{label}-{kind}-{value:g}"
         done = run / "train.json"
-        if args.reuse and done.is_file() and json.loads(done.read_text())["steps"] == steps:
+        if args.reuse and done.is_file() and (steps is None or json.loads(done.read_text())["steps"] == steps):
             extra = json.loads(done.read_text())     # trained before (e.g. a killed bench): measure only
         else:
             shutil.rmtree(run, ignore_errors=True)
             shutil.copytree(fitted, run)
-            cfg = replace(recipe, steps=steps, eval_limit=50, checkpoint_every=10**9)
+            cfg = replace(recipe, steps=steps, time_budget_min=value if kind == "wall_min" else None,
+                          eval_limit=50, checkpoint_every=10**9)
             t0, c0 = time.time(), time.process_time()
             r = train(run, str(splits.calib), cfg, eval_data=str(splits.eval))
             extra = {"steps": r["step"], "steps_per_cpu_s": round(r["step"] / (time.process_time() - c0), 3),
                      "cpu_min": round((time.process_time() - c0) / 60, 2), "wall_min": round((time.time() - t0) / 60, 2)}
+            if kind == "wall_min":
+                extra["steps_per_wall_s"] = round(r["step"] / (time.time() - t0), 3)
             done.write_text(json.dumps(extra))
         row = measure(f"{label} {kind}={value:g}", load_run(run).net, extra,
                       exact=kind == "budget_min" and value in args.exact_for, run_dir=run)
@@ -330,11 +341,14 @@ def combine(parts: list[dict]) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = [f"recipe {results['recipe']}, one thread, {results['eval_images']} JPEG eval images; "
-             f"gap = top-1 minus the line between a stitch's anchors (points); st/s = steps per CPU second",
+    lines = [f"recipe {results['recipe']}, {results.get('threads', 1)} thread(s), "
+             f"{results['eval_images']} JPEG eval images; "
+             f"gap = top-1 minus the line between a stitch's anchors (points); st/s = steps per CPU second "
+             f"(per wall second for wall-clock budgets)",
              f"{'run':28} {'steps':>6} {'st/s':>5} {'median':>7} {'worst':>7} {'<=1pt':>6}  anchors (top-1 %)   exact846 anchors"]
     for r in results["runs"]:
-        sps = f"{r['steps_per_cpu_s']:.2f}" if r.get("steps_per_cpu_s") else "-"
+        sps = r.get("steps_per_wall_s") or r.get("steps_per_cpu_s")
+        sps = f"{sps:.2f}" if sps else "-"
         anchors = "/".join(f"{a:.1f}" for a in r["anchors"])
         exact = "/".join(f"{a:.1f}" for a in r["exact846"]["anchors"]) if "exact846" in r else "-"
         lines.append(f"{r['name']:28} {r['steps']:>6} {sps:>5} {r['median_gap']:7.2f} {r['worst_gap']:7.2f} "
