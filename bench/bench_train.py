@@ -55,11 +55,10 @@ from torch import nn  # noqa: E402
 
 from bench.cifar10 import cifar10_splits, cifar_anchor_specs, missing_shared_reason  # noqa: E402
 from composer import data  # noqa: E402
-from composer.evaluate import evaluate_all  # noqa: E402
+from composer.evaluate import evaluate_all, write_evaluation  # noqa: E402
 from composer.fit import fit_stitches  # noqa: E402
 from composer.run import build_network, load_run, save_fitted  # noqa: E402
-from composer.io import write_json_atomic  # noqa: E402
-from composer.train import TrainConfig, _evaluation_json, train  # noqa: E402
+from composer.train import TrainConfig, train  # noqa: E402
 
 RECIPES = {
     "snnet": TrainConfig(optimizer="sgd", lr=0.01, weight_decay=5e-5, anchor_lr_scale=1.0, freeze_bn=False),
@@ -272,8 +271,7 @@ def main() -> None:
         t0 = time.time()
         top1 = evaluate(run_net, splits.eval, args.eval_limit)
         if run_dir is not None:   # so that `python -m composer curve RUN` draws this evaluation
-            write_json_atomic(run_dir / "evaluation.json", _evaluation_json(
-                run_net, str(splits.eval), args.eval_limit or 5000, top1, extra.get("steps", 0)))
+            write_evaluation(run_dir, plan, top1, str(splits.eval), args.eval_limit or 5000, extra.get("steps", 0))
         row = {"name": name, **extra, **summarise(plan, top1)}
         if exact:
             e = summarise(plan, evaluate(run_net, splits.exact846, None))

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from composer.candidates import CandidateError
 from composer.curve import CurveError
 from composer.data import DataError
+from composer.evaluate import stitch_rows
 from composer.elastic import ElasticError
 from composer.export import ExportError
 from composer.fold import FoldError
@@ -82,15 +83,6 @@ def _plan_kwargs(args) -> dict:
         except json.JSONDecodeError as e:
             raise PlanError(f"--points is not valid JSON: {e}") from None
     return {"kernel": args.kernel, "stride": args.stride, "all_pairs": args.all_pairs, "points": points}
-
-
-def stitch_rows(plan, extra: dict[int, dict] | None = None) -> list[dict]:
-    rows = []
-    for s in plan.stitches:
-        d = {"id": s.id, "route": s.to_json()["route"], **plan.cost(s).to_dict()}
-        d.update((extra or {}).get(s.id, {}))
-        rows.append(d)
-    return rows
 
 
 def _table(plan, rows: list[dict], extra_cols: list[str]) -> str:
@@ -223,8 +215,7 @@ def _evaluate_args(sp) -> None:
 def cmd_evaluate(args) -> None:
     """Top-1 of every stitch (shared-prefix evaluation); also saved as RUN/evaluation.json."""
     from composer import data
-    from composer.evaluate import evaluate_all
-    from composer.io import write_json_atomic
+    from composer.evaluate import evaluate_all, write_evaluation
     from composer.run import load_run
     run = load_run(args.run)
     cfg = data.data_config(run.net.anchors[0])
@@ -233,15 +224,13 @@ def cmd_evaluate(args) -> None:
     res = evaluate_all(run.net, data.loader(ds, args.batch_size, workers=args.workers),
                        progress=lambda n: bar.update(n - bar.n))
     bar.close()
-    extra = {k: {"top1": v} for k, v in res.top1.items()}
+    extra = {k: {} for k in res.top1}
     if args.latency:
         from composer.costs import measure_latency
         x = next(iter(data.loader(ds, 1)))[0].to(next(run.net.parameters()).device)
         for s in tqdm(run.plan.stitches, desc="latency", file=sys.stderr, disable=None):
             extra[s.id]["latency_ms"] = measure_latency(run.net.select(s.id), x)
-    rows = stitch_rows(run.plan, extra)
-    write_json_atomic(Path(run.dir) / "evaluation.json",
-                      {"data": args.data, "images": res.images, "stitches": rows})
+    rows = write_evaluation(run.dir, run.plan, res.top1, args.data, res.images, extra=extra)["stitches"]
     if args.json:
         print(json.dumps({"images": res.images, "stitches": rows}))
     else:

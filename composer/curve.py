@@ -23,12 +23,13 @@ import torch
 
 from composer.candidates import Candidate
 from composer.io import write_json_atomic, write_text_atomic
+from composer.evaluate import EVALUATION
 from composer.plan import StitchPlan
 
 if TYPE_CHECKING:  # plotly is imported when a figure is drawn, keeping the CLI quick to start
     import plotly.graph_objects as go
 
-EVALUATION, METRICS, LATENCY = "evaluation.json", "metrics.jsonl", "latency.json"
+METRICS, LATENCY = "metrics.jsonl", "latency.json"
 
 # x axis name -> (axis title, divisor turning the raw count into the unit shown)
 AXES = {

@@ -74,11 +74,11 @@ def prepare_anchor(model: nn.Module, spec: str = "", index: int | None = None,
     needed to rebuild an export of a model that is not a plain timm name or a model folder)."""
     import copy
 
-    from composer.export import _anchor_entry
+    from composer.export import anchor_entry
     model = copy.deepcopy(model).eval()
     space = elastic_space(model, input_size)
     sort_by_importance_(model, space)
-    entry = _anchor_entry(index or 0, spec, model)
+    entry = anchor_entry(index or 0, spec, model)
     entry["model_args"] = {**entry["model_args"], **(model_args or {})}
     return ElasticAnchor(model, space, spec, index, entry)
 
@@ -630,28 +630,28 @@ def export_subnet(anchor: ElasticAnchor, config: SubnetConfig, out_dir, bn_image
     """Write the sub-network as model.safetensors + config.json (the anchor's architecture and the
     SubnetConfig: `load_subnet` builds the anchor, extracts, loads the weights) and, with
     program=True, model.pt2 (torch.export) for plain-torch use."""
-    from composer.export import _preprocessing, _save_program
+    from composer.export import preprocessing_of, save_program
     out_dir = Path(out_dir).expanduser()
     sub = build_subnet(anchor, config, bn_images)
     cost = subnet_cost(anchor.space, config)
     cfg = {"format": FORMAT, "version": 1, "anchor": anchor.entry, "subnet": config.to_dict(),
-           "input_size": list(anchor.space.input_size), "preprocessing": _preprocessing(anchor.model),
+           "input_size": list(anchor.space.input_size), "preprocessing": preprocessing_of(anchor.model),
            "cost": cost.to_dict(), "top1": top1, "bn_images": _count(bn_images)}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(out_dir / "model.safetensors", sub.state_dict())
     write_json_atomic(out_dir / "config.json", cfg)
     if program:
-        cfg["program"] = _save_program(load_subnet(out_dir), anchor.space.input_size, out_dir)
+        cfg["program"] = save_program(load_subnet(out_dir), anchor.space.input_size, out_dir)
         write_json_atomic(out_dir / "config.json", cfg)
     return out_dir
 
 
 def load_subnet(path) -> nn.Module:
     """The sub-network exported by `export_subnet` in folder `path`, in eval mode."""
-    from composer.export import _build_anchor
+    from composer.export import build_anchor
     path = Path(path).expanduser()
     cfg = read_config(path, FORMAT, ElasticError, "an exported sub-network")
-    model = _build_anchor(cfg["anchor"])
+    model = build_anchor(cfg["anchor"])
     space = elastic_space(model, tuple(cfg["input_size"]))
     try:
         sub = extract(model, space, SubnetConfig.from_dict(cfg["subnet"]))

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from composer.io import write_json_atomic
+from composer.plan import StitchPlan
 from composer.snnet import StitchedNetwork, prefix_outputs
+
+EVALUATION = "evaluation.json"
 
 
 @dataclass
@@ -70,3 +75,20 @@ def evaluate_naive(net: StitchedNetwork, batches, stitch_ids: list[int] | None =
         y = torch.cat([y for _, y in batches])
         preds[i], top1[i] = p, 100.0 * int((p == y).sum()) / len(y)
     return EvalResult(top1, sum(len(y) for _, y in batches), preds)
+
+
+def stitch_rows(plan: StitchPlan, extra: dict[int, dict] | None = None) -> list[dict]:
+    """One row per stitch: id, route, costs, and whatever `extra` holds for it (top1, latency_ms...)."""
+    return [{"id": s.id, "route": s.to_json()["route"], **plan.cost(s).to_dict(), **(extra or {}).get(s.id, {})}
+            for s in plan.stitches]
+
+
+def write_evaluation(run_dir, plan: StitchPlan, top1: dict[int, float], data: str, images: int,
+                     step: int | None = None, extra: dict[int, dict] | None = None) -> dict:
+    """RUN/evaluation.json (what the curve and export read): every stitch's costs and top-1 on
+    `images` images of `data`, after `step` fine-tuning steps when known. Returns what it wrote."""
+    rows = {sid: {"top1": top1.get(sid), **(extra or {}).get(sid, {})} for sid in range(len(plan.stitches))}
+    record = {"data": data, "images": images, **({"step": step} if step is not None else {}),
+              "stitches": stitch_rows(plan, rows)}
+    write_json_atomic(Path(run_dir) / EVALUATION, record)
+    return record

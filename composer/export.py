@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from composer.costs import describe
 from composer.data import data_config
 from composer.io import read_config, save_safetensors_atomic, write_json_atomic, write_text_atomic
 from composer.plan import LayerSpec, Stitch, StitchPlan, load_plan
-from composer.run import MANIFEST, load_run
+from composer.run import load_run
 from composer.snnet import StitchedNetwork, StitchLayer
 from zoo.adapters import BlockAdapter, adapt
 
@@ -75,14 +74,14 @@ def _source_model_args(spec: str) -> dict:
     return dict(cfg.get("model_args") or {})
 
 
-def _anchor_entry(index: int, spec: str, model: nn.Module) -> dict:
+def anchor_entry(index: int, spec: str, model: nn.Module) -> dict:
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.pretrained_cfg.items()
            if k not in ("file", "source", "hf_hub_id", "url")}
     return {"index": index, "spec": spec, "architecture": cfg.get("architecture") or spec,
             "num_classes": model.num_classes, "model_args": _source_model_args(spec), "pretrained_cfg": cfg}
 
 
-def _build_anchor(entry: dict) -> nn.Module:
+def build_anchor(entry: dict) -> nn.Module:
     _register_project_models()
     try:
         kwargs = {**entry.get("model_args", {}), "num_classes": entry["num_classes"]}
@@ -92,7 +91,7 @@ def _build_anchor(entry: dict) -> nn.Module:
         raise ExportError(f"cannot build anchor {entry['architecture']}: {str(e).splitlines()[0]}") from None
 
 
-def _preprocessing(model: nn.Module) -> dict:
+def preprocessing_of(model: nn.Module) -> dict:
     cfg = data_config(model)
     return {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]) for k in PREPROCESSING_KEYS if k in cfg}
 
@@ -166,7 +165,7 @@ def load_stitched(path) -> nn.Module:
     """The stitch exported by `export_stitch` in folder `path`, in eval mode."""
     path = Path(path).expanduser()
     config = read_config(path, FORMAT, ExportError, "an exported stitch")
-    anchors = {e["index"]: _build_anchor(e) for e in config["anchors"]}
+    anchors = {e["index"]: build_anchor(e) for e in config["anchors"]}
     module = StitchedRoute(anchors, config["route"], config["stitch_layers"])
     try:
         module.load_state_dict(load_file(path / "model.safetensors"), strict=True)
@@ -232,9 +231,9 @@ def export_stitch(run_dir, stitch_id: int, out_dir) -> Path:
     top1 = _top1_of(evaluation, stitch_id)
     config = {
         "format": FORMAT, "version": 1, "stitch": stitch_id, "description": plan.describe_route(stitch),
-        "anchors": [_anchor_entry(a, plan.anchors[a], net.anchors[a]) for a in anchors],
+        "anchors": [anchor_entry(a, plan.anchors[a], net.anchors[a]) for a in anchors],
         "route": stitch.to_json()["route"], "stitch_layers": layers,
-        "preprocessing": _preprocessing(net.anchors[0]),
+        "preprocessing": preprocessing_of(net.anchors[0]),
         "cost": plan.cost(stitch).to_dict(), "num_classes": net.anchors[stitch.route[-1].anchor].num_classes,
         "top1": top1, "top1_source": {k: evaluation.get(k) for k in ("data", "images", "step")} if top1 is not None else None,
         "trained_steps": _trained_steps(run.manifest), "run": str(run_dir), "folder": out_dir.name,
@@ -245,13 +244,13 @@ def export_stitch(run_dir, stitch_id: int, out_dir) -> Path:
     write_json_atomic(out_dir / "config.json", config)   # load_stitched needs both
 
     module = load_stitched(out_dir)
-    config["program"] = _save_program(module, config["preprocessing"]["input_size"], out_dir)
+    config["program"] = save_program(module, config["preprocessing"]["input_size"], out_dir)
     write_json_atomic(out_dir / "config.json", config)
     write_text_atomic(out_dir / "README.md", _stitch_card(config, run.manifest, plan))
     return out_dir
 
 
-def _save_program(module: nn.Module, input_size, out_dir: Path) -> dict:
+def save_program(module: nn.Module, input_size, out_dir: Path) -> dict:
     """model.pt2 by torch.export (batch size dynamic); TorchScript (model.ts) if export fails.
     Either is checked against the module on a random batch before it is kept."""
     x = torch.randn(2, *input_size)
@@ -400,8 +399,8 @@ def export_snnet(run_dir, out_dir, latency: bool = False) -> Path:
     table = {"stitches": rows, "top1_source": {k: evaluation.get(k) for k in ("data", "images", "step")} if evaluation else None,
              "latency_device": _device_text() if ms is not None else None}
     config = {"format": SNNET_FORMAT, "version": 1,
-              "anchors": [_anchor_entry(i, spec, m) for i, (spec, m) in enumerate(zip(plan.anchors, net.anchors))],
-              "preprocessing": _preprocessing(net.anchors[0]), "trained_steps": _trained_steps(run.manifest),
+              "anchors": [anchor_entry(i, spec, m) for i, (spec, m) in enumerate(zip(plan.anchors, net.anchors))],
+              "preprocessing": preprocessing_of(net.anchors[0]), "trained_steps": _trained_steps(run.manifest),
               "run": str(run_dir), "folder": out_dir.name, "versions": {"torch": torch.__version__, "timm": timm.__version__}}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(out_dir / "snnet.safetensors", net.state_dict())
@@ -428,7 +427,7 @@ def load_snnet(path) -> StitchedNetwork:
         raise ExportError(f"{path}: not an exported SN-Net ({e})") from None
     if config.get("format") != SNNET_FORMAT:
         raise ExportError(f"{path}: config.json is not a {SNNET_FORMAT} export (format={config.get('format')!r})")
-    models = [_build_anchor(e) for e in sorted(config["anchors"], key=lambda e: e["index"])]
+    models = [build_anchor(e) for e in sorted(config["anchors"], key=lambda e: e["index"])]
     infos = [describe(e["spec"], adapt(m)) for e, m in zip(config["anchors"], models)]
     net = StitchedNetwork(models, load_plan(plan_data, infos))
     try:

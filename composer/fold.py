@@ -776,13 +776,13 @@ def load_folded(path) -> nn.Module:
     """The model written by `save_folded`, rebuilt from its source and folds, in eval mode."""
     from safetensors.torch import load_file
 
-    from composer.export import ExportError, _build_anchor, load_stitched
+    from composer.export import ExportError, build_anchor, load_stitched
     path = Path(path).expanduser()
     config = read_config(path, FORMAT, FoldError, "a folded model")
     source = config["source"]
     try:
         if source["kind"] == "anchor":
-            model = _build_anchor(source["entry"])
+            model = build_anchor(source["entry"])
         elif source["kind"] == "stitch":
             model = load_stitched(path / source["folder"])
         else:
@@ -835,7 +835,7 @@ def fold_run(run_dir, data: str, out_dir, anchor: int | None = None, stitch: int
     `limit` images (all by default); add a "fold" candidate to the run. `events` gets the
     fold_model events, then {"type": "evaluate", "images": n}."""
     from composer import data as data_mod
-    from composer.export import _anchor_entry, export_stitch, load_stitched
+    from composer.export import anchor_entry, export_stitch, load_stitched
     from composer.run import check_writable, load_run
 
     if (anchor is None) == (stitch is None):
@@ -847,7 +847,7 @@ def fold_run(run_dir, data: str, out_dir, anchor: int | None = None, stitch: int
             raise FoldError(f"anchor {anchor} does not exist (this run has 0..{len(run.plan.anchors) - 1})")
         spec = run.plan.anchors[anchor]
         model = run.net.anchors[anchor]
-        source = {"kind": "anchor", "entry": _anchor_entry(anchor, spec, model)}
+        source = {"kind": "anchor", "entry": anchor_entry(anchor, spec, model)}
         label, name = spec, f"{Path(spec.split(':', 1)[-1]).name} folded"
     else:
         # the exported stitch is what gets folded: a standalone module, rebuildable from its folder

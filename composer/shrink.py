@@ -38,7 +38,7 @@ from composer.candidates import Candidate, add_candidates
 from composer.costs import model_cost
 from composer.elastic import FORMAT as SUBNET_FORMAT
 from composer.elastic import recalibrate_bn, top1
-from composer.export import _anchor_entry, _preprocessing
+from composer.export import anchor_entry, preprocessing_of
 from composer.io import save_safetensors_atomic, write_json_atomic
 from composer.subnet import (ElasticSpace, SubnetConfig, elastic_space, extract, masked, permute_, soft_cost,
                              subnet_cost)
@@ -457,12 +457,12 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
     stages = stage_summary(space, config)
     # composer.elastic's format for a static sub-network of an anchor: `elastic.load_subnet` loads it
     described = {"format": SUBNET_FORMAT, "version": 1, "method": "shrink",
-                 "anchor": _anchor_entry(anchor, spec, model), "subnet": config.to_dict(),
+                 "anchor": anchor_entry(anchor, spec, model), "subnet": config.to_dict(),
                  "input_size": list(space.input_size), "cost": cost.to_dict(),
                  "order": {k: v.tolist() for k, v in order.items()},
                  "ratios": {t.key: float(a) for t, a in zip(result.masks.topks, result.masks.ratio.detach())},
                  "target_macs": int(target_macs), "soft_macs": result.soft_macs, "steps": result.steps,
-                 "search_data": data, "lr": lr, "preprocessing": _preprocessing(model),
+                 "search_data": data, "lr": lr, "preprocessing": preprocessing_of(model),
                  "top1": after, "top1_before_bn_recalibration": after_export, "bn_images": recalibrated,
                  "eval_data": eval_data or data, "eval_images": n}
     save_shrunk(folder, pruned, described)

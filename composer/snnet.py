@@ -6,7 +6,6 @@ the last anchor's head (its final norm included).
 """
 from __future__ import annotations
 
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from composer import data as data_mod
-from composer.evaluate import evaluate_all
+from composer.evaluate import evaluate_all, write_evaluation
 from composer.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from composer.run import CHECKPOINT, MANIFEST, TRAINED, RunError, load_run
 from composer.snnet import StitchedNetwork
@@ -133,7 +133,7 @@ def resolve(config: TrainConfig, net: StitchedNetwork, data: str = "", teachers:
         (c.eval_every >= 0, f"eval_every must be >= 0, got {c.eval_every}"),
         (c.anchor_lr_scale >= 0, f"anchor_lr_scale must be >= 0, got {c.anchor_lr_scale}"),
         (c.workers >= 0, f"workers must be >= 0, got {c.workers}"),
-        (0 < c.min_crop <= 1 and 0 <= c.hflip <= 1, f"min_crop must be in (0, 1] and hflip in [0, 1]"),
+        (0 < c.min_crop <= 1 and 0 <= c.hflip <= 1, "min_crop must be in (0, 1] and hflip in [0, 1]"),
     ]
     for ok, message in checks:
         if not ok:
@@ -616,7 +616,7 @@ def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dic
         _record_in_manifest(run_dir, data, ev_spec, c, step, status)
     top1 = evaluate()
     if main and top1:
-        write_json_atomic(run_dir / "evaluation.json", _evaluation_json(net, ev_spec, len(eval_ds), top1, step))
+        write_evaluation(run_dir, net.plan, top1, ev_spec, len(eval_ds), step)
     elapsed = time.monotonic() - t0
     result = {"status": status, "step": step, "total_steps": c.steps, "top1": top1,
               "elapsed_s": round(elapsed, 2), "steps_per_s": round((step - start_step) / max(elapsed, 1e-9), 3),
@@ -631,14 +631,6 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
-
-
-def _evaluation_json(net: StitchedNetwork, spec: str, images: int, top1: dict[int, float], step: int) -> dict:
-    """RUN/evaluation.json in the shape `evaluate` writes, for the trained weights."""
-    rows = []
-    for s in net.plan.stitches:
-        rows.append({"id": s.id, "route": s.to_json()["route"], **net.plan.cost(s).to_dict(), "top1": top1.get(s.id)})
-    return {"data": spec, "images": images, "step": step, "stitches": rows}
 
 
 def _record_in_manifest(run_dir: Path, data: str, eval_spec: str, c: TrainConfig, step: int, status: str) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 
 import zoo  # noqa: F401  (registers the CIFAR ResNets with timm)
 from composer.candidates import read_candidates
-from composer.export import _anchor_entry
+from composer.export import anchor_entry
 from composer.fold import (ActOnly, AnnealedReLU, FoldError, PassThrough, anneal, apply_fold, compose_serial,
                            fold_conv_bn, fold_model, fold_parallel, fold_serial, load_folded, mark_foldable,
                            save_folded, serial_exact)
@@ -308,7 +308,7 @@ def test_folded_model_saves_and_loads_with_safetensors(tmp_path):
     model = randomise_bn(timm.create_model("cifar_resnet20", pretrained=False))
     x = torch.randn(2, 3, 32, 32)
     folded, cert = fold_model(model, x, latency=False)
-    save_folded(tmp_path, folded, cert, {"kind": "anchor", "entry": _anchor_entry(0, "cifar_resnet20", model)})
+    save_folded(tmp_path, folded, cert, {"kind": "anchor", "entry": anchor_entry(0, "cifar_resnet20", model)})
     assert {p.name for p in tmp_path.iterdir()} >= {"model.safetensors", "config.json", "certificate.json"}
     loaded = load_folded(tmp_path)
     with torch.no_grad():
@@ -335,7 +335,7 @@ def bn_run(tmp_path_factory):
 def test_cli_fold_anchor_and_stitch(bn_run, tmp_path, main, monkeypatch):
     run, val = bn_run
     # the exported stitch's torch.export program (most of an export's time) plays no part in folding
-    monkeypatch.setattr("composer.export._save_program", lambda *a: {"file": None, "kind": None, "errors": ["test"]})
+    monkeypatch.setattr("composer.export.save_program", lambda *a: {"file": None, "kind": None, "errors": ["test"]})
     r = main("fold", run, "--anchor", 0, "--data", val, "--out", tmp_path / "a", "--images", 8, "--no-latency", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)

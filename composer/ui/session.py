@@ -394,7 +394,7 @@ class Session:
             progress: Progress | None = None) -> dict[int, float]:
         """Build the network with weights, fit every stitching layer, save a run, evaluate all stitches."""
         from composer import data as data_mod
-        from composer.evaluate import evaluate_all
+        from composer.evaluate import evaluate_all, write_evaluation
         from composer.fit import fit_stitches
         from composer.run import build_network, save_fitted
         progress = progress or (lambda f, t: None)
@@ -423,7 +423,7 @@ class Session:
             res = evaluate_all(net, data_mod.loader(eval_ds, 64),
                                progress=lambda n: progress(0.6 + 0.4 * n / len(eval_ds),
                                                            f"evaluating {len(net.plan.stitches)} stitches: {n}/{len(eval_ds)} images"))
-            _write_evaluation(run_dir, net.plan, res.top1, eval_spec, res.images)
+            write_evaluation(run_dir, net.plan, res.top1, eval_spec, res.images)
             self.plan, self.net, self.run_dir, self.data = net.plan, net, run_dir, spec
             self.r2, self.top1 = dict(report.r2), dict(res.top1)
             self.top1_source = f"after fitting, before fine-tuning ({res.images} images of {eval_spec})"
@@ -755,14 +755,6 @@ def _percentages(text: str) -> list[float]:
     if not parts or len(parts) > 12:
         raise AppError("give 1 to 12 budgets as percentages of the anchor's cost, e.g. 30, 50, 70")
     return [_bounded_float(p.rstrip("%"), "a budget (% of the anchor's cost)", 1, 100) for p in parts]
-
-
-def _write_evaluation(run_dir: Path, plan: StitchPlan, top1: dict[int, float], data: str, images: int) -> None:
-    """RUN/evaluation.json in the shape the CLI's `evaluate` writes (the curve reads it)."""
-    from composer.io import write_json_atomic
-    rows = [{"id": s.id, "route": s.to_json()["route"], **plan.cost(s).to_dict(), "top1": top1.get(s.id)}
-            for s in plan.stitches]
-    write_json_atomic(run_dir / "evaluation.json", {"data": data, "images": images, "stitches": rows})
 
 
 def _short(spec: str) -> str:
