@@ -281,9 +281,9 @@ def _train_args(sp) -> None:
     sp.add_argument("--stitches-per-step", type=_positive, default=1, metavar="K",
                     help="split each batch among K sampled stitches, one optimizer step for all (as SN-Net's K GPUs)")
     sp.add_argument("--stitch-layers-only", action="store_true", help="freeze the anchors, train the stitching layers")
-    sp.add_argument("--distill", metavar="anchors|largest|off|SPEC",
-                    help="distil from each route's last anchor (default with pretrained anchors), the largest "
-                         "anchor, any anchor spec, or not at all")
+    sp.add_argument("--distill", metavar="anchors|live|largest|off|SPEC",
+                    help="distil from each route's last anchor (default with pretrained anchors: its original "
+                         "weights; live: as fine-tuned so far), the largest anchor, any anchor spec, or not at all")
     sp.add_argument("--distill-weight", type=float, default=0.5)
     sp.add_argument("--min-crop", type=float, default=1.0, help="smallest random-resized-crop area (default 1: no crop)")
     sp.add_argument("--hflip", type=float, help="horizontal-flip probability (default 0.5; 0 for the starter digits)")

@@ -74,7 +74,8 @@ class TrainConfig:
     stitch_layers_only: bool = False
     distill: str | None = None          # None: family default ("anchors" where the anchors have pretrained
     #                                     weights) | "off" | "largest" (largest anchor, frozen copy) | "anchors"
-    #                                     (each route learns from the original of its last anchor) | any anchor spec
+    #                                     (each route learns from the original of its last anchor) | "live"
+    #                                     (from its last anchor as fine-tuned so far, no copy) | any anchor spec
     distill_weight: float = 0.5         # KL on logits (temperature 1)
     eval_every: int = 0                 # steps; 0: only at the end
     eval_limit: int | None = 500        # held-out images for periodic evaluation (shared-prefix evaluate_all)
@@ -305,8 +306,26 @@ def _teachers(run, c: TrainConfig, device, memory_format) -> Callable[[int], nn.
     if c.distill == "anchors":
         models = [build(s) for s in plan.anchors]
         return lambda sid: models[plan.stitches[sid].route[-1].anchor]
+    if c.distill == "live":
+        return _live_teachers(run.net, c)
     teacher = build(plan.anchors[-1] if c.distill == "largest" else c.distill)
     return lambda sid: teacher
+
+
+def _live_teachers(net: StitchedNetwork, c: TrainConfig) -> Callable[[int], Callable]:
+    """stitch id -> its last anchor *as it is being fine-tuned* (eval mode, no copy): stitches learn
+    toward the anchors' current predictions, which improve during the fine-tune, not the originals'."""
+    anchor_route = {s.route[0].anchor: s for s in net.plan.stitches if s.is_anchor}
+
+    def teacher(sid: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(x: torch.Tensor) -> torch.Tensor:
+            net.eval()
+            try:
+                return net.run(anchor_route[net.plan.stitches[sid].route[-1].anchor], x)
+            finally:
+                _set_train_modes(net, c)
+        return run
+    return teacher
 
 
 # --- distributed -----------------------------------------------------------------------------------

@@ -299,6 +299,33 @@ def test_distillation_from_itself_costs_nothing(tmp_path, vit_family, monkeypatc
     assert losses[0] == pytest.approx(0.0, abs=1e-6) and losses[1] > 1e-7   # weights moved after step one
 
 
+def test_live_distillation_follows_the_anchor_being_trained(tmp_path, vit_family, monkeypatch):
+    """distill="live": the teacher is the route's last anchor as trained so far, so on an anchor's
+    own route the KL term is 0 at every step (not only the first, as with a frozen original), and a
+    stitch's KL equals the one computed by hand against the anchor route of the same network."""
+    run = make_run(tmp_path, vit_family)
+    largest = len(VIT) - 1
+    monkeypatch.setattr(StitchSampler, "pick", lambda self, step, rank=0: largest)
+    events = []
+    train(run, vit_family[1], small(steps=3, distill="live", distill_weight=1.0), events=events.append,
+          eval_data=vit_family[2])
+    assert [e["loss"] for e in events if e["type"] == "step"] == pytest.approx([0.0] * 3, abs=1e-6)
+
+    net = load_run(run).net
+    stitch = next(s for s in net.plan.stitches if not s.is_anchor)
+    anchor = next(s for s in net.plan.stitches if s.is_anchor and s.route[0].anchor == stitch.route[-1].anchor)
+    from composer.train import _live_teachers, resolve
+    x = torch.randn(2, *net.anchors[0].pretrained_cfg["input_size"])
+    teacher = _live_teachers(net, resolve(TrainConfig(steps=1), net))
+    net.train()
+    with torch.no_grad():
+        got = teacher(stitch.id)(x)
+        assert net.training            # back in training mode for the student's step
+        net.eval()
+        want = net.run(anchor, x)
+    assert torch.equal(got, want)
+
+
 def test_macs_grouped_sampling_is_balanced_over_groups(vit_family, tmp_path):
     net = load_run(make_run(tmp_path, vit_family)).net
     sampler = StitchSampler(net, "macs_grouped", 3, seed=0)
