@@ -624,6 +624,10 @@ def _elastic_args(sp) -> None:
                          "(default 1024; 0 keeps the anchor's)")
     sp.add_argument("--predictor", choices=["mlp", "ridge"], default="mlp",
                     help="accuracy predictor: OFA's 3-layer MLP (default) or ridge regression")
+    sp.add_argument("--finetune-steps", type=int, default=0, metavar="N",
+                    help="first fine-tune the anchor by progressive shrinking for N steps on --data (saved in the "
+                         "run; later searches of this anchor use it); default 0: the run's weights as they are")
+    sp.add_argument("--finetune-lr", type=float, default=0.01, help="SGD lr of the progressive-shrinking fine-tune")
     sp.add_argument("--population", type=_positive, default=64)
     sp.add_argument("--generations", type=_positive, default=20)
     sp.add_argument("--check", type=_positive, default=3,
@@ -637,7 +641,9 @@ def cmd_elastic(args) -> None:
     each budget, measure the chosen ones; adds "elastic" candidates to the run."""
     from composer.candidates import add_candidates
     from composer.elastic import anchor_of_run, check_budget, image_batches, latency_table, search_elastic
-    anchor = anchor_of_run(args.run, args.anchor)
+    if args.finetune_steps < 0 or not args.finetune_lr > 0:
+        raise ElasticError("--finetune-steps must be >= 0 and --finetune-lr positive")
+    anchor = anchor_of_run(args.run, args.anchor, progressive=not args.finetune_steps)
     budgets = ([("macs", v) for v in args.budget_macs] + [("activations", v) for v in args.budget_activations]
                + [("latency", v) for v in args.budget_latency])
     for metric, value in budgets:
@@ -653,6 +659,18 @@ def cmd_elastic(args) -> None:
         bar.update(done - bar.n)
 
     try:
+        if args.finetune_steps:
+            from composer import data
+            from composer.progressive import progressive_shrink, save_finetuned
+            ds = data.open_dataset(args.data, data.data_config(anchor.model), split="train")
+            ps = progressive_shrink(anchor, data.loader(ds, args.batch_size, shuffle=True, workers=args.workers,
+                                                        seed=args.seed), args.finetune_steps, args.finetune_lr,
+                                    args.seed, events=lambda e: show(e["phase"], e["done"], e["total"]))
+            path = save_finetuned(args.run, anchor)
+            bar.write(f"progressive shrinking: {ps['steps']} steps, loss {ps['first_loss']:.3f} -> "
+                      f"{ps['last_loss']:.3f}; weights saved to {path}", file=sys.stderr)
+        elif anchor.finetuned:
+            bar.write(f"using the progressive-shrinking weights of anchor {args.anchor} saved in the run", file=sys.stderr)
         table = latency_table(anchor, progress=lambda d, t: show("latency", d, t)) if args.budget_latency else None
         bn, batches = image_batches(args.data, anchor.model, args.eval_limit, args.seed, args.batch_size,
                                     bn_images=args.bn_images, workers=args.workers)

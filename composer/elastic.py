@@ -61,6 +61,7 @@ class ElasticAnchor:
     spec: str               # the anchor's spec (timm name, local-dir:, hf-hub:)
     index: int | None = None   # its index in a run, if it came from one
     entry: dict = field(default_factory=dict, repr=False)   # what rebuilds the architecture (composer.export)
+    finetuned: str | None = None   # digest of the progressive-shrinking weights it runs (composer.progressive)
 
     @property
     def short_name(self) -> str:
@@ -83,15 +84,33 @@ def prepare_anchor(model: nn.Module, spec: str = "", index: int | None = None,
     return ElasticAnchor(model, space, spec, index, entry)
 
 
-def anchor_of_run(run_dir, index: int) -> ElasticAnchor:
-    """Anchor `index` of a run (with the run's fine-tuned weights if it was trained)."""
+def finetuned_path(run_dir, index: int) -> Path:
+    """Where composer.progressive saves anchor `index` of a run after progressive shrinking."""
+    return Path(run_dir) / "elastic" / f"anchor{index}.safetensors"
+
+
+def anchor_of_run(run_dir, index: int, progressive: bool = True) -> ElasticAnchor:
+    """Anchor `index` of a run (with the run's fine-tuned weights if it was trained), with its
+    progressive-shrinking weights when the run has them and `progressive` (composer.progressive)."""
+    import hashlib
+
     from composer.run import load_run
     run = load_run(Path(run_dir))
     n = len(run.net.anchors)
     if not 0 <= index < n:
         raise ElasticError(f"anchor {index} does not exist (this run has anchors 0..{n - 1}: "
                            f"{', '.join(run.plan.anchors)})")
-    return prepare_anchor(run.net.anchors[index], run.plan.anchors[index], index)
+    anchor = prepare_anchor(run.net.anchors[index], run.plan.anchors[index], index)
+    path = finetuned_path(run_dir, index)
+    if progressive and path.is_file():
+        raw = path.read_bytes()
+        try:
+            anchor.model.load_state_dict(load_file(str(path)))
+        except Exception as e:   # a corrupt or foreign file: say which, never guess
+            raise ElasticError(f"{path} does not load into anchor {index} ({str(e).splitlines()[0][:200]}); "
+                               "delete it or run progressive shrinking again") from None
+        anchor.finetuned = hashlib.sha256(raw).hexdigest()[:16]
+    return anchor
 
 
 def kept_units(size: int, fraction: float) -> int:
@@ -607,7 +626,7 @@ def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batche
              "budget": {"metric": metric, "value": value}, "predicted_top1": res.predicted,
              "search_top1": search_top1, "checked": check,
              "predictor": predictor, "rank_correlation": rho, "bn": {"images": _count(bn_images), **(bn_source or {})},
-             "data": data, "images": n_eval,
+             "data": data, "images": n_eval, "finetuned": anchor.finetuned,
              "latency_predicted_ms": latency.predict(space, res.arch) if latency is not None else None}))
     sample_rows = [{"arch": a.to_dict(), "top1": t, **arch_cost(space, a).to_dict()} for a, t in zip(archs, measured)]
     return ElasticResult(candidates, rho, predictor, sample_rows, latency)
@@ -671,6 +690,9 @@ def export_candidate(run_dir, name: str, out_dir, program: bool = True) -> Path:
         raise ElasticError(f"no elastic candidate '{name}' in {run_dir} ({', '.join(names) or 'none yet'})")
     c = found[0]
     anchor = anchor_of_run(run_dir, c.config["anchor"])
+    if c.config.get("finetuned") != anchor.finetuned:
+        raise ElasticError(f"'{name}' was measured with other weights of anchor {c.config['anchor']} than the run "
+                           "has now (progressive shrinking ran since): search again, then export")
     bn_info = c.config.get("bn") or {}
     bn = None
     if bn_info.get("images"):

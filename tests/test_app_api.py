@@ -324,16 +324,18 @@ def test_other_builders_join_the_curve(client, app):
 
     timer, line, status = client.predict(key, 2, 50, 6, api_name="/shrink_start")
     assert "started" in status
-    assert "is running" in client.predict(key, 2, "macs", "30", 8, 0, api_name="/elastic_start")[-1]   # one job at a time
+    assert "is running" in client.predict(key, 2, "macs", "30", 8, 0, 0, api_name="/elastic_start")[-1]   # one job at a time
     line, report = _builder_until_done(client, key)
     assert line.startswith("✓ shrink"), line
     assert "MACs counted" in report
 
-    # latency budgets: a latency table is measured first, budgets are % of the anchor's own latency
-    timer, line, status = client.predict(key, 1, "latency", "40, 80", 8, 512, api_name="/elastic_start")
+    # latency budgets: a latency table is measured first, budgets are % of the anchor's own latency;
+    # two progressive-shrinking steps first, their weights kept in the run
+    timer, line, status = client.predict(key, 1, "latency", "90, 100", 8, 512, 2, api_name="/elastic_start")
     line, report = _builder_until_done(client, key)
     assert line.startswith("✓ elastic"), line
     assert "rank correlation" in report and "no BatchNorm layers" in report   # the starter ViTs have none
+    assert "progressive shrinking: 2 steps" in report and (run_dir / "elastic" / "anchor1.safetensors").is_file()
 
     stored = read_candidates(run_dir)
     assert {c.method for c in stored} == {"scale", "shrink", "elastic"}

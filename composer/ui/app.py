@@ -209,6 +209,8 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                             elastic_samples = gr.Number(24, precision=0, label="measured samples")
                             elastic_bn = gr.Number(512, precision=0, label="BatchNorm re-estimation images",
                                                    info="per sub-network, CNNs only; 0 keeps the anchor's statistics")
+                            elastic_ft = gr.Number(0, precision=0, label="progressive-shrinking steps",
+                                                   info="fine-tune the anchor's shared weights first (0: as they are)")
                         elastic_btn = gr.Button("Search sub-networks", variant="primary")
                     with gr.Tab("Shrink (DMS)"):
                         gr.Markdown("Differentiable top-k on every width and block toward a MACs target, then the "
@@ -547,8 +549,9 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                     return gr.skip(), gr.skip(), _status(_message(e), True)
             return handler
 
-        builder_starts = [(elastic_btn, "elastic", [elastic_metric, elastic_budgets, elastic_samples, elastic_bn],
-                           ("metric", "budgets", "samples", "bn_images")),
+        builder_starts = [(elastic_btn, "elastic",
+                           [elastic_metric, elastic_budgets, elastic_samples, elastic_bn, elastic_ft],
+                           ("metric", "budgets", "samples", "bn_images", "finetune_steps")),
                           (shrink_btn, "shrink", [shrink_target, shrink_steps], ("target_pct", "steps")),
                           (fold_btn, "fold", [], ())]
         for button, kind, inputs, names in builder_starts:

@@ -574,8 +574,9 @@ class Session:
                 budgets = _percentages(options.get("budgets") or "30, 50, 70, 90")
                 samples = _bounded_int(options.get("samples") or 24, "sampled sub-networks", 8, 500)
                 bn_images = _bounded_int(options.get("bn_images") or 0, "BatchNorm images", 0, 100_000)
+                finetune = _bounded_int(options.get("finetune_steps") or 0, "progressive-shrinking steps", 0, 100_000)
                 work = _elastic_work(run, i, train_spec, eval_spec, metric, budgets, samples, limit, bn_images,
-                                     self._report)
+                                     finetune, self._report)
             elif kind == "fold":
                 work = _fold_work(run, i, eval_spec, run / "folded" / f"anchor{i}", limit, self._report)
             else:
@@ -690,9 +691,10 @@ ELASTIC_METRICS = ("macs", "activations", "latency")
 
 
 def _elastic_work(run: Path, i: int, data: str, eval_data: str, metric: str, percents: list[float], samples: int,
-                  limit: int, bn_images: int, report):
+                  limit: int, bn_images: int, finetune_steps: int, report):
     """Budgets are percentages of the anchor's own MACs, activations or latency (a latency table is
-    measured here first: batch 1 on this server's CPU/GPU, like the CLI's --budget-latency)."""
+    measured here first: batch 1 on this server's CPU/GPU, like the CLI's --budget-latency). With
+    finetune_steps, progressive shrinking runs first (composer.progressive) and its weights stay in the run."""
     def work(events, cancel) -> str:
         from torch import nn
 
@@ -703,7 +705,16 @@ def _elastic_work(run: Path, i: int, data: str, eval_data: str, metric: str, per
         def progress(phase: str, done: int, total: int) -> None:
             events({"type": "progress", "phase": phase, "done": done, "total": total})
 
-        anchor = anchor_of_run(run, i)
+        anchor = anchor_of_run(run, i, progressive=not finetune_steps)
+        if finetune_steps:
+            from composer import data as data_mod
+            from composer.progressive import progressive_shrink, save_finetuned
+            ds = data_mod.open_dataset(data, data_mod.data_config(anchor.model), split="train")
+            ps = progressive_shrink(anchor, data_mod.loader(ds, 64, shuffle=True), finetune_steps, events=events,
+                                    cancel=cancel)
+            save_finetuned(run, anchor)
+            if cancel is not None and cancel.is_set():
+                return f"elastic: cancelled after {ps['steps']} progressive-shrinking steps (saved in the run)"
         table = latency_table(anchor, progress=lambda d, t: progress("latency", d, t)) if metric == "latency" else None
         full = budget_cost(anchor.space, metric, table)(largest_arch(anchor.space))
         budgets = [(metric, full * p / 100) for p in percents]
@@ -722,7 +733,9 @@ def _elastic_work(run: Path, i: int, data: str, eval_data: str, metric: str, per
         rows = "\n".join(f"| {c.name} | {c.config['budget']['value'] / scale:.3g} {unit} | {c.macs / 1e6:.2f} | "
                           f"{c.activations / 1e6:.3f} | {c.top1:.2f} | {c.config['predicted_top1']:.2f} |"
                           for c in result.candidates)
-        bn_note = (f"BatchNorm statistics re-estimated on {sum(len(x) for x in bn)} images per sub-network"
+        ps_note = (f"progressive shrinking: {finetune_steps} steps first; " if finetune_steps else
+                   "progressive-shrinking weights of an earlier run; " if anchor.finetuned else "")
+        bn_note = ps_note + (f"BatchNorm statistics re-estimated on {sum(len(x) for x in bn)} images per sub-network"
                    if bn else "BatchNorm statistics: the anchor's" if has_bn else "no BatchNorm layers")
         report(f"predictor fitted on {len(result.samples)} measured sub-networks; rank correlation (Spearman, held out) "
                f"**{'n/a' if rho is None else f'{rho:.3f}'}**; {bn_note}\n\n| sub-network | budget ({metric}) | "

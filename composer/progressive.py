@@ -1,0 +1,121 @@
+"""Once-for-All's progressive shrinking, short: fine-tune one anchor's shared weights so that its
+sub-networks (composer.elastic) work without training each of them.
+
+Every step trains two sub-networks on one batch: the smallest of the current phase and a random
+one, each with cross-entropy plus distillation from the anchor as it was before the fine-tune (OFA
+distils from its full network). Phases follow OFA's order: elastic depth first (widths kept
+whole), then depth and width together. The weights are shared, so a step moves every sub-network;
+sub-networks run inside the full model through 0/1 masks (`composer.subnet.masked`, equal to the
+extracted network), and their BatchNorm statistics are re-estimated when they are measured, as OFA
+does.
+
+The fine-tuned, importance-sorted weights go to RUN/elastic/anchorI.safetensors; from then on
+`composer.elastic.anchor_of_run` builds the run's anchor I with them, and every candidate records
+the digest of the weights it was measured with.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from composer.elastic import (WIDTH_CHOICES, Arch, ElasticAnchor, ElasticError, finetuned_path, kept_units,
+                              smallest_arch)
+from composer.io import save_safetensors_atomic
+from composer.subnet import ElasticSpace, masked
+
+Events = Callable[[dict], None]
+
+
+def arch_masks(space: ElasticSpace, arch: Arch) -> tuple[Callable, Callable]:
+    """The (width, depth) mask functions `masked` takes for one architecture: the first units of
+    every (importance-sorted) width, and 0 on the residual branch of every block not kept."""
+    kept = space.kept_blocks(arch.config(space))
+    widths = {d.key: (torch.arange(d.size) < kept_units(d.size, f)).float()
+              for d, f in zip(space.dims(), arch.width) if kept_units(d.size, f) < d.size}
+    zero = torch.zeros(())
+    return widths.get, (lambda b: None if kept[b] else zero)
+
+
+def _phase_arch(space: ElasticSpace, phase: str, rnd: random.Random | None, choices) -> Arch:
+    """The smallest (rnd None) or a random architecture of a phase: "depth" keeps widths whole."""
+    n_dims = len(space.dims())
+    if rnd is None:
+        small = smallest_arch(space, choices)
+        return small if phase == "width" else Arch(small.depth, (1.0,) * n_dims)
+    depth = tuple(rnd.randint(1, len(space.stage_blocks(s))) for s in range(space.num_stages))
+    width = tuple(rnd.choice(choices) for _ in range(n_dims)) if phase == "width" else (1.0,) * n_dims
+    return Arch(depth, width)
+
+
+def progressive_shrink(anchor: ElasticAnchor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int,
+                       lr: float = 0.01, seed: int = 0, choices=WIDTH_CHOICES, label_smoothing: float = 0.1,
+                       events: Events | None = None, cancel=None) -> dict:
+    """Fine-tune `anchor.model` in place for `steps` steps over `batches` (cycled); returns
+    {"steps", "first_loss", "last_loss"} (mean loss of the first and last tenth of the steps)."""
+    if steps < 1:
+        raise ElasticError(f"progressive shrinking needs at least 1 step, got {steps}")
+    model, space = anchor.model, anchor.space
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    rnd = random.Random(seed)
+    stream = _forever(batches)
+    losses = []
+    model.train()
+    try:
+        for step in range(steps):
+            if cancel is not None and cancel.is_set():
+                break
+            phase = "depth" if step < steps // 2 else "width"
+            for g in opt.param_groups:
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            x, y = next(stream)
+            with torch.no_grad():
+                target = F.log_softmax(teacher(x).float(), -1)
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for arch in (_phase_arch(space, phase, None, choices), _phase_arch(space, phase, rnd, choices)):
+                width_masks, depth_masks = arch_masks(space, arch)
+                with masked(model, space, width_masks, depth_masks):
+                    logits = model(x).float()
+                loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing) + F.kl_div(
+                    F.log_softmax(logits, -1), target, log_target=True, reduction="batchmean")
+                (loss / 2).backward()
+                total += float(loss.detach()) / 2
+            opt.step()
+            losses.append(total)
+            if events is not None:
+                events({"type": "progress", "phase": f"fine-tune ({phase})", "done": step + 1, "total": steps,
+                        "loss": total})
+    finally:
+        model.eval()
+    if not losses:
+        raise ElasticError("progressive shrinking was cancelled before its first step")
+    tenth = max(1, len(losses) // 10)
+    return {"steps": len(losses), "first_loss": sum(losses[:tenth]) / tenth,
+            "last_loss": sum(losses[-tenth:]) / tenth}
+
+
+def _forever(batches: Iterable):
+    """Batches again and again (a DataLoader reshuffles each pass; itertools.cycle would keep a copy)."""
+    while True:
+        empty = True
+        for b in batches:
+            empty = False
+            yield b
+        if empty:
+            raise ElasticError("no images to fine-tune on")
+
+
+def save_finetuned(run_dir, anchor: ElasticAnchor) -> Path:
+    """Write the fine-tuned anchor where `anchor_of_run` finds it; the anchor records its digest."""
+    import hashlib
+    path = finetuned_path(run_dir, anchor.index or 0)
+    save_safetensors_atomic(path, {k: v.contiguous() for k, v in anchor.model.state_dict().items()})
+    anchor.finetuned = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return path
