@@ -56,7 +56,7 @@ from torch import nn  # noqa: E402
 from bench.cifar10 import cifar10_splits, cifar_anchor_specs, missing_shared_reason  # noqa: E402
 from composer import data  # noqa: E402
 from composer.evaluate import evaluate_all, write_evaluation  # noqa: E402
-from composer.fit import fit_stitches  # noqa: E402
+from composer.fit import calibrate_route_stats, fit_stitches  # noqa: E402
 from composer.run import build_network, load_run, save_fitted  # noqa: E402
 from composer.train import TrainConfig, train  # noqa: E402
 
@@ -187,6 +187,7 @@ def fitted_run(work: Path, specs: list[str], calib: Path, n_calib: int = 256) ->
     net = build_network(specs, True)
     ds = data.subset(data.open_dataset(str(calib), data.data_config(net.anchors[0])), n_calib, seed=0)
     fit_stitches(net, (x for x, _ in data.loader(ds, 64)))
+    calibrate_route_stats(net, (x for x, _ in data.loader(ds, 64)))
     save_fitted(run, net, {"pretrained": True, "fit": {"data": str(calib), "calib": n_calib}})
     return run
 

@@ -181,15 +181,18 @@ def _fit_args(sp) -> None:
 def cmd_fit(args) -> None:
     """Fit every stitching layer by least squares on calibration images; write RUN/."""
     from composer import data
-    from composer.fit import fit_stitches
+    from composer.fit import calibrate_route_stats, fit_stitches
     from composer.run import build_network, check_writable, save_fitted
     out = check_writable(args.out)
     net = build_network(_anchors(args.anchors), args.pretrained, **_plan_kwargs(args))
     cfg = data.data_config(net.anchors[0])
     ds = data.subset(data.open_dataset(args.data, cfg), args.calib, seed=args.seed)
     images = (x for x, _ in data.loader(ds, args.batch_size, workers=args.workers))
-    report = fit_stitches(net, tqdm(images, total=-(-len(ds) // args.batch_size), desc="fit", file=sys.stderr,
-                                    disable=None), ridge=args.ridge)
+    batches = -(-len(ds) // args.batch_size)
+    report = fit_stitches(net, tqdm(images, total=batches, desc="fit", file=sys.stderr, disable=None), ridge=args.ridge)
+    images = (x for x, _ in data.loader(ds, args.batch_size, workers=args.workers))
+    calibrate_route_stats(net, tqdm(images, total=batches, desc="BatchNorm statistics per stitch", file=sys.stderr,
+                                    disable=None))
     manifest = {"pretrained": args.pretrained, "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
                 "fit": {"data": args.data, "calib": report.images, "held_out": report.held_out, "ridge": args.ridge,
                         "r2": {str(k): v for k, v in report.r2.items()}}}

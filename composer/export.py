@@ -177,7 +177,8 @@ def load_stitched(path) -> nn.Module:
 # --- export one stitch ------------------------------------------------------------------------------
 
 def _route_state(net: StitchedNetwork, stitch: Stitch) -> dict[str, torch.Tensor]:
-    """The SN-Net's tensors that the route runs, plus any anchor buffer no part owns."""
+    """The SN-Net's tensors that the route runs, plus any anchor buffer no part owns; BatchNorms
+    behind the stitch point carry the stitch's statistics (StitchedNetwork.route_stats)."""
     prefixes = tuple(net.route_prefixes(stitch))
     anchors = {seg.anchor for seg in stitch.route}
     parts = {}
@@ -190,6 +191,9 @@ def _route_state(net: StitchedNetwork, stitch: Stitch) -> dict[str, torch.Tensor
         orphan = k.startswith("anchors.") and int(k.split(".")[1]) in anchors and not _owned(k, parts[int(k.split(".")[1])])
         if _owned(k, prefixes) or orphan:
             out[k] = v
+    stats = net.route_stats[str(stitch.id)] if net.route_bn_names(stitch) else None
+    for i, n in enumerate(net.route_bn_names(stitch)):   # behind the stitch point: the stitch's own statistics
+        out[f"{n}.running_mean"], out[f"{n}.running_var"] = stats.mean(i), stats.var(i)
     return out
 
 

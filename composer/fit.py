@@ -163,3 +163,54 @@ def _r2(stats: _Stats, fkey, bkey, theta: torch.Tensor) -> float:
     sse = yy - 2 * (theta * b).sum() + (theta * (a @ theta)).sum()
     sst = yy - (ys * ys).sum() / n
     return float(1 - sse / sst) if sst > 0 else float("nan")
+
+
+@torch.no_grad()
+def calibrate_route_stats(net: StitchedNetwork, images: Iterable[torch.Tensor], progress=None) -> int:
+    """Re-estimate every stitch's own BatchNorm statistics (`StitchedNetwork.route_stats`) on
+    `images`, as the average of per-batch statistics over all of them (BatchNorm's cumulative mode).
+
+    Fronts run once per batch in eval mode on the anchors' statistics (shared prefixes); only the
+    BatchNorms behind each stitch point see batch statistics and update that stitch's buffers.
+    The anchors themselves are left as they are. Returns the number of images; for networks
+    without BatchNorm it is a no-op returning 0.
+    """
+    stitches = [s for s in net.plan.stitches if net.route_bn_names(s)]
+    if not stitches:
+        return 0
+    back_bns = {n: net.get_submodule(n) for s in stitches for n in net.route_bn_names(s)}
+    needed: dict[int, set[int]] = defaultdict(set)
+    for s in stitches:
+        needed[s.route[0].anchor].add(s.route[0].last)
+    was_training = net.training
+    # momentum is set per batch below; the shared counters must not count this calibration
+    saved = {n: (m.momentum, m.num_batches_tracked.clone()) for n, m in back_bns.items()}
+    device = next(net.parameters()).device
+    net.eval()
+    seen = 0
+    try:
+        for k, x in enumerate(images):
+            x = x.to(device)
+            outs = prefix_outputs(net, x, needed)   # all in eval mode: anchors keep their statistics
+            for s in stitches:
+                # train mode only while this route runs: an anchor behind one stitch point is the
+                # front of others, and its own statistics must not move
+                bns = [back_bns[n] for n in net.route_bn_names(s)]
+                for m in bns:   # 1/(k+1): the running average of the first k+1 batches
+                    m.momentum = 1.0 / (k + 1)
+                    m.train()
+                first = s.route[0]
+                net.run_from(s, outs[(first.anchor, first.last)], start=first.last + 1)
+                for m in bns:
+                    m.eval()
+            seen += x.shape[0]
+            if progress is not None:
+                progress(seen)
+    finally:
+        for n, m in back_bns.items():
+            m.momentum = saved[n][0]
+            m.num_batches_tracked.copy_(saved[n][1])
+        net.train(was_training)
+    if seen == 0:
+        raise ValueError("no calibration images: the data set is empty")
+    return seen

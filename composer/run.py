@@ -3,7 +3,8 @@
 RUN/
   manifest.json              anchors (specs), preprocessing, data and fit report, versions
   plan.json                  the stitch plan (same shape as `plan --json`)
-  stitch_layers.safetensors  the fitted stitching layers
+  stitch_layers.safetensors  the fitted stitching layers, and each stitch's BatchNorm statistics
+                             (`route_stats.*`, see composer.snnet)
   checkpoint/                written by training (see composer.train): all weights + trainer state
 Every file is written atomically, so a crash leaves the previous version loadable.
 """
@@ -73,7 +74,9 @@ def save_fitted(run_dir: Path, net: StitchedNetwork, manifest: dict) -> None:
                 "versions": {"torch": torch.__version__, "timm": timm.__version__},
                 "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
     net.plan.save(run_dir / PLAN)
-    save_safetensors_atomic(run_dir / LAYERS, {k: v for k, v in net.stitch_layers.state_dict().items()})
+    # what fitting sets: the stitching layers and each stitch's BatchNorm statistics
+    save_safetensors_atomic(run_dir / LAYERS, {**net.stitch_layers.state_dict(),
+                                               **{f"route_stats.{k}": v for k, v in net.route_stats.state_dict().items()}})
     write_json_atomic(run_dir / MANIFEST, manifest)
 
 
@@ -103,7 +106,10 @@ def load_run(run_dir: Path, trained: bool = True) -> Run:
     net = StitchedNetwork(models, load_plan(plan_data, infos))
     try:
         layers = load_file(run_dir / LAYERS)
-        net.stitch_layers.load_state_dict(layers)
+        stats = {k.removeprefix("route_stats."): v for k, v in layers.items() if k.startswith("route_stats.")}
+        net.stitch_layers.load_state_dict({k: v for k, v in layers.items() if not k.startswith("route_stats.")})
+        if stats:     # runs fitted before route statistics existed keep their anchors' statistics
+            net.route_stats.load_state_dict(stats)
         trained_file = run_dir / CHECKPOINT / TRAINED
         if trained and trained_file.is_file():
             net.load_state_dict(load_file(trained_file))

@@ -58,6 +58,9 @@ def test_exported_stitch_matches_the_snnet(family, vit_run, cnn_run, tmp_path):
     run_dir = vit_run if family == "vit" else cnn_run
     net = load_run(run_dir).net.eval()
     sid = _cross_stitch(net.plan)
+    if family == "cnn":   # the stitch runs its own BatchNorm statistics, not its back anchor's
+        stats, name = net.route_stats[str(sid)], net.route_bn_names(net.plan.stitches[sid])[0]
+        assert not torch.allclose(stats.mean(0), net.get_submodule(name).running_mean)
     out = export_stitch(run_dir, sid, tmp_path / "stitch")
     config = json.loads((out / "config.json").read_text())
     x = torch.randn(3, *config["preprocessing"]["input_size"])

@@ -26,7 +26,7 @@ from timm.models import save_for_hf
 import zoo  # noqa: F401  (registers the CIFAR ResNets)
 import zoo.starter  # noqa: F401  (registers the starter ViTs)
 from composer import cli, data
-from composer.fit import fit_stitches
+from composer.fit import calibrate_route_stats, fit_stitches
 from composer.run import CHECKPOINT, TRAINED, build_network, load_run, save_fitted
 from composer.train import (StitchSampler, TrainConfig, TrainError, checkpoint_step, lr_factor, resolve,
                             train)
@@ -70,6 +70,7 @@ def make_run(tmp: Path, family: tuple[list[str], str, str], name: str = "run") -
     net = build_network(specs, None)
     ds = data.open_dataset(train_dir, data.data_config(net.anchors[0]))
     fit_stitches(net, (x for x, _ in data.loader(ds, 16)))
+    calibrate_route_stats(net, (x for x, _ in data.loader(ds, 16)))
     save_fitted(Path(tmp) / name, net, {"pretrained": None})
     return Path(tmp) / name
 

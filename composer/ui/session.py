@@ -395,7 +395,7 @@ class Session:
         """Build the network with weights, fit every stitching layer, save a run, evaluate all stitches."""
         from composer import data as data_mod
         from composer.evaluate import evaluate_all, write_evaluation
-        from composer.fit import fit_stitches
+        from composer.fit import calibrate_route_stats, fit_stitches
         from composer.run import build_network, save_fitted
         progress = progress or (lambda f, t: None)
         with self.lock:
@@ -411,8 +411,11 @@ class Session:
             cfg = data_mod.data_config(net.anchors[0])
             ds = data_mod.subset(data_mod.open_dataset(calib_spec, cfg), calib, seed=0)
             batches = (x for x, _ in data_mod.loader(ds, 64))
-            report = fit_stitches(net, batches, progress=lambda n: progress(0.05 + 0.55 * n / len(ds),
+            report = fit_stitches(net, batches, progress=lambda n: progress(0.05 + 0.45 * n / len(ds),
                                                                            f"fitting stitching layers: {n}/{len(ds)} images"))
+            calibrate_route_stats(net, (x for x, _ in data_mod.loader(ds, 64)),
+                                  progress=lambda n: progress(0.5 + 0.1 * n / len(ds),
+                                                              f"BatchNorm statistics per stitch: {n}/{len(ds)} images"))
             run_dir = self._new_run_dir()
             manifest = {"pretrained": None, "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
                         "fit": {"data": spec, "calib": report.images, "held_out": report.held_out, "ridge": 1e-4,
