@@ -63,6 +63,21 @@ def read_candidates(run_dir) -> list[Candidate]:
         raise CandidateError(f"{f} is unreadable ({e})") from None
 
 
+def find_candidate(run_dir, ref: str) -> Candidate:
+    """The stored candidate `ref` names: "METHOD:NAME" (its key on the curve and in the curve's
+    JSON) or a bare NAME that only one method uses."""
+    stored = read_candidates(run_dir)
+    method, _, name = ref.partition(":")
+    found = [c for c in stored if (c.method, c.name) == (method, name)] or [c for c in stored if c.name == ref]
+    if len(found) == 1:
+        return found[0]
+    keys = [f"{c.method}:{c.name}" for c in (found or stored)]
+    listed = ", ".join(f"'{k}'" for k in keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+    if found:
+        raise CandidateError(f"'{ref}' names {len(found)} candidates in {run_dir}: say which as METHOD:NAME ({listed})")
+    raise CandidateError(f"no candidate '{ref}' in {run_dir} ({listed or 'it has none yet'})")
+
+
 def add_candidates(run_dir, new: list[Candidate]) -> list[Candidate]:
     """Store `new` in the run, replacing stored ones with the same (method, name); returns all."""
     stored = {c.key: c for c in read_candidates(run_dir)}

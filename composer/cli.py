@@ -361,6 +361,8 @@ def _export_args(sp) -> None:
     what = sp.add_mutually_exclusive_group(required=True)
     what.add_argument("--stitch", type=int, metavar="ID", help="one stitch as a standalone model (model.pt2 + safetensors)")
     what.add_argument("--all", action="store_true", help="the whole switchable SN-Net + lookup table (table.json)")
+    what.add_argument("--candidate", metavar="REF", help="an elastic or shrink candidate of the run: METHOD:NAME "
+                      "(its key in `curve --out c.json`) or its NAME (model.pt2 + safetensors)")
     sp.add_argument("--out", required=True, type=Path, help="folder to write")
     sp.add_argument("--latency", action="store_true", help="with --all: measure each stitch's batch-1 latency here")
     sp.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this Hugging Face Hub repo")
@@ -369,10 +371,14 @@ def _export_args(sp) -> None:
 
 @command("export", _export_args)
 def cmd_export(args) -> None:
-    """Export one stitch (or the whole SN-Net) as a folder people can load; optionally push it to the Hub."""
+    """Export one stitch (the whole SN-Net, or a builder's candidate) as a folder people can load;
+    optionally push it to the Hub."""
     from composer.export import export_snnet, export_stitch, push_to_hub
     if args.all:
         out = export_snnet(args.run, args.out, latency=args.latency)
+    elif args.candidate is not None:
+        from composer.elastic import export_candidate
+        out = export_candidate(args.run, args.candidate, args.out)
     else:
         out = export_stitch(args.run, args.stitch, args.out)
     url = push_to_hub(out, args.push_to_hub) if args.push_to_hub else None

@@ -48,7 +48,7 @@ def open_dataset(spec: str, config: dict, train: bool = False, split: str = "tra
     if spec.startswith("starter"):
         from zoo.starter import ensure_starter
         fam = ensure_starter()
-        part = spec.partition(":")[2] or split
+        part = spec.partition(":")[2] or {"validation": "val"}.get(split, split)   # timm's name for held-out
         if part not in ("train", "val"):
             raise DataError(f"starter data has splits train and val, not '{part}'")
         root = Path(fam.train_dir if part == "train" else fam.val_dir)

@@ -649,7 +649,7 @@ def export_subnet(anchor: ElasticAnchor, config: SubnetConfig, out_dir, bn_image
     """Write the sub-network as model.safetensors + config.json (the anchor's architecture and the
     SubnetConfig: `load_subnet` builds the anchor, extracts, loads the weights) and, with
     program=True, model.pt2 (torch.export) for plain-torch use."""
-    from composer.export import preprocessing_of, save_program
+    from composer.export import preprocessing_of
     out_dir = Path(out_dir).expanduser()
     sub = build_subnet(anchor, config, bn_images)
     cost = subnet_cost(anchor.space, config)
@@ -660,9 +660,15 @@ def export_subnet(anchor: ElasticAnchor, config: SubnetConfig, out_dir, bn_image
     save_safetensors_atomic(out_dir / "model.safetensors", sub.state_dict())
     write_json_atomic(out_dir / "config.json", cfg)
     if program:
-        cfg["program"] = save_program(load_subnet(out_dir), anchor.space.input_size, out_dir)
-        write_json_atomic(out_dir / "config.json", cfg)
+        _add_program(out_dir, cfg)
     return out_dir
+
+
+def _add_program(out_dir: Path, cfg: dict) -> None:
+    """model.pt2 (or model.ts) of the sub-network in `out_dir`, recorded in its config.json."""
+    from composer.export import save_program
+    cfg["program"] = save_program(load_subnet(out_dir), cfg["input_size"], out_dir)
+    write_json_atomic(out_dir / "config.json", cfg)
 
 
 def load_subnet(path) -> nn.Module:
@@ -680,18 +686,31 @@ def load_subnet(path) -> nn.Module:
     return sub.eval()
 
 
-def export_candidate(run_dir, name: str, out_dir, program: bool = True) -> Path:
-    """Export the run's elastic candidate `name`: its anchor, sorted again, the stored SubnetConfig,
-    and BatchNorm statistics re-estimated on the same images as when it was measured."""
-    from composer.candidates import read_candidates
-    found = [c for c in read_candidates(run_dir) if c.method == "elastic" and c.name == name]
-    if not found:
-        names = [c.name for c in read_candidates(run_dir) if c.method == "elastic"]
-        raise ElasticError(f"no elastic candidate '{name}' in {run_dir} ({', '.join(names) or 'none yet'})")
-    c = found[0]
+def export_candidate(run_dir, ref: str, out_dir, program: bool = True) -> Path:
+    """Export the run's elastic or shrink candidate `ref` ("METHOD:NAME", or a NAME only one method
+    uses) as a folder `load_subnet` loads. Elastic: its anchor, sorted again, the stored
+    SubnetConfig, and BatchNorm statistics re-estimated on the same images as when it was measured.
+    Shrink: the network `composer.shrink` saved in the run, as it was measured."""
+    import shutil
+
+    from composer.candidates import find_candidate
+    c = find_candidate(run_dir, ref)
+    if c.method == "shrink":
+        src, out = Path(run_dir) / c.config["folder"], Path(out_dir).expanduser()
+        cfg = read_config(src, FORMAT, ElasticError, "a shrunk network")
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / "model.safetensors", out / "model.safetensors")
+        write_json_atomic(out / "config.json", cfg)
+        if program:
+            _add_program(out, cfg)
+        return out
+    if c.method != "elastic":
+        kept = f": its network is in {c.config['folder']}" if c.config.get("folder") else ""
+        raise ElasticError(f"'{c.method}:{c.name}' is a {c.status} {c.method} candidate, not an elastic or shrink "
+                           f"sub-network{kept}")
     anchor = anchor_of_run(run_dir, c.config["anchor"])
     if c.config.get("finetuned") != anchor.finetuned:
-        raise ElasticError(f"'{name}' was measured with other weights of anchor {c.config['anchor']} than the run "
+        raise ElasticError(f"'{c.name}' was measured with other weights of anchor {c.config['anchor']} than the run "
                            "has now (progressive shrinking ran since): search again, then export")
     bn_info = c.config.get("bn") or {}
     bn = None

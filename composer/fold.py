@@ -859,6 +859,11 @@ def fold_run(run_dir, data: str, out_dir, anchor: int | None = None, stitch: int
     inputs = torch.cat([x for x, _ in data_mod.loader(data_mod.subset(ds, images, seed), batch_size, workers=workers)])
     device = next(model.parameters()).device
     folded, cert = fold_model(model, inputs.to(device), tolerance, latency=latency, events=events)
+    if not cert.applied:   # the same network again: no new point for the curve
+        why = "; ".join(f"{f.kind} {' + '.join(f.where)}: {f.reason}" for f in cert.refused[:3])
+        raise FoldError(f"nothing folds in {label}: " + (f"every fold was refused ({why})" if why else
+                        "it has no conv+BN, linear branches or stitching layers to merge (LayerNorm, attention "
+                        "and GELU do not fold); no candidate added"))
     save_folded(out, folded, cert, source)
 
     eval_ds = data_mod.subset(ds, limit, seed)

@@ -24,10 +24,9 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from composer.elastic import (WIDTH_CHOICES, Arch, ElasticAnchor, ElasticError, finetuned_path, kept_units,
-                              smallest_arch)
+from composer.elastic import WIDTH_CHOICES, Arch, ElasticAnchor, ElasticError, finetuned_path, smallest_arch
 from composer.io import save_safetensors_atomic
-from composer.subnet import ElasticSpace, masked
+from composer.subnet import ElasticSpace, config_masks, masked
 
 Events = Callable[[dict], None]
 
@@ -35,11 +34,7 @@ Events = Callable[[dict], None]
 def arch_masks(space: ElasticSpace, arch: Arch) -> tuple[Callable, Callable]:
     """The (width, depth) mask functions `masked` takes for one architecture: the first units of
     every (importance-sorted) width, and 0 on the residual branch of every block not kept."""
-    kept = space.kept_blocks(arch.config(space))
-    widths = {d.key: (torch.arange(d.size) < kept_units(d.size, f)).float()
-              for d, f in zip(space.dims(), arch.width) if kept_units(d.size, f) < d.size}
-    zero = torch.zeros(())
-    return widths.get, (lambda b: None if kept[b] else zero)
+    return config_masks(space, arch.config(space))
 
 
 def _phase_arch(space: ElasticSpace, phase: str, rnd: random.Random | None, choices) -> Arch:

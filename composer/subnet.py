@@ -466,6 +466,16 @@ def extract(model: nn.Module, space: ElasticSpace, config: SubnetConfig) -> nn.M
     return sub
 
 
+def config_masks(space: ElasticSpace, config: SubnetConfig) -> tuple[Callable, Callable]:
+    """The (width, depth) mask functions `masked` takes to run `config` inside the full model: the
+    first k units of every cut width, and 0 on the residual branch of every block not kept."""
+    kept = space.kept_blocks(config)
+    widths = {d.key: (torch.arange(d.size) < config.widths[d.key]).float()
+              for d in space.dims() if config.widths.get(d.key, d.size) < d.size}
+    zero = torch.zeros(())
+    return widths.get, (lambda b: None if kept[b] else zero)
+
+
 @contextmanager
 def masked(model: nn.Module, space: ElasticSpace,
            width_masks: Callable[[str], torch.Tensor | None],

@@ -12,6 +12,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -309,7 +310,8 @@ def _candidate_traces(client, key) -> dict[str, list]:
 @pytest.mark.slow
 def test_other_builders_join_the_curve(client, app):
     """Scale, shrink and elastic from the app on the starter run: each adds its candidates to the
-    run, and the curve draws the measured ones; bad input is refused without disturbing a job."""
+    run, and the curve draws the measured ones; bad input is refused without disturbing a job.
+    Fold says why it has nothing to fold, scale_fill fills the biggest gap, latency_fit gives R^2."""
     from composer.candidates import read_candidates
     from composer.curve import load_plan_of_run
     _, _, config = app
@@ -352,3 +354,43 @@ def test_other_builders_join_the_curve(client, app):
     assert not any(cd.startswith("scale:") for cd in drawn)       # predicted costs only: not on the accuracy axis
     described = app[0].store.get(key).candidate_md(f"shrink:{shrunk.name}")   # what a click on the point shows
     assert shrunk.name in described and "measured" in described
+
+    # fold: the starter ViTs have nothing linear to merge; the job ends saying so and adds nothing
+    timer, line, status = client.predict(key, 0, api_name="/fold_start")
+    assert "started" in status
+    line, report = _builder_until_done(client, key)
+    assert line.startswith("⚠ fold: nothing folds in") and "LayerNorm" in line, line
+    assert not any(c.method == "fold" for c in read_candidates(run_dir))
+
+    # scale_fill: a dWr size inside the biggest MACs ratio between neighbouring anchors, with the
+    # MACs that the scaled model counts
+    from composer.costs import model_cost
+    from composer.scaling import anchor_config, build, dwr_scale
+    before = {c.name for c in read_candidates(run_dir) if c.method == "scale"}
+    report, curve, status = client.predict(key, 0, 1.0, 0.8, "macs", api_name="/scale_fill")
+    assert "predicted" in report and "⚠" not in status, status
+    [fill] = [c for c in read_candidates(run_dir) if c.method == "scale" and c.name not in before]
+    macs = sorted(info.total.macs for info in load_plan_of_run(run_dir).infos)
+    gaps = [hi / lo for lo, hi in zip(macs, macs[1:])]
+    i = gaps.index(max(gaps))
+    assert macs[i] < fill.macs < macs[i + 1] and fill.status == "predicted" and fill.top1 is None
+    scaled = dwr_scale(anchor_config(fill.source), fill.config["s"], 0.8)
+    assert scaled.to_dict() == fill.config["scaled"]
+    assert model_cost(build(scaled, "cpu"), (3, scaled.resolution, scaled.resolution)).macs == fill.macs
+
+    # latency_fit: refused before latency is measured; then R^2 of the straight lines through every
+    # point with a latency (stitches, and the elastic candidates timed under their latency budgets)
+    assert "measure latency first" in client.predict(key, api_name="/latency_fit")[-1]
+    client.predict(key, api_name="/measure_latency")
+    report, status = client.predict(key, api_name="/latency_fit")
+    session = app[0].store.get(key)
+    plan = session.plan
+    points = [(plan.cost(plan.stitches[sid]), ms) for sid, ms in session.latency.items()]
+    points += [(c, c.latency_ms) for c in read_candidates(run_dir) if c.latency_ms is not None]
+    assert len(points) > len(session.latency) and f"through {len(points)} measured points" in report, report
+    r2 = [float(v) for v in re.findall(r"\*\*([0-9.]+)\*\*", report)]
+    lat = [ms for _, ms in points]
+    for got, what in zip(r2, ("macs", "activations")):
+        want = np.corrcoef([getattr(c, what) for c, _ in points], lat)[0, 1] ** 2
+        assert 0 <= got <= 1 and got == pytest.approx(want, abs=6e-4)
+    assert len(r2) == 2

@@ -146,3 +146,49 @@ def test_starter_shorthand_plans_the_starter_family(starter_family, main):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["anchors"] == starter_family.anchors and len(out["stitches"]) == 3 + 2 * 10
+
+
+def test_shrink_scale_and_fold_on_the_starter_family(starter_family, main, tmp_path):
+    """The builders' CLI on the starter family (trained tiny ViTs): shrink meets its target with a
+    network that rebuilds and measures the same; scale predicts what the scaled model counts; fold
+    refuses, saying why (LayerNorm ViTs have nothing linear to merge)."""
+    from composer import data
+    from composer.candidates import read_candidates
+    from composer.costs import model_cost
+    from composer.elastic import load_subnet, top1
+    import timm
+
+    from composer.scaling import anchor_config, build, dwr_scale
+
+    run = tmp_path / "run"
+    assert main("fit", "starter", "--data", "starter", "--calib", 16, "--out", run).returncode == 0
+    anchors = starter_family.anchors
+    r = main("shrink", run, "--anchor", 2, "--data", "starter", "--target-macs", "0.3M", "--steps", 5,
+             "--eval-limit", 60, "--batch-size", 16, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["counted_macs"] <= 300_000 < out["full_macs"] and out["bn_images"] == 0   # no BatchNorm in a ViT
+    net = load_subnet(run / out["folder"])
+    assert model_cost(net).macs == out["counted_macs"]
+    ds = data.subset(data.open_dataset("starter", data.data_config(net), split="validation"), 60, seed=0)
+    assert top1(net, data.loader(ds, 16)) == pytest.approx(out["top1_after"])
+
+    r = main("scale", run, "--factor", 2, "--anchor", 0, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    config = dwr_scale(anchor_config(anchors[0]), 2)
+    model = build(config, "cpu")
+    assert out["config"] == config.to_dict()
+    assert out["predicted"]["macs"] == model_cost(model, (3, config.resolution, config.resolution)).macs
+    r = main("scale", run, "--fill", "--json")
+    assert r.returncode == 0, r.stderr
+    filled = json.loads(r.stdout)["predicted"]["macs"]
+    macs = sorted(model_cost(timm.create_model(a)).macs for a in anchors)
+    gaps = [macs[1] / macs[0], macs[2] / macs[1]]   # the biggest ratio between neighbours is filled
+    lo = gaps.index(max(gaps))
+    assert macs[lo] < filled < macs[lo + 1]
+
+    r = main("fold", run, "--anchor", 0, "--data", "starter", "--out", tmp_path / "folded", "--no-latency")
+    assert r.returncode == 2 and r.stderr.startswith("error: nothing folds in") and r.stderr.count("\n") == 1
+    assert "LayerNorm" in r.stderr
+    assert sorted(c.method for c in read_candidates(run)) == ["scale", "scale", "shrink"]

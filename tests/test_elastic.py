@@ -11,9 +11,9 @@ from torch import nn
 
 import zoo  # noqa: F401  (registers the CIFAR ResNets and starter ViTs)
 from composer import elastic as el
-from composer.candidates import read_candidates
+from composer.candidates import CandidateError, read_candidates
 from composer.costs import model_cost
-from composer.subnet import SubnetConfig, extract, masked, subnet_cost
+from composer.subnet import SubnetConfig, config_masks, extract, masked, subnet_cost
 from zoo.adapters import UnsupportedModel
 
 VIT_ARGS = {"img_size": 32, "depth": 3, "num_classes": 10}
@@ -250,12 +250,45 @@ def test_cli_elastic_adds_measured_candidates(vit_run, main):
     assert model_cost(net).macs == cands[0].macs and cands[0].config["bn"]["data"] == str(images)
     _, same_images = el.image_batches(str(images), net, 20, bn_images=cands[0].config["bn"]["images"])
     assert el.top1(net, same_images) == pytest.approx(cands[0].top1)
-    with pytest.raises(el.ElasticError, match="no elastic candidate 'nope'"):
+    with pytest.raises(CandidateError, match="no candidate 'nope'"):
         el.export_candidate(run, "nope", run.parent / "x")
     r = main("elastic", run, "--anchor", 0, "--data", images, "--budget-macs", "0.2M", "--samples", 8,
              "--eval-limit", 10, "--population", 8, "--generations", 1, "--predictor", "ridge")
     assert r.returncode == 0, r.stderr
     assert "rank correlation" in r.stdout and "MACs (M)" in r.stdout and "elastic' candidates added" in r.stdout
+
+
+def test_cli_exports_a_candidate_equal_to_it_run_in_the_anchor(vit_run, main, tmp_path):
+    """`export RUN --candidate METHOD:NAME` writes the sub-network; its logits equal the run's anchor
+    computing the same configuration with masks (no extraction), and an unknown name is one line."""
+    run, images = vit_run
+    r = main("elastic", run, "--anchor", 0, "--data", images, "--budget-macs", "0.1M", "--samples", 4,
+             "--eval-limit", 10, "--population", 8, "--generations", 1, "--check", 1, "--json")
+    assert r.returncode == 0, r.stderr
+    name = json.loads(r.stdout)["candidates"][0]["name"]
+    torch.manual_seed(0)   # a random-init anchor: the same draws for the export and for the check below
+    r = main("export", run, "--candidate", f"elastic:{name}", "--out", tmp_path / "sub", "--json")
+    assert r.returncode == 0, r.stderr
+    assert {"model.safetensors", "config.json", "model.pt2"} <= set(json.loads(r.stdout)["files"])
+    exported = el.load_subnet(tmp_path / "sub")
+    torch.manual_seed(0)
+    anchor = el.anchor_of_run(run, 0)
+    [cand] = [c for c in read_candidates(run) if c.name == name]
+    config = SubnetConfig.from_dict(cand.config["subnet"])
+    assert config != anchor.space.full_config()   # 0.1M MACs is well under the anchor's: something is cut
+    x = torch.randn(4, *anchor.space.input_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), masked(anchor.model, anchor.space, *config_masks(anchor.space, config)):
+        want = anchor.model(x)
+    with torch.no_grad():
+        assert not torch.allclose(anchor.model(x), want, atol=1e-4)
+        torch.testing.assert_close(exported(x), want, atol=1e-5, rtol=1e-4)
+    assert model_cost(exported).macs == cand.macs <= 100_000
+    program = torch.export.load(tmp_path / "sub" / "model.pt2").module()
+    torch.testing.assert_close(program(x), want, atol=1e-5, rtol=1e-4)
+
+    r = main("export", run, "--candidate", "nope", "--out", tmp_path / "x")
+    assert r.returncode == 2 and r.stderr.startswith("error: no candidate 'nope'") and r.stderr.count("\n") == 1
+    assert f"'elastic:{name}'" in r.stderr and not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("args, message", [

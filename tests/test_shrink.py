@@ -254,6 +254,38 @@ def test_cli_shrink_adds_a_measured_candidate(tiny_run, main):
     assert len(read_candidates(run)) == 1
 
 
+def test_cli_exports_the_shrunk_network_equal_to_the_masked_anchor(tiny_run, main, tmp_path):
+    """`export RUN --candidate NAME` of a shrink candidate: its logits equal the run's anchor with
+    the candidate's permutation applied and its cut units and blocks masked (no extraction)."""
+    import shutil
+
+    from composer.run import load_run
+    from composer.subnet import config_masks, permute_
+    run = shutil.copytree(tiny_run[0], tmp_path / "run")
+    torch.manual_seed(0)   # a random-init anchor: the same draws for the search and for the check below
+    r = main("shrink", run, "--anchor", 0, "--data", tiny_run[1], "--target-macs", "25M", "--steps", 2,
+             "--eval-limit", 6, "--batch-size", 6, "--bn-images", 0, "--json")
+    assert r.returncode == 0, r.stderr
+    cand = json.loads(r.stdout)["candidate"]
+    r = main("export", run, "--candidate", cand["name"], "--out", tmp_path / "sub")
+    assert r.returncode == 0 and "model.pt2" in r.stdout, r.stderr
+    exported = load_subnet(tmp_path / "sub")
+
+    torch.manual_seed(0)
+    anchor = load_run(run).net.anchors[0].eval()
+    space = elastic_space(anchor)
+    permute_(anchor, space, cand["config"]["order"])
+    config = SubnetConfig.from_dict(cand["config"]["subnet"])
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), masked(anchor, space, *config_masks(space, config)):
+        want = anchor(x)
+    with torch.no_grad():
+        assert not torch.allclose(anchor(x), want, atol=1e-4)
+        torch.testing.assert_close(exported(x), want, atol=1e-5, rtol=1e-4)
+    assert model_cost(exported).macs == cand["macs"] <= 25_000_000
+    assert json.loads((tmp_path / "sub" / "config.json").read_text())["top1"] == cand["top1"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--anchor", 0, "--target-macs", "50M"], "not below the model's own"),
     (["--anchor", 0, "--target-macs", 0], "positive"),
