@@ -104,7 +104,7 @@ def test_every_event_has_an_explicit_api_name(app):
     for name in ("new_session", "restore", "list_families", "choose_family", "set_anchors", "set_options",
                  "reset_plan", "add_stitch", "move_stitch", "remove_stitch", "fit", "train_start", "train_poll",
                  "train_cancel", "select_stitch", "set_axis", "pick_under_budget", "measure_latency",
-                 "export_stitch", "export_snnet"):
+                 "export_stitch", "export_snnet", "export_candidate"):
         assert f"/{name}" in documented
 
 
@@ -308,10 +308,11 @@ def _candidate_traces(client, key) -> dict[str, list]:
 
 
 @pytest.mark.slow
-def test_other_builders_join_the_curve(client, app):
+def test_other_builders_join_the_curve(client, app, tmp_path):
     """Scale, shrink and elastic from the app on the starter run: each adds its candidates to the
     run, and the curve draws the measured ones; bad input is refused without disturbing a job.
-    Fold says why it has nothing to fold, scale_fill fills the biggest gap, latency_fit gives R^2."""
+    Shrink and elastic candidates download as zips (/export_candidate). Fold says why it has nothing
+    to fold, scale_fill fills the biggest gap, latency_fit gives R^2."""
     from composer.candidates import read_candidates
     from composer.curve import load_plan_of_run
     _, _, config = app
@@ -354,6 +355,12 @@ def test_other_builders_join_the_curve(client, app):
     assert not any(cd.startswith("scale:") for cd in drawn)       # predicted costs only: not on the accuracy axis
     described = app[0].store.get(key).candidate_md(f"shrink:{shrunk.name}")   # what a click on the point shows
     assert shrunk.name in described and "measured" in described
+    for c in (shrunk, min(elastic, key=lambda c: c.macs)):
+        _downloaded_candidate_equals_the_masked_anchor(client, key, run_dir, c, tmp_path)
+    for bad, why in (("", "click an elastic or shrink point"), ("nope", "no candidate 'nope'"),
+                     (f"scale:{next(c.name for c in stored if c.method == 'scale')}", "not an elastic or shrink")):
+        files, status = client.predict(key, bad, api_name="/export_candidate")
+        assert why in status and "⚠" in status, (bad, status)
 
     # fold: the starter ViTs have nothing linear to merge; the job ends saying so and adds nothing
     timer, line, status = client.predict(key, 0, api_name="/fold_start")
@@ -394,3 +401,37 @@ def test_other_builders_join_the_curve(client, app):
         want = np.corrcoef([getattr(c, what) for c, _ in points], lat)[0, 1] ** 2
         assert 0 <= got <= 1 and got == pytest.approx(want, abs=6e-4)
     assert len(r2) == 2
+
+
+def _downloaded_candidate_equals_the_masked_anchor(client, key: str, run_dir: Path, c, tmp_path: Path) -> None:
+    """/export_candidate of a stored candidate: the zip's sub-network loads with composer.elastic's
+    loader and gives the logits of the run's anchor computing the candidate's configuration with
+    masks (no extraction): for shrink after its permutation, for elastic with its importance order
+    and the progressive-shrinking weights kept in the run. The starter ViTs have no BatchNorm, so
+    no statistics differ between the two."""
+    from composer.elastic import anchor_of_run, load_subnet
+    from composer.run import load_run
+    from composer.subnet import SubnetConfig, config_masks, elastic_space, masked, permute_
+    files, status = client.predict(key, f"{c.method}:{c.name}", api_name="/export_candidate")
+    assert "⚠" not in status, status
+    zip_path = Path(next(f for f in files if Path(f).name.startswith(f"{c.method}-")))
+    out = tmp_path / c.method
+    with zipfile.ZipFile(zip_path) as z:
+        z.extractall(out)
+    [folder] = list(out.iterdir())
+    assert {"model.safetensors", "config.json"} <= {f.name for f in folder.iterdir()}
+    exported = load_subnet(folder)
+    if c.method == "shrink":
+        anchor = load_run(run_dir).net.anchors[c.config["anchor_index"]].eval()
+        space = elastic_space(anchor)
+        permute_(anchor, space, c.config["order"])
+    else:
+        a = anchor_of_run(run_dir, c.config["anchor"])
+        anchor, space = a.model.eval(), a.space
+    config = SubnetConfig.from_dict(c.config["subnet"])
+    x = torch.randn(4, *space.input_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), masked(anchor, space, *config_masks(space, config)):
+        want = anchor(x)
+    with torch.no_grad():
+        assert not torch.allclose(anchor(x), want, atol=1e-4)     # something is cut
+        torch.testing.assert_close(exported(x), want, atol=1e-5, rtol=1e-4)

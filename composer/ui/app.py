@@ -191,6 +191,10 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                 with gr.Row():
                     export_stitch_btn = gr.Button("Export selected stitch (zip)")
                     export_snnet_btn = gr.Button("Export whole SN-Net (zip)")
+                with gr.Row():
+                    candidate_box = gr.Textbox(label="elastic / shrink candidate (click its point on the curve)",
+                                               placeholder="METHOD:NAME", scale=3)
+                    export_candidate_btn = gr.Button("Export candidate (zip)", scale=1)
                 download = gr.File(label="exported files", interactive=False, file_count="multiple")
                 gr.Markdown("### 7 · More points from other methods · they join the curve above")
                 with gr.Row():
@@ -471,13 +475,13 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
         def point_click(key: str, x: str, evt: gr.EventData):
             point = getattr(evt, "id", None)
             if isinstance(point, str) and ":" in point:   # another builder's candidate: describe it, select nothing
-                try:
-                    return [gr.skip()] * 2 + [session_of(key).candidate_md(point), _status("")]
+                try:   # and name it in the download section, ready to export
+                    return [gr.skip()] * 2 + [session_of(key).candidate_md(point), _status(""), point]
                 except Exception as e:
-                    return [gr.skip()] * 3 + [_status(_message(e), True)]
-            return select_stitch(key, point, x)
+                    return [gr.skip()] * 3 + [_status(_message(e), True), gr.skip()]
+            return select_stitch(key, point, x) + [gr.skip()]
 
-        curve_html.point_click(point_click, [session, axis], sel_outputs, api_name="curve_point_click",
+        curve_html.point_click(point_click, [session, axis], sel_outputs + [candidate_box], api_name="curve_point_click",
                                api_visibility="undocumented")
         select_box = gr.Number(visible=False, precision=0)
         select_box.change(select_stitch, [session, select_box, axis], sel_outputs, api_name="select_stitch")
@@ -515,10 +519,10 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
 
         # --- export ------------------------------------------------------------------------------
         def export(what: str):
-            def handler(key: str):
+            def handler(key: str, candidate: str | None = None):
                 try:
                     s = session_of(key)
-                    path = s.export(what)
+                    path = s.export(what, candidate=candidate)
                     return [str(p) for p in sorted(s.exports)], _status(f"exported {path.name}")
                 except Exception as e:
                     return gr.skip(), _status(_message(e), True)
@@ -528,6 +532,9 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                                 concurrency_id="compute", concurrency_limit=2, show_progress_on=[status])
         export_snnet_btn.click(export("snnet"), [session], [download, status], api_name="export_snnet",
                                concurrency_id="compute", concurrency_limit=2, show_progress_on=[status])
+        export_candidate_btn.click(export("candidate"), [session, candidate_box], [download, status],
+                                   api_name="export_candidate", concurrency_id="compute", concurrency_limit=2,
+                                   show_progress_on=[status])
 
         # --- the other curve builders --------------------------------------------------------------
         def builder_anchors(key: str, current):

@@ -648,8 +648,9 @@ class Session:
 
     # --- export ----------------------------------------------------------------------------------
 
-    def export(self, what: str, stitch_id: int | None = None) -> Path:
-        """Export the selected stitch ("stitch") or the whole SN-Net ("snnet") and zip it."""
+    def export(self, what: str, stitch_id: int | None = None, candidate: str | None = None) -> Path:
+        """Export the selected stitch ("stitch"), the whole SN-Net ("snnet") or an elastic / shrink
+        candidate of the run ("candidate": "METHOD:NAME", as its point's customdata) and zip it."""
         with self.lock:
             if self.run_dir is None:
                 raise AppError("fit (and ideally fine-tune) first: there is nothing to export yet")
@@ -668,8 +669,17 @@ class Session:
             elif what == "snnet":
                 name = f"snnet-{stamp}"
                 export_mod.export_snnet(self.run_dir, out_base / name)
+            elif what == "candidate":
+                from composer.candidates import find_candidate
+                from composer.elastic import export_candidate
+                ref = str(candidate or "").strip()
+                if not ref:
+                    raise AppError("click an elastic or shrink point on the curve first: it names the candidate to export")
+                c = find_candidate(self.run_dir, ref)
+                name = f"{c.method}-{re.sub(r'[^A-Za-z0-9._-]+', '-', c.name).strip('-')[:60]}-{stamp}"
+                export_candidate(self.run_dir, f"{c.method}:{c.name}", out_base / name)
             else:
-                raise AppError(f"export 'stitch' or 'snnet', not '{str(what)[:20]}'")
+                raise AppError(f"export 'stitch', 'snnet' or 'candidate', not '{str(what)[:20]}'")
             zip_path = Path(shutil.make_archive(str(out_base / name), "zip", root_dir=out_base, base_dir=name))
             shutil.rmtree(out_base / name, ignore_errors=True)
             self.exports.add(zip_path.resolve())
