@@ -568,6 +568,8 @@ def _shrink_args(sp) -> None:
     sp.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of the pruning ratios")
     sp.add_argument("--bn-images", type=int, default=256,
                     help="re-estimate the shrunk network's BatchNorm statistics on N images of --data (0: off)")
+    sp.add_argument("--latency", action="store_true",
+                    help="also measure the shrunk network's batch-1 latency here (the candidate's latency_ms)")
     _common(sp)
 
 
@@ -587,11 +589,14 @@ def cmd_shrink(args) -> None:
                             loss=f"{e['loss']:.3f}", refresh=False)
         elif e["type"] == "evaluate":
             bar.set_description(f"evaluate {e['images']} images")
+        elif e["type"] == "latency":
+            bar.set_description("latency")
 
     try:
         r = shrink_anchor(args.run, args.anchor, args.data, args.target_macs, steps=args.steps, eval_data=args.eval_data,
                           eval_limit=args.eval_limit, batch_size=args.batch_size, lr=args.lr,
-                          bn_images=args.bn_images, seed=args.seed, workers=args.workers, events=show)
+                          bn_images=args.bn_images, seed=args.seed, workers=args.workers, latency=args.latency,
+                          events=show)
     finally:
         bar.close()
     if args.json:
@@ -610,6 +615,8 @@ def cmd_shrink(args) -> None:
              if r.bn_images else "")
     print(f"top-1 on {r.eval_images} images: {r.top1_before:.2f} % (anchor) -> {r.top1_after:.2f} % "
           f"(shrunk, no fine-tune{recal})")
+    if r.candidate.latency_ms is not None:
+        print(f"latency (batch 1, this device): {r.candidate.latency_ms:.3f} ms")
     print(f"candidate '{r.candidate.name}' added to {args.run}; network in {r.folder}")
     print("MACs: one multiply-add = 1 (FLOPs = 2 x MACs), per image.")
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from composer.candidates import Candidate, add_candidates
-from composer.costs import model_cost
+from composer.costs import measure_latency, model_cost
 from composer.elastic import FORMAT as SUBNET_FORMAT
 from composer.elastic import recalibrate_bn, top1
 from composer.export import anchor_entry, preprocessing_of
@@ -410,12 +410,14 @@ def _slug(text: str) -> str:
 
 def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: int = 200,
                   eval_data: str | None = None, eval_limit: int | None = 1000, batch_size: int = 64,
-                  lr: float = 0.01, bn_images: int = 256, seed: int = 0, workers: int = 0,
+                  lr: float = 0.01, bn_images: int = 256, seed: int = 0, workers: int = 0, latency: bool = False,
                   events: Callable[[dict], None] | None = None, cancel=None) -> ShrinkResult:
     """DMS on anchor `anchor` of a run: search on `data` (shuffled, cycled), export, re-estimate the
     pruned network's BN statistics on `bn_images` images of `data` (0: keep the anchor's), evaluate
     the anchor and the pruned network on the same `eval_limit` images of `eval_data` (default: the
-    validation split of `data`), save RUN/shrink/<name>/ and add the candidate to the run."""
+    validation split of `data`), save RUN/shrink/<name>/ and add the candidate to the run. With
+    latency=True the pruned network's batch-1 latency on this device becomes the candidate's
+    latency_ms (composer.costs' timer, as elastic and fold candidates are timed)."""
     from composer import data as data_mod
     from composer.run import load_run
 
@@ -450,6 +452,11 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
         recalibrate_bn(pruned, (x for x, _ in data_mod.loader(bn_ds, batch_size, workers=workers)))
         recalibrated = len(bn_ds)
         after = top1(pruned.eval(), data_mod.loader(eval_ds, batch_size, workers=workers))
+    latency_ms = None
+    if latency:
+        events({"type": "latency"})
+        device = next(pruned.parameters()).device
+        latency_ms = measure_latency(pruned.eval(), torch.zeros(1, *space.input_size, device=device))
 
     arch = model.pretrained_cfg.get("architecture") or spec
     name = f"{arch} DMS <={target_macs / 1e6:.2f}M"
@@ -467,7 +474,7 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
                  "eval_data": eval_data or data, "eval_images": n}
     save_shrunk(folder, pruned, described)
     candidate = Candidate("shrink", name, spec, cost.macs, cost.params, cost.activations, top1=after,
-                          status="measured", config={k: described[k] for k in
+                          status="measured", latency_ms=latency_ms, config={k: described[k] for k in
                                                      ("subnet", "order", "ratios", "target_macs", "soft_macs",
                                                       "steps", "eval_data", "eval_images", "bn_images",
                                                       "top1_before_bn_recalibration")}

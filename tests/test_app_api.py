@@ -328,9 +328,9 @@ def test_other_builders_join_the_curve(client, app, tmp_path):
     timer, line, status = client.predict(key, 2, 50, 6, api_name="/shrink_start")
     assert "started" in status
     assert "is running" in client.predict(key, 2, "macs", "30", 8, 0, 0, api_name="/elastic_start")[-1]   # one job at a time
-    line, report = _builder_until_done(client, key)
+    line, shrink_report = _builder_until_done(client, key)
     assert line.startswith("✓ shrink"), line
-    assert "MACs counted" in report
+    assert "MACs counted" in shrink_report
 
     # latency budgets: a latency table is measured first, budgets are % of the anchor's own latency;
     # two progressive-shrinking steps first, their weights kept in the run
@@ -345,6 +345,7 @@ def test_other_builders_join_the_curve(client, app, tmp_path):
     anchor_macs = load_plan_of_run(run_dir).infos[2].total.macs
     shrunk = next(c for c in stored if c.method == "shrink")
     assert shrunk.macs <= 0.5 * anchor_macs * 1.02 and shrunk.status == "measured"
+    assert shrunk.latency_ms > 0 and f"latency here {shrunk.latency_ms:.3f} ms" in shrink_report   # like fold's
     elastic = [c for c in stored if c.method == "elastic"]
     assert elastic and all(c.config["budget"]["metric"] == "latency" for c in elastic)
     assert all(c.config["latency_predicted_ms"] <= c.config["budget"]["value"] * 1.0001 for c in elastic)

@@ -246,12 +246,15 @@ def test_cli_shrink_adds_a_measured_candidate(tiny_run, main):
     ds = data.subset(data.open_dataset(str(images), data.data_config(net), split="validation"), 12, seed=0)
     assert top1(net, data.loader(ds, 6)) == pytest.approx(out["top1_after"])
     assert out["bn_images"] == 30 and out["top1_exported"] is not None
-    # re-running the same target replaces the candidate; the text output names the stages
+    assert cand[0].latency_ms is None      # not asked for
+    # re-running the same target replaces the candidate; the text output names the stages; --latency
+    # times the shrunk network here (batch 1), as fold and elastic candidates are timed
     r = main("shrink", run, "--anchor", 0, "--data", images, "--target-macs", target, "--steps", 1,
-             "--eval-limit", 6)
+             "--eval-limit", 6, "--latency")
     assert r.returncode == 0, r.stderr
     assert "stage 2:" in r.stdout and "top-1 on 6 images" in r.stdout
-    assert len(read_candidates(run)) == 1
+    [cand] = read_candidates(run)
+    assert 0 < cand.latency_ms < 1000 and f"latency (batch 1, this device): {cand.latency_ms:.3f} ms" in r.stdout
 
 
 def test_cli_exports_the_shrunk_network_equal_to_the_masked_anchor(tiny_run, main, tmp_path):

@@ -689,13 +689,14 @@ class Session:
 def _shrink_work(run: Path, i: int, data: str, eval_data: str, target: float, steps: int, limit: int, report):
     def work(events, cancel) -> str:
         from composer.shrink import shrink_anchor
-        r = shrink_anchor(run, i, data, target, steps=steps, eval_data=eval_data, eval_limit=limit, events=events,
-                          cancel=cancel)
+        r = shrink_anchor(run, i, data, target, steps=steps, eval_data=eval_data, eval_limit=limit, latency=True,
+                          events=events, cancel=cancel)
         stages = "\n".join(f"| {s['stage']} | {s['blocks']}/{s['of_blocks']} | {100 * s['width_keep']:.0f} % |"
                             for s in r.stages)
         report(f"**{r.candidate.name}**: {r.full_macs / 1e6:.2f} M -> {r.counted_macs / 1e6:.2f} M MACs counted "
                f"(target {r.target / 1e6:.2f} M), top-1 {r.top1_before:.2f} % -> {r.top1_after:.2f} % on {r.eval_images} "
-               f"images (no fine-tune)\n\n| stage | blocks | widths kept |\n|---|---|---|\n{stages}")
+               f"images (no fine-tune), batch-1 latency here {r.candidate.latency_ms:.3f} ms\n\n"
+               f"| stage | blocks | widths kept |\n|---|---|---|\n{stages}")
         return f"shrink: {r.candidate.name} added to the curve"
     return work
 
