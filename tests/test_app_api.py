@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import need_shared
+
 gradio_client = pytest.importorskip("gradio_client")
 
 NEAREST_DEFAULT = 3 + 2 * 10   # starter: 3 anchors, depth 4, kernel 2 stride 1 -> 10 stitches per pair
@@ -436,3 +438,59 @@ def _downloaded_candidate_equals_the_masked_anchor(client, key: str, run_dir: Pa
     with torch.no_grad():
         assert not torch.allclose(anchor(x), want, atol=1e-4)     # something is cut
         torch.testing.assert_close(exported(x), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_app_builders_on_the_real_cifar_resnets(tmp_path):
+    """The app's session on the real ResNet-20/32 of ../shared: custom anchors, fit on 64 JPEGs,
+    then the shrink and fold jobs the app starts (their work functions, run here in one thread) and
+    the download of the shrunk network. Cross-checks: the anchors' top-1 that each builder measures
+    before changing anything equals the fit's evaluation of the same 64 images; the downloaded
+    network counts the candidate's MACs and measures its top-1 again."""
+    need_shared()
+    from bench.cifar10 import cifar10_splits, cifar_anchor_specs
+    from composer import data as data_mod
+    from composer.candidates import read_candidates
+    from composer.costs import model_cost
+    from composer.elastic import load_subnet, top1
+    from composer.ui.session import AppConfig, Session, _fold_work, _shrink_work
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)   # a second thread only waits on a busy 2-core machine
+    try:
+        cache = tmp_path / "cache"
+        splits = cifar10_splits(cache)
+        specs = cifar_anchor_specs(cache)[:2]
+        config = AppConfig(runs_root=tmp_path / "runs", exports_dir=tmp_path / "exports", data_roots=[splits.root],
+                           model_roots=[cache / "cifar10-resnet"], eval_limit=64)
+        s = Session("cifar-session-key-0", config)
+        s.custom_family(", ".join(specs))
+        s.choose_family("custom")
+        s.fit("calib", 64, 64)
+        anchor_top1 = {st.route[0].anchor: s.top1[st.id] for st in s.plan.stitches if st.is_anchor}
+        assert min(anchor_top1.values()) > 70          # real weights (chance is 10 %)
+        run, i, train_spec, eval_spec = s._builder_setup(1)
+        full = s.plan.infos[1].total.macs
+        reports = []
+        message = _shrink_work(run, i, train_spec, eval_spec, 0.6 * full, 5, config.eval_limit, reports.append)(
+            lambda e: None, None)
+        assert message.startswith("shrink: ")
+        [shrunk] = [c for c in read_candidates(run) if c.method == "shrink"]
+        assert shrunk.macs <= 0.6 * full and shrunk.latency_ms > 0 and shrunk.top1 > 30
+        assert shrunk.config["top1_before"] == pytest.approx(anchor_top1[1])
+        message = _fold_work(run, 0, eval_spec, run / "folded" / "anchor0", config.eval_limit, reports.append)(
+            lambda e: None, None)
+        assert message.startswith("fold: ")
+        [folded] = [c for c in read_candidates(run) if c.method == "fold"]
+        assert folded.config["source_top1"] == pytest.approx(anchor_top1[0]) and folded.config["images"] == 64
+        assert abs(folded.top1 - anchor_top1[0]) <= 100 / 64 and folded.config["folds"] == 19   # conv+BN pairs
+
+        zip_path = s.export("candidate", candidate=f"shrink:{shrunk.name}")
+        assert zip_path.resolve() in s.exports
+        with zipfile.ZipFile(zip_path) as z:
+            z.extractall(tmp_path / "download")
+        net = load_subnet(next((tmp_path / "download").iterdir()))
+        assert model_cost(net).macs == shrunk.macs
+        ds = data_mod.open_dataset(eval_spec, data_mod.data_config(net), split="validation")
+        assert top1(net, data_mod.loader(data_mod.subset(ds, 64, seed=0), 64)) == pytest.approx(shrunk.top1)
+    finally:
+        torch.set_num_threads(before)
