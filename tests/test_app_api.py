@@ -358,6 +358,11 @@ def test_other_builders_join_the_curve(client, app, tmp_path):
     assert not any(cd.startswith("scale:") for cd in drawn)       # predicted costs only: not on the accuracy axis
     described = app[0].store.get(key).candidate_md(f"shrink:{shrunk.name}")   # what a click on the point shows
     assert shrunk.name in described and "measured" in described
+    # a click on a candidate's point (the page's point_click event) describes it and names it for the download
+    import gradio as gr
+    click = next(fn.fn for fn in app[0].fns.values() if fn.api_name == "curve_point_click")
+    *_, described, status, named = click(key, "macs", gr.EventData(None, {"id": f"shrink:{shrunk.name}"}))
+    assert named == f"shrink:{shrunk.name}" and shrunk.name in described and "⚠" not in status
     for c in (shrunk, min(elastic, key=lambda c: c.macs)):
         _downloaded_candidate_equals_the_masked_anchor(client, key, run_dir, c, tmp_path)
     for bad, why in (("", "click an elastic or shrink point"), ("nope", "no candidate 'nope'"),
