@@ -18,6 +18,7 @@ picks the most accurate stitch under a budget and `load_snnet(OUT)` rebuilds the
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -35,7 +36,7 @@ from composer.io import read_config, save_safetensors_atomic, write_json_atomic,
 from composer.plan import LayerSpec, Stitch, StitchPlan, load_plan
 from composer.run import load_run
 from composer.snnet import StitchedNetwork, StitchLayer
-from zoo.adapters import BlockAdapter, adapt
+from zoo.adapters import BlockAdapter, UnsupportedModel, adapt
 
 FORMAT = "zoo-composer-stitch"
 SNNET_FORMAT = "zoo-composer-snnet"
@@ -151,22 +152,58 @@ class StitchedRoute(nn.Module):
         self.anchors = nn.ModuleDict({str(i): m for i, m in anchors.items()})
         self.stitch_layers = nn.ModuleDict({d["key"]: StitchLayer(LayerSpec(**d["spec"])) for d in layers})
 
+    @property
+    def pretrained_cfg(self) -> dict:
+        """The first anchor's timm config: its preprocessing is every anchor's (stitched anchors see
+        the same images), so data loading and input sizes work as for a timm model."""
+        return self._adapters[self.route[0][0]].model.pretrained_cfg
+
+    @property
+    def num_classes(self) -> int:
+        return self._adapters[self.route[-1][0]].model.num_classes
+
+    def route_units(self) -> list[tuple[str, int]]:
+        """The blocks the route runs, in order: (module path in this module, the block's stage in
+        its anchor); what composer.subnet needs to see the route as stages of residual blocks."""
+        out = []
+        for anchor, first, last in self.route:
+            adapter = self._adapters[anchor]
+            for u in range(first, last + 1):
+                unit = adapter.units[u]
+                if len(unit.modules) != 1:
+                    raise UnsupportedModel(f"unit {u} of anchor {anchor} runs {len(unit.modules)} modules "
+                                           f"({', '.join(unit.modules)}); only single-block units are elastic")
+                out.append((f"anchors.{anchor}.{unit.modules[0]}", unit.stage))
+        return out
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self._adapters[self.route[0][0]].stem(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self._adapters[self.route[-1][0]].head(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._adapters[self.route[0][0]].stem(x)
+        x = self.stem(x)
         for i, (anchor, first, last) in enumerate(self.route):
             for u in range(first, last + 1):
                 x = self._adapters[anchor].unit(u, x)
             if i < len(self.layer_keys):
                 x = self.stitch_layers[self.layer_keys[i]](x, self.out_shapes[i])
-        return self._adapters[self.route[-1][0]].head(x)
+        return self.head(x)
+
+
+def build_route(description: dict) -> StitchedRoute:
+    """The route of a stitch description ({"anchors", "route", "stitch_layers"}, as `stitch_description`
+    makes and an export's config.json holds), with untrained weights."""
+    anchors = {e["index"]: build_anchor(e) for e in description["anchors"]}
+    return StitchedRoute(anchors, description["route"], description["stitch_layers"])
 
 
 def load_stitched(path) -> nn.Module:
     """The stitch exported by `export_stitch` in folder `path`, in eval mode."""
     path = Path(path).expanduser()
     config = read_config(path, FORMAT, ExportError, "an exported stitch")
-    anchors = {e["index"]: build_anchor(e) for e in config["anchors"]}
-    module = StitchedRoute(anchors, config["route"], config["stitch_layers"])
+    module = build_route(config)
     try:
         module.load_state_dict(load_file(path / "model.safetensors"), strict=True)
     except (OSError, RuntimeError) as e:
@@ -218,26 +255,50 @@ def _trained_steps(manifest: dict) -> int:
     return int((manifest.get("train") or {}).get("step") or 0)
 
 
+def check_stitch_id(net: StitchedNetwork, stitch_id: int) -> None:
+    n = len(net.plan.stitches)
+    if not 0 <= stitch_id < n:
+        raise ExportError(f"stitch {stitch_id} does not exist (this run has 0..{n - 1})")
+
+
+def stitch_description(net: StitchedNetwork, stitch_id: int) -> dict:
+    """What rebuilds stitch `stitch_id` as a StitchedRoute (`build_route`): its anchors (timm
+    architecture entries), route and stitching layers."""
+    check_stitch_id(net, stitch_id)
+    plan = net.plan
+    stitch = plan.stitches[stitch_id]
+    layers = []
+    for key, nxt in zip(stitch.layers, stitch.route[1:]):
+        layers.append({"key": key, "spec": asdict(plan.layers[key]),
+                       "out_shape": list(plan.infos[nxt.anchor].in_shapes[nxt.first])})
+    anchors = sorted({seg.anchor for seg in stitch.route})
+    return {"anchors": [anchor_entry(a, plan.anchors[a], net.anchors[a]) for a in anchors],
+            "route": stitch.to_json()["route"], "stitch_layers": layers}
+
+
+def route_of(net: StitchedNetwork, stitch_id: int) -> tuple[StitchedRoute, dict]:
+    """Stitch `stitch_id` of an SN-Net as its own module, in memory (what `export_stitch` writes and
+    `load_stitched` loads: the same weights, BatchNorms behind the stitch point on the stitch's
+    statistics), in eval mode, and its description."""
+    description = stitch_description(net, stitch_id)
+    anchors = {e["index"]: copy.deepcopy(net.anchors[e["index"]]) for e in description["anchors"]}
+    module = StitchedRoute(anchors, description["route"], description["stitch_layers"])
+    module.load_state_dict(_route_state(net, net.plan.stitches[stitch_id]), strict=True)
+    return module.eval(), description
+
+
 def export_stitch(run_dir, stitch_id: int, out_dir) -> Path:
     """Write stitch `stitch_id` of the run as a standalone model folder; returns the folder."""
     run_dir, out_dir = Path(run_dir).expanduser(), Path(out_dir).expanduser()
     run = load_run(run_dir)
     net, plan = run.net, run.plan
-    if not 0 <= stitch_id < len(plan.stitches):
-        raise ExportError(f"stitch {stitch_id} does not exist (this run has 0..{len(plan.stitches) - 1})")
+    description = stitch_description(net, stitch_id)
     stitch = plan.stitches[stitch_id]
-    anchors = sorted({seg.anchor for seg in stitch.route})
-    layers = []
-    for key, nxt in zip(stitch.layers, stitch.route[1:]):
-        layers.append({"key": key, "spec": asdict(plan.layers[key]),
-                       "out_shape": list(plan.infos[nxt.anchor].in_shapes[nxt.first])})
     evaluation = _evaluation(run_dir)
     top1 = _top1_of(evaluation, stitch_id)
     config = {
         "format": FORMAT, "version": 1, "stitch": stitch_id, "description": plan.describe_route(stitch),
-        "anchors": [anchor_entry(a, plan.anchors[a], net.anchors[a]) for a in anchors],
-        "route": stitch.to_json()["route"], "stitch_layers": layers,
-        "preprocessing": preprocessing_of(net.anchors[0]),
+        **description, "preprocessing": preprocessing_of(net.anchors[0]),
         "cost": plan.cost(stitch).to_dict(), "num_classes": net.anchors[stitch.route[-1].anchor].num_classes,
         "top1": top1, "top1_source": {k: evaluation.get(k) for k in ("data", "images", "step")} if top1 is not None else None,
         "trained_steps": _trained_steps(run.manifest), "run": str(run_dir), "folder": out_dir.name,
