@@ -8,7 +8,8 @@ Conventions (say them wherever a number is shown):
   fvcore) silently skip, so we map it to torch's own SDPA formula.
 - Biases of conv/linear layers add one MAC per output element, as pycls counts them (this is
   what makes timm's regnetx_002 come to pycls's published 199,040,872 exactly).
-- Activations: number of output elements of every Conv/Linear layer (Fast Scaling, pycls).
+- Activations: number of output elements of every Conv/Linear layer (Fast Scaling, pycls), stitching
+  layers included.
 - Params: only the parameters a route runs (its anchors' parts plus its stitching layers).
 All counts are per image (batch 1).
 """
@@ -87,8 +88,11 @@ class _Meter:
     def __init__(self, model: nn.Module):
         self.activations = 0
         self.bias_macs = 0
+        # SN-Net's stitching layers (composer.snnet.StitchLayer, named here: snnet imports this
+        # module) are a 1x1 conv / Linear with bias too, as `stitch_layer_cost` counts them.
         self._handles = [m.register_forward_hook(self._hook) for m in model.modules()
-                         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+                         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+                         or type(m).__name__ == "StitchLayer"]
 
     def _hook(self, module, args, out):
         n = out[0].numel() if out.dim() > 1 else out.numel()  # per image (batch 1)

@@ -126,6 +126,18 @@ def test_route_cost_sums_its_parts():
     assert plan.cost(a0) == model_cost(net.anchors[0], (3, 32, 32))
 
 
+@pytest.mark.parametrize("family", ["cifar", "vit"])
+def test_counted_cost_of_a_stitch_as_its_own_module_equals_the_plan(family):
+    """composer.costs counts a stitching layer as the plan does (a 1x1 conv / Linear with bias), so a
+    stitch's route run as one module (composer.export.route_of) costs exactly its plan cost."""
+    from composer.export import route_of
+    torch.set_num_threads(1)
+    models = [cifar(20), cifar(32)] if family == "cifar" else [vit(32, 2, seed=1), vit(48, 3, seed=2)]
+    net = network(models, (3, 32, 32))
+    for s in net.plan.stitches[::2]:
+        assert model_cost(route_of(net, s.id)[0], (3, 32, 32)) == net.plan.cost(s), net.plan.describe_route(s)
+
+
 def test_cifar_resnet20_is_about_41m_macs():
     with torch.device("meta"):
         cost = model_cost(timm.create_model("cifar_resnet20"))
