@@ -17,8 +17,8 @@ a few hundred steps of task loss (cross-entropy on the user's labelled images) +
 the resource gradient normalised against the task gradient (`_Balance`) and the target lowered
 geometrically over the first half (DMS's "root" schedule). Export keeps the units whose hard mask
 is 1 (ratios shifted so that the counted MACs meet the target, `fit_hard`): each width is permuted
-so they come first, `composer.subnet.extract` cuts the network, dropped blocks become nn.Identity
-(x + 0 * f(x) = x). `shrink_anchor` then re-estimates the BN statistics, evaluates, saves and
+so they come first, `composer.subnet.extract` cuts the network, dropped blocks become what
+x + 0 * f(x) leaves (x, or the block's activation after the sum). `shrink_anchor` then re-estimates the BN statistics, evaluates, saves and
 adds the candidate to the run.
 """
 from __future__ import annotations

@@ -206,46 +206,64 @@ def _family(model: nn.Module) -> str | None:
     return next((f for f in ("CifarResNet", "ResNet", "VisionTransformer") if f in names), None)
 
 
-def _describe_blocks(model: nn.Module) -> list[ElasticBlock]:
+def _block_paths(model: nn.Module) -> list[tuple[str, int]]:
+    """(module path, stage) of every residual block, in order. A model that lists its own blocks
+    (`route_units()`: a stitch's route, composer.export.StitchedRoute) gives them; a timm model of a
+    supported family is walked."""
+    if callable(getattr(model, "route_units", None)):
+        return model.route_units()
     family = _family(model)
     if family is None:
         raise UnsupportedModel(f"elastic sub-networks are not supported for {type(model).__name__} "
-                               "(supported: CIFAR ResNets, timm ResNet with Basic/Bottleneck blocks, timm ViT)")
-    blocks = []
+                               "(supported: CIFAR ResNets, timm ResNet with Basic/Bottleneck blocks, timm ViT, "
+                               "and stitches of these)")
     if family == "VisionTransformer":
-        for i, blk in enumerate(model.blocks):
-            path = f"blocks.{i}"
-            _check_vit_block(blk, path)
-            dims = [WidthDim(f"{path}.hidden", i, "hidden", blk.mlp.fc1.out_features),
-                    WidthDim(f"{path}.heads", i, "heads", blk.attn.num_heads)]
-            blocks.append(ElasticBlock(path, 0, True, dims, "vit"))
-        return blocks
+        return [(f"blocks.{i}", 0) for i in range(len(model.blocks))]
+    n_stages = 3 if family == "CifarResNet" else 4
+    return [(f"layer{s + 1}.{i}", s) for s in range(n_stages) for i in range(len(model.get_submodule(f"layer{s + 1}")))]
+
+
+def _describe_blocks(model: nn.Module) -> list[ElasticBlock]:
+    """The model's residual blocks as ElasticBlocks. A stage is a run of blocks of one stage of
+    their model; on a stitch's route a new stage also starts at a block that changes the shape
+    (the first block of a stage always runs), so front and back blocks of the stage where the
+    stitch sits form one stage: keeping its first D blocks may drop back blocks, the stitching
+    layer (on the residual stream, never cut) still runs."""
+    blocks, stage, prev = [], -1, None
+    for path, anchor_stage in _block_paths(model):
+        blk = _describe_block(model.get_submodule(path), path, len(blocks))
+        if anchor_stage != prev or not blk.skippable:
+            stage += 1
+        prev, blk.stage = anchor_stage, stage
+        blocks.append(blk)
+    return blocks
+
+
+def _describe_block(blk: nn.Module, path: str, b: int) -> ElasticBlock:
+    """One residual block (its stage is set by the caller)."""
     from timm.models.resnet import BasicBlock, Bottleneck
+    from timm.models.vision_transformer import Block
 
     from zoo.cifar_resnet import BasicBlock as CifarBasic
-    n_stages = 3 if family == "CifarResNet" else 4
-    for s in range(n_stages):
-        for i, blk in enumerate(model.get_submodule(f"layer{s + 1}")):
-            path, b = f"layer{s + 1}.{i}", len(blocks)
-            if isinstance(blk, CifarBasic):
-                blocks.append(ElasticBlock(path, s, isinstance(blk.shortcut, nn.Identity),
-                                           [WidthDim(f"{path}.mid", b, "mid", blk.conv1.out_channels)], "cifar_basic"))
-                continue
-            if not isinstance(blk, (BasicBlock, Bottleneck)):
-                raise UnsupportedModel(f"{path} is a {type(blk).__name__}; only Basic/Bottleneck blocks are elastic")
-            if not isinstance(blk.aa, nn.Identity):
-                raise UnsupportedModel(f"{path}: anti-aliased blocks (aa_layer) are not supported")
-            skippable = blk.downsample is None
-            if isinstance(blk, BasicBlock):
-                blocks.append(ElasticBlock(path, s, skippable,
-                                           [WidthDim(f"{path}.mid", b, "mid", blk.conv1.out_channels)], "basic"))
-            else:
-                if blk.conv2.groups != 1:   # grouped convs tie channel counts to the group count
-                    raise UnsupportedModel(f"{path}: grouped convolutions (ResNeXt) are not supported")
-                blocks.append(ElasticBlock(path, s, skippable,
-                                           [WidthDim(f"{path}.mid1", b, "mid", blk.conv1.out_channels),
-                                            WidthDim(f"{path}.mid2", b, "mid", blk.conv2.out_channels)], "bottleneck"))
-    return blocks
+    if isinstance(blk, Block) or (hasattr(blk, "attn") and hasattr(blk, "mlp")):   # ViT-like: checked there
+        _check_vit_block(blk, path)
+        dims = [WidthDim(f"{path}.hidden", b, "hidden", blk.mlp.fc1.out_features),
+                WidthDim(f"{path}.heads", b, "heads", blk.attn.num_heads)]
+        return ElasticBlock(path, 0, True, dims, "vit")
+    if isinstance(blk, CifarBasic):
+        return ElasticBlock(path, 0, isinstance(blk.shortcut, nn.Identity),
+                            [WidthDim(f"{path}.mid", b, "mid", blk.conv1.out_channels)], "cifar_basic")
+    if not isinstance(blk, (BasicBlock, Bottleneck)):
+        raise UnsupportedModel(f"{path} is a {type(blk).__name__}; only Basic/Bottleneck blocks and ViT blocks are elastic")
+    if not isinstance(blk.aa, nn.Identity):
+        raise UnsupportedModel(f"{path}: anti-aliased blocks (aa_layer) are not supported")
+    skippable = blk.downsample is None
+    if isinstance(blk, BasicBlock):
+        return ElasticBlock(path, 0, skippable, [WidthDim(f"{path}.mid", b, "mid", blk.conv1.out_channels)], "basic")
+    if blk.conv2.groups != 1:   # grouped convs tie channel counts to the group count
+        raise UnsupportedModel(f"{path}: grouped convolutions (ResNeXt) are not supported")
+    return ElasticBlock(path, 0, skippable, [WidthDim(f"{path}.mid1", b, "mid", blk.conv1.out_channels),
+                                             WidthDim(f"{path}.mid2", b, "mid", blk.conv2.out_channels)], "bottleneck")
 
 
 def _check_vit_block(blk: nn.Module, path: str) -> None:
@@ -451,7 +469,8 @@ def sort_by_importance_(model: nn.Module, space: ElasticSpace,
 
 def extract(model: nn.Module, space: ElasticSpace, config: SubnetConfig) -> nn.Module:
     """A physically smaller deep copy: the first k units of each width, the first D blocks of each
-    stage (dropped blocks become nn.Identity, so parameter names stay those of the model)."""
+    stage (a dropped block becomes what it computes with a zero residual branch, `_dropped`: no
+    parameters, so parameter names stay those of the model)."""
     kept = space.kept_blocks(config)
     sub = copy.deepcopy(model)
     for d in space.dims():
@@ -462,8 +481,23 @@ def extract(model: nn.Module, space: ElasticSpace, config: SubnetConfig) -> nn.M
     for b, blk in enumerate(space.blocks):
         if not kept[b]:
             parent, _, name = blk.module.rpartition(".")
-            setattr(sub.get_submodule(parent), name, nn.Identity())
+            setattr(sub.get_submodule(parent), name, _dropped(sub.get_submodule(blk.module), blk.type))
     return sub
+
+
+def _dropped(block: nn.Module, btype: str) -> nn.Module:
+    """A dropped block: x + 0 * f(x) followed by what the block runs after the sum. A ViT block adds
+    last (nn.Identity); a ResNet block applies its activation after the sum (CIFAR: ReLU; timm:
+    act2 / act3), a no-op on the non-negative output of the block before it in an anchor, but not
+    behind a stitching layer, whose output has any sign. So extraction equals `masked` always."""
+    if btype == "vit":
+        return nn.Identity()
+    if btype == "cifar_basic":
+        return nn.ReLU()
+    act = copy.deepcopy(block.act2 if btype == "basic" else block.act3)
+    if hasattr(act, "inplace"):
+        act.inplace = False   # its input may be read again (hooks, shared prefixes)
+    return act
 
 
 def config_masks(space: ElasticSpace, config: SubnetConfig) -> tuple[Callable, Callable]:
