@@ -623,7 +623,10 @@ def cmd_shrink(args) -> None:
 
 def _elastic_args(sp) -> None:
     sp.add_argument("run", type=Path)
-    sp.add_argument("--anchor", type=int, required=True, metavar="I", help="which anchor of the run (0 = fewest MACs)")
+    base = sp.add_mutually_exclusive_group(required=True)
+    base.add_argument("--anchor", type=int, metavar="I", help="sub-networks of this anchor of the run (0 = fewest MACs)")
+    base.add_argument("--stitch", type=int, metavar="ID", help="sub-networks of this stitch of the run (its route as "
+                      "`export --stitch` writes it: the first D blocks of each stage, widths of its blocks)")
     sp.add_argument("--data", required=True, help="images to re-estimate BatchNorm statistics and to measure the "
                     "predictor's sample sub-networks on (disjoint seeded subsets)")
     sp.add_argument("--eval-data", help="images the chosen sub-networks are measured on (default: --data)")
@@ -653,13 +656,19 @@ def _elastic_args(sp) -> None:
 
 @command("elastic", _elastic_args)
 def cmd_elastic(args) -> None:
-    """Once-for-All sub-networks of one anchor: measure samples, fit an accuracy predictor, search
+    """Once-for-All sub-networks of one anchor or stitch: measure samples, fit an accuracy predictor, search
     each budget, measure the chosen ones; adds "elastic" candidates to the run."""
     from composer.candidates import add_candidates
-    from composer.elastic import anchor_of_run, check_budget, image_batches, latency_table, search_elastic
+    from composer.elastic import (anchor_of_run, check_budget, image_batches, latency_table, search_elastic,
+                                  stitch_of_run)
     if args.finetune_steps < 0 or not args.finetune_lr > 0:
         raise ElasticError("--finetune-steps must be >= 0 and --finetune-lr positive")
-    anchor = anchor_of_run(args.run, args.anchor, progressive=not args.finetune_steps)
+    if args.stitch is not None and args.finetune_steps:
+        raise ElasticError("progressive shrinking (--finetune-steps) works on an anchor, not on a stitch yet")
+    if args.stitch is not None:
+        anchor = stitch_of_run(args.run, args.stitch)
+    else:
+        anchor = anchor_of_run(args.run, args.anchor, progressive=not args.finetune_steps)
     budgets = ([("macs", v) for v in args.budget_macs] + [("activations", v) for v in args.budget_activations]
                + [("latency", v) for v in args.budget_latency])
     for metric, value in budgets:

@@ -62,9 +62,13 @@ class ElasticAnchor:
     index: int | None = None   # its index in a run, if it came from one
     entry: dict = field(default_factory=dict, repr=False)   # what rebuilds the architecture (composer.export)
     finetuned: str | None = None   # digest of the progressive-shrinking weights it runs (composer.progressive)
+    stitch: int | None = None      # the stitch of a run it is (then `model` is that stitch's route, and
+                                   # `entry` composer.export's description of it), None for an anchor
 
     @property
     def short_name(self) -> str:
+        if self.stitch is not None:
+            return f"stitch {self.stitch}"
         return self.entry.get("architecture") or Path(self.spec.split(":")[-1]).name
 
 
@@ -82,6 +86,29 @@ def prepare_anchor(model: nn.Module, spec: str = "", index: int | None = None,
     entry = anchor_entry(index or 0, spec, model)
     entry["model_args"] = {**entry["model_args"], **(model_args or {})}
     return ElasticAnchor(model, space, spec, index, entry)
+
+
+def prepare_stitch(net, stitch_id: int) -> ElasticAnchor:
+    """Stitch `stitch_id` of an SN-Net as an elastic base: its route as a standalone module
+    (composer.export.route_of, what `export --stitch` writes), every width sorted by importance.
+    Its blocks are those of its anchors, in route order; stages and the stitching layers are as in
+    composer.subnet (a stitching layer maps the residual stream, which is never cut)."""
+    from composer.export import ExportError, route_of
+    try:
+        route, description = route_of(net, stitch_id)
+    except ExportError as e:
+        raise ElasticError(str(e)) from None
+    first = net.plan.stitches[stitch_id].route[0].anchor
+    space = elastic_space(route, tuple(net.plan.infos[first].input_size))   # the size the plan was costed at
+    sort_by_importance_(route, space)
+    return ElasticAnchor(route, space, f"stitch {stitch_id}: {net.plan.describe_route(stitch_id)}", None,
+                         {"stitch": stitch_id, **description}, stitch=stitch_id)
+
+
+def stitch_of_run(run_dir, stitch_id: int) -> ElasticAnchor:
+    """Stitch `stitch_id` of a run (its fitted or fine-tuned weights) as an elastic base."""
+    from composer.run import load_run
+    return prepare_stitch(load_run(Path(run_dir)).net, stitch_id)
 
 
 def finetuned_path(run_dir, index: int) -> Path:
@@ -433,7 +460,6 @@ def latency_table(anchor: ElasticAnchor, choices: Sequence[float] = WIDTH_CHOICE
     adapter runs them alone), batch 1, on `device`."""
     import itertools
 
-    from zoo.adapters import adapt
     space = anchor.space
     n_dims = max(len(b.widths) for b in space.blocks)
     combos = list(itertools.product(choices, repeat=n_dims))
@@ -452,13 +478,32 @@ def latency_table(anchor: ElasticAnchor, choices: Sequence[float] = WIDTH_CHOICE
             progress(i + 1, len(combos))
     # The rest is timed directly: a whole-model time minus the blocks' sum would carry the noise of
     # every block measurement into it.
-    adapter = adapt(extract(anchor.model, space, space.full_config()).to(device).eval())
-    with torch.inference_mode():
-        features = adapter.stem(x)
-        for u in range(len(adapter.units)):
-            features = adapter.unit(u, features)
-    rest = measure_latency(adapter.stem, x, repeats=repeats) + measure_latency(adapter.head, features, repeats=repeats)
+    full = extract(anchor.model, space, space.full_config()).to(device).eval()
+    rest = sum(measure_latency(fn, t, repeats=repeats) for fn, t in _outside_parts(full, space, x))
     return LatencyTable(str(device), tuple(choices), rest, entries)
+
+
+@torch.inference_mode()
+def _outside_parts(model: nn.Module, space: ElasticSpace, x: torch.Tensor) -> list[tuple[Callable, torch.Tensor]]:
+    """What runs outside the blocks, each with its input: the stem, the head and, on a stitch's
+    route (composer.export.StitchedRoute), its stitching layers."""
+    from zoo.adapters import adapt
+    if callable(getattr(model, "route_units", None)):
+        stem, head, layers = model.stem, model.head, list(model.stitch_layers.values())
+    else:
+        adapter = adapt(model)
+        stem, head, layers = adapter.stem, adapter.head, []
+    got = {}
+    handles = [m.register_forward_pre_hook(lambda m, args, i=i: got.__setitem__(i, args)) for i, m in enumerate(layers)]
+    handles.append(model.get_submodule(space.blocks[-1].module).register_forward_hook(
+        lambda m, args, out: got.__setitem__("head", out)))
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    stitches = [((lambda t, m=m, rest=got[i][1:]: m(t, *rest)), got[i][0]) for i, m in enumerate(layers)]
+    return [(stem, x), *stitches, (head, got["head"])]
 
 
 @torch.inference_mode()
@@ -622,7 +667,7 @@ def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batche
         candidates.append(Candidate(
             "elastic", f"{anchor.short_name} {res.arch.label()}", anchor.spec, cost.macs, cost.params,
             cost.activations, acc[res.arch], "measured", lat,
-            {"anchor": anchor.index, "spec": anchor.spec, "subnet": cfg.to_dict(), "arch": res.arch.to_dict(),
+            {"anchor": anchor.index, "stitch": anchor.stitch, "spec": anchor.spec, "subnet": cfg.to_dict(), "arch": res.arch.to_dict(),
              "budget": {"metric": metric, "value": value}, "predicted_top1": res.predicted,
              "search_top1": search_top1, "checked": check,
              "predictor": predictor, "rank_correlation": rho, "bn": {"images": _count(bn_images), **(bn_source or {})},
@@ -653,7 +698,8 @@ def export_subnet(anchor: ElasticAnchor, config: SubnetConfig, out_dir, bn_image
     out_dir = Path(out_dir).expanduser()
     sub = build_subnet(anchor, config, bn_images)
     cost = subnet_cost(anchor.space, config)
-    cfg = {"format": FORMAT, "version": 1, "anchor": anchor.entry, "subnet": config.to_dict(),
+    base = {"stitch": anchor.entry} if anchor.stitch is not None else {"anchor": anchor.entry}
+    cfg = {"format": FORMAT, "version": 1, **base, "subnet": config.to_dict(),
            "input_size": list(anchor.space.input_size), "preprocessing": preprocessing_of(anchor.model),
            "cost": cost.to_dict(), "top1": top1, "bn_images": _count(bn_images)}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -673,10 +719,10 @@ def _add_program(out_dir: Path, cfg: dict) -> None:
 
 def load_subnet(path) -> nn.Module:
     """The sub-network exported by `export_subnet` in folder `path`, in eval mode."""
-    from composer.export import build_anchor
+    from composer.export import build_anchor, build_route
     path = Path(path).expanduser()
     cfg = read_config(path, FORMAT, ElasticError, "an exported sub-network")
-    model = build_anchor(cfg["anchor"])
+    model = build_route(cfg["stitch"]) if cfg.get("stitch") else build_anchor(cfg["anchor"])
     space = elastic_space(model, tuple(cfg["input_size"]))
     try:
         sub = extract(model, space, SubnetConfig.from_dict(cfg["subnet"]))
@@ -708,7 +754,10 @@ def export_candidate(run_dir, ref: str, out_dir, program: bool = True) -> Path:
         kept = f": its network is in {c.config['folder']}" if c.config.get("folder") else ""
         raise ElasticError(f"'{c.method}:{c.name}' is a {c.status} {c.method} candidate, not an elastic or shrink "
                            f"sub-network{kept}")
-    anchor = anchor_of_run(run_dir, c.config["anchor"])
+    if c.config.get("stitch") is not None:
+        anchor = stitch_of_run(run_dir, c.config["stitch"])
+    else:
+        anchor = anchor_of_run(run_dir, c.config["anchor"])
     if c.config.get("finetuned") != anchor.finetuned:
         raise ElasticError(f"'{c.name}' was measured with other weights of anchor {c.config['anchor']} than the run "
                            "has now (progressive shrinking ran since): search again, then export")
