@@ -559,7 +559,10 @@ def _macs(text: str) -> float:
 
 def _shrink_args(sp) -> None:
     sp.add_argument("run", type=Path)
-    sp.add_argument("--anchor", type=int, required=True, metavar="I", help="which anchor of the run (0 = fewest MACs)")
+    base = sp.add_mutually_exclusive_group(required=True)
+    base.add_argument("--anchor", type=int, metavar="I", help="shrink this anchor of the run (0 = fewest MACs)")
+    base.add_argument("--stitch", type=int, metavar="ID", help="shrink this stitch of the run (its route as "
+                      "`export --stitch` writes it)")
     sp.add_argument("--data", required=True, help="labelled images to search on: ImageFolder path, 'starter', ...")
     sp.add_argument("--eval-data", help="held-out images for top-1 (default: the validation split of --data)")
     sp.add_argument("--target-macs", type=_macs, required=True, metavar="M", help="MACs per image, e.g. 97.17M")
@@ -575,7 +578,7 @@ def _shrink_args(sp) -> None:
 
 @command("shrink", _shrink_args)
 def cmd_shrink(args) -> None:
-    """Shrink one anchor to a MACs budget (DMS: differentiable top-k widths and depth), export and
+    """Shrink one anchor or stitch to a MACs budget (DMS: differentiable top-k widths and depth), export and
     evaluate the pruned network; adds a "shrink" candidate to the run."""
     from composer.shrink import shrink_anchor
     bar = tqdm(desc="shrink", unit="step", file=sys.stderr, disable=None)
@@ -596,7 +599,7 @@ def cmd_shrink(args) -> None:
         r = shrink_anchor(args.run, args.anchor, args.data, args.target_macs, steps=args.steps, eval_data=args.eval_data,
                           eval_limit=args.eval_limit, batch_size=args.batch_size, lr=args.lr,
                           bn_images=args.bn_images, seed=args.seed, workers=args.workers, latency=args.latency,
-                          events=show)
+                          events=show, stitch=args.stitch)
     finally:
         bar.close()
     if args.json:

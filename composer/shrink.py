@@ -411,13 +411,14 @@ def _slug(text: str) -> str:
 def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: int = 200,
                   eval_data: str | None = None, eval_limit: int | None = 1000, batch_size: int = 64,
                   lr: float = 0.01, bn_images: int = 256, seed: int = 0, workers: int = 0, latency: bool = False,
-                  events: Callable[[dict], None] | None = None, cancel=None) -> ShrinkResult:
+                  events: Callable[[dict], None] | None = None, cancel=None, stitch: int | None = None) -> ShrinkResult:
     """DMS on anchor `anchor` of a run: search on `data` (shuffled, cycled), export, re-estimate the
     pruned network's BN statistics on `bn_images` images of `data` (0: keep the anchor's), evaluate
     the anchor and the pruned network on the same `eval_limit` images of `eval_data` (default: the
     validation split of `data`), save RUN/shrink/<name>/ and add the candidate to the run. With
     latency=True the pruned network's batch-1 latency on this device becomes the candidate's
-    latency_ms (composer.costs' timer, as elastic and fold candidates are timed)."""
+    latency_ms (composer.costs' timer, as elastic and fold candidates are timed). With `stitch` (and
+    anchor None) the stitch's route is shrunk instead (composer.export.route_of, as elastic does)."""
     from composer import data as data_mod
     from composer.run import load_run
 
@@ -425,11 +426,24 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
     if not target_macs > 0:   # before loading anything
         raise ShrinkError(f"the target must be a positive number of MACs, got {target_macs:g}")
     run = load_run(run_dir)
-    if not 0 <= anchor < len(run.net.anchors):
-        listed = ", ".join(f"{i}: {s}" for i, s in enumerate(run.plan.anchors))
-        raise ShrinkError(f"no anchor {anchor} in {run_dir} (anchors are {listed})")
-    model, spec = run.net.anchors[anchor], run.plan.anchors[anchor]
-    space = elastic_space(model)
+    if stitch is not None:
+        from composer.export import ExportError, route_of
+        try:
+            model, description = route_of(run.net, stitch)
+        except ExportError as e:
+            raise ShrinkError(str(e)) from None
+        spec = f"stitch {stitch}: {run.plan.describe_route(stitch)}"
+        first = run.plan.stitches[stitch].route[0].anchor
+        space = elastic_space(model, tuple(run.plan.infos[first].input_size))
+        base, label, arch = {"stitch": {"stitch": stitch, **description}}, f"stitch{stitch}", f"stitch {stitch}"
+    else:
+        if not 0 <= anchor < len(run.net.anchors):
+            listed = ", ".join(f"{i}: {s}" for i, s in enumerate(run.plan.anchors))
+            raise ShrinkError(f"no anchor {anchor} in {run_dir} (anchors are {listed})")
+        model, spec = run.net.anchors[anchor], run.plan.anchors[anchor]
+        space = elastic_space(model)
+        base, label = {"anchor": anchor_entry(anchor, spec, model)}, f"anchor{anchor}"
+        arch = model.pretrained_cfg.get("architecture") or spec
     check_target(space, target_macs)
     cfg = data_mod.data_config(model)
     train_ds = data_mod.open_dataset(data, cfg)
@@ -458,13 +472,11 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
         device = next(pruned.parameters()).device
         latency_ms = measure_latency(pruned.eval(), torch.zeros(1, *space.input_size, device=device))
 
-    arch = model.pretrained_cfg.get("architecture") or spec
     name = f"{arch} DMS <={target_macs / 1e6:.2f}M"
-    folder = Path(run.dir) / FOLDER / _slug(f"anchor{anchor}-{int(target_macs)}")
+    folder = Path(run.dir) / FOLDER / _slug(f"{label}-{int(target_macs)}")
     stages = stage_summary(space, config)
-    # composer.elastic's format for a static sub-network of an anchor: `elastic.load_subnet` loads it
-    described = {"format": SUBNET_FORMAT, "version": 1, "method": "shrink",
-                 "anchor": anchor_entry(anchor, spec, model), "subnet": config.to_dict(),
+    # composer.elastic's format for a static sub-network of an anchor or a stitch: `elastic.load_subnet` loads it
+    described = {"format": SUBNET_FORMAT, "version": 1, "method": "shrink", **base, "subnet": config.to_dict(),
                  "input_size": list(space.input_size), "cost": cost.to_dict(),
                  "order": {k: v.tolist() for k, v in order.items()},
                  "ratios": {t.key: float(a) for t, a in zip(result.masks.topks, result.masks.ratio.detach())},
@@ -478,7 +490,7 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
                                                      ("subnet", "order", "ratios", "target_macs", "soft_macs",
                                                       "steps", "eval_data", "eval_images", "bn_images",
                                                       "top1_before_bn_recalibration")}
-                          | {"anchor_index": anchor, "folder": str(folder.relative_to(run.dir)),
+                          | {"anchor_index": anchor, "stitch": stitch, "folder": str(folder.relative_to(run.dir)),
                              "top1_before": before, "stages": stages})
     add_candidates(run.dir, [candidate])
     out = ShrinkResult(candidate, folder, result.full_macs, int(target_macs), result.soft_macs, cost.macs,

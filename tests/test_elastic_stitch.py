@@ -179,6 +179,38 @@ def test_cli_elastic_from_a_stitch_adds_candidates_that_export(cifar_run, main, 
     _close(program(x), want)
 
 
+def test_cli_shrink_from_a_stitch_exports_equal_to_the_masked_route(cifar_run, main, tmp_path):
+    """DMS on a stitch: the exported network equals the run's stitch route with the candidate's
+    permutation and masks, and costs what the candidate says (at most the target)."""
+    from composer.run import load_run
+    from composer.subnet import elastic_space, permute_
+    run, images = cifar_run
+    net = load_run(run).net
+    target = int(0.6 * net.plan.cost(3).macs)
+    r = main("shrink", run, "--stitch", 3, "--data", images, "--target-macs", target, "--steps", 2,
+             "--eval-limit", 6, "--batch-size", 6, "--bn-images", 0, "--json")
+    assert r.returncode == 0, r.stderr
+    cand = json.loads(r.stdout)["candidate"]
+    assert cand["name"].startswith("stitch 3 DMS") and cand["source"].startswith("stitch 3: ")
+    assert cand["config"]["stitch"] == 3 and cand["config"]["folder"].endswith(f"stitch3-{target}")
+    r = main("export", run, "--candidate", f"shrink:{cand['name']}", "--out", tmp_path / "sub")
+    assert r.returncode == 0, r.stderr
+    exported = el.load_subnet(tmp_path / "sub")
+    route = route_of(net, 3)[0]
+    space = elastic_space(route, SIZE)
+    permute_(route, space, cand["config"]["order"])
+    config = SubnetConfig.from_dict(cand["config"]["subnet"])
+    x = _x(4)
+    with torch.no_grad(), masked(route, space, *config_masks(space, config)):
+        want = route(x)
+    with torch.no_grad():
+        assert not torch.allclose(route(x), want, atol=1e-4)
+        _close(exported(x), want)
+    assert model_cost(exported, SIZE).macs == cand["macs"] <= target
+    r = main("shrink", run, "--stitch", 10, "--data", images, "--target-macs", target)
+    assert r.returncode == 2 and r.stderr == "error: stitch 10 does not exist (this run has 0..9)\n"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--stitch", 10], "stitch 10 does not exist (this run has 0..9)"),
     (["--stitch", 3, "--finetune-steps", 5], "not on a stitch"),
