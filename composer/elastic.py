@@ -64,6 +64,7 @@ class ElasticAnchor:
     finetuned: str | None = None   # digest of the progressive-shrinking weights it runs (composer.progressive)
     stitch: int | None = None      # the stitch of a run it is (then `model` is that stitch's route, and
                                    # `entry` composer.export's description of it), None for an anchor
+    weights: str | None = None     # a stitch's: digest of its route's weights as the run had them (weights_digest)
 
     @property
     def short_name(self) -> str:
@@ -100,9 +101,21 @@ def prepare_stitch(net, stitch_id: int) -> ElasticAnchor:
         raise ElasticError(str(e)) from None
     first = net.plan.stitches[stitch_id].route[0].anchor
     space = elastic_space(route, tuple(net.plan.infos[first].input_size))   # the size the plan was costed at
+    weights = weights_digest(route)   # before sorting: the run's weights, whatever the sort does
     sort_by_importance_(route, space)
     return ElasticAnchor(route, space, f"stitch {stitch_id}: {net.plan.describe_route(stitch_id)}", None,
-                         {"stitch": stitch_id, **description}, stitch=stitch_id)
+                         {"stitch": stitch_id, **description}, stitch=stitch_id, weights=weights)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A short digest of every parameter and buffer of `model` (names, dtypes, shapes, values)."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def stitch_of_run(run_dir, stitch_id: int) -> ElasticAnchor:
@@ -671,7 +684,7 @@ def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batche
              "budget": {"metric": metric, "value": value}, "predicted_top1": res.predicted,
              "search_top1": search_top1, "checked": check,
              "predictor": predictor, "rank_correlation": rho, "bn": {"images": _count(bn_images), **(bn_source or {})},
-             "data": data, "images": n_eval, "finetuned": anchor.finetuned,
+             "data": data, "images": n_eval, "finetuned": anchor.finetuned, "weights": anchor.weights,
              "latency_predicted_ms": latency.predict(space, res.arch) if latency is not None else None}))
     sample_rows = [{"arch": a.to_dict(), "top1": t, **arch_cost(space, a).to_dict()} for a, t in zip(archs, measured)]
     return ElasticResult(candidates, rho, predictor, sample_rows, latency)
@@ -756,6 +769,9 @@ def export_candidate(run_dir, ref: str, out_dir, program: bool = True) -> Path:
                            f"sub-network{kept}")
     if c.config.get("stitch") is not None:
         anchor = stitch_of_run(run_dir, c.config["stitch"])
+        if c.config.get("weights") != anchor.weights:
+            raise ElasticError(f"'{c.name}' was measured with other weights of stitch {c.config['stitch']} than the "
+                               "run has now (it was fine-tuned since): search again, then export")
     else:
         anchor = anchor_of_run(run_dir, c.config["anchor"])
     if c.config.get("finetuned") != anchor.finetuned:

@@ -55,6 +55,8 @@ def progressive_shrink(anchor: ElasticAnchor, batches: Iterable[tuple[torch.Tens
     {"steps", "first_loss", "last_loss"} (mean loss of the first and last tenth of the steps)."""
     if steps < 1:
         raise ElasticError(f"progressive shrinking needs at least 1 step, got {steps}")
+    if anchor.stitch is not None:   # its weights would have no home in the run (save_finetuned is per anchor)
+        raise ElasticError(f"progressive shrinking works on an anchor, not on a stitch yet (stitch {anchor.stitch})")
     model, space = anchor.model, anchor.space
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)

@@ -220,3 +220,56 @@ def test_cli_elastic_bad_stitch_is_one_line(cifar_run, main, args, message):
     r = main("elastic", run, "--data", images, "--samples", 4, *args)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+
+
+def test_export_refuses_a_stitch_candidate_measured_with_other_weights(cifar_run, main, tmp_path):
+    """A stitch's elastic candidate records the digest of the route's weights it was measured with:
+    after the run's weights change on the route (as a fine-tune does, through checkpoint/), export
+    refuses it in one line; a change off the route, or the weights put back, exports fine."""
+    from composer.io import save_safetensors_atomic
+    from composer.run import CHECKPOINT, TRAINED, load_run
+    run, images = cifar_run
+    full = load_run(run).net.plan.cost(3).macs
+    r = main("elastic", run, "--stitch", 3, "--data", images, "--budget-macs", f"{int(0.7 * full)}", "--samples", 4,
+             "--eval-limit", 8, "--bn-images", 0, "--population", 8, "--generations", 1, "--check", 1, "--json")
+    assert r.returncode == 0, r.stderr
+    name = json.loads(r.stdout)["candidates"][0]["name"]
+    [cand] = [c for c in read_candidates(run) if c.name == name]
+    assert cand.config["weights"] == el.weights_digest(route_of(load_run(run).net, 3)[0])   # the unsorted route's
+
+    def export(out):
+        return main("export", run, "--candidate", f"elastic:{name}", "--out", tmp_path / out)
+
+    def checkpoint(key, delta):   # the run's weights as a fine-tune would leave them (load_run reads them)
+        state = load_run(run).net.state_dict()
+        state[key] = state[key] + delta
+        save_safetensors_atomic(run / CHECKPOINT / TRAINED, state)
+
+    trained = run / CHECKPOINT / TRAINED
+    assert not trained.exists()
+    try:
+        assert export("before").returncode == 0
+        checkpoint("anchors.0.linear.weight", 0.5)        # ResNet-20's head: not on stitch 3's route
+        r = export("off-route")
+        assert r.returncode == 0, r.stderr
+        checkpoint("anchors.1.layer3.0.conv1.weight", 1e-3)   # on the route (ResNet-32's back blocks)
+        r = export("stale")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and not (tmp_path / "stale").exists()
+        assert r.stderr == (f"error: '{name}' was measured with other weights of stitch 3 than the run has now (it was "
+                            "fine-tuned since): search again, then export\n")
+    finally:
+        trained.unlink(missing_ok=True)
+    r = export("after")
+    assert r.returncode == 0, r.stderr
+    x = _x(2)
+    with torch.no_grad():
+        torch.testing.assert_close(el.load_subnet(tmp_path / "after")(x), el.load_subnet(tmp_path / "before")(x))
+
+
+def test_progressive_shrinking_refuses_a_stitch(nets):
+    stitch = el.prepare_stitch(nets["cifar"], 3)
+    before = {k: v.clone() for k, v in stitch.model.state_dict().items()}
+    with pytest.raises(el.ElasticError, match=r"^progressive shrinking works on an anchor, not on a stitch yet \(stitch 3\)$"):
+        from composer.progressive import progressive_shrink
+        progressive_shrink(stitch, [(_x(2), torch.tensor([0, 1]))], 2)
+    assert all(torch.equal(v, stitch.model.state_dict()[k]) for k, v in before.items())
