@@ -334,6 +334,33 @@ def test_other_builders_join_the_curve(client, app, tmp_path):
     assert line.startswith("✓ shrink"), line
     assert "MACs counted" in shrink_report
 
+    # from a stitch: section 7 lists the anchors, then the run's stitches as "stitch ID"
+    plan = app[0].store.get(key).plan
+    sid = next(st.id for st in plan.stitches if not st.is_anchor and st.route[-1].anchor == 2)
+    listed = next(fn.fn for fn in app[0].fns.values() if fn.api_name == "builder_anchors")(key, None)
+    values = [v for _, v in listed.choices]
+    assert values[:3] == [0, 1, 2] and values[3:] == [f"stitch {st.id}" for st in plan.stitches if not st.is_anchor]
+    assert any(label.startswith(f"stitch {sid}: {plan.describe_route(sid)}") for label, _ in listed.choices)
+    timer, line, status = client.predict(key, f"stitch {sid}", 50, 6, api_name="/shrink_start")
+    assert "started" in status
+    # bad choices while it runs: one line each, nothing started, and the job goes on
+    for endpoint, args, why in (
+            ("/elastic_start", (f"stitch {sid}", "macs", "70", 8, 0, 2), "progressive shrinking works on an anchor, "
+                                                                         f"not on a stitch yet: set its steps to 0"),
+            ("/shrink_start", (f"stitch {len(plan.stitches)}", 50, 6), f"stitch {len(plan.stitches)} does not exist"),
+            ("/shrink_start", ("anchor 1", 50, 6), "start from an anchor index or 'stitch ID', not 'anchor 1'"),
+            ("/scale", (f"stitch {sid}", 2.0, 0.8, "macs"), "scaling works from an anchor's configuration")):
+        status = client.predict(key, *args, api_name=endpoint)[-1]
+        assert "⚠" in status and why in status and "\n" not in status and "Traceback" not in status, (endpoint, status)
+    assert app[0].store.get(key).builder.kind == "shrink"
+    line, report = _builder_until_done(client, key)
+    assert line.startswith("✓ shrink"), line
+    # and elastic from the same stitch (no progressive shrinking), MACs budgets of the stitch's own
+    timer, line, status = client.predict(key, f"stitch {sid}", "macs", "60", 8, 0, 0, api_name="/elastic_start")
+    assert "started" in status, status
+    line, report = _builder_until_done(client, key)
+    assert line.startswith("✓ elastic"), line
+
     # latency budgets: a latency table is measured first, budgets are % of the anchor's own latency;
     # two progressive-shrinking steps first, their weights kept in the run
     timer, line, status = client.predict(key, 1, "latency", "90, 100", 8, 512, 2, api_name="/elastic_start")
@@ -345,10 +372,15 @@ def test_other_builders_join_the_curve(client, app, tmp_path):
     stored = read_candidates(run_dir)
     assert {c.method for c in stored} == {"scale", "shrink", "elastic"}
     anchor_macs = load_plan_of_run(run_dir).infos[2].total.macs
-    shrunk = next(c for c in stored if c.method == "shrink")
+    shrunk = next(c for c in stored if c.method == "shrink" and c.config["stitch"] is None)
+    from_stitch = [c for c in stored if c.config.get("stitch") == sid]
+    assert sorted(c.method for c in from_stitch) == ["elastic", "shrink"]
+    for c in from_stitch:   # the source names the stitch; the budget is the stitch's own MACs
+        assert c.source == f"stitch {sid}: {plan.describe_route(sid)}" and c.name.startswith(f"stitch {sid} ")
+        assert c.status == "measured" and c.macs <= (0.5 if c.method == "shrink" else 0.6) * plan.cost(sid).macs * 1.02
     assert shrunk.macs <= 0.5 * anchor_macs * 1.02 and shrunk.status == "measured"
     assert shrunk.latency_ms > 0 and f"latency here {shrunk.latency_ms:.3f} ms" in shrink_report   # like fold's
-    elastic = [c for c in stored if c.method == "elastic"]
+    elastic = [c for c in stored if c.method == "elastic" and c.config["stitch"] is None]
     assert elastic and all(c.config["budget"]["metric"] == "latency" for c in elastic)
     assert all(c.config["latency_predicted_ms"] <= c.config["budget"]["value"] * 1.0001 for c in elastic)
     traces = _candidate_traces(client, key)
@@ -363,8 +395,8 @@ def test_other_builders_join_the_curve(client, app, tmp_path):
     click = next(fn.fn for fn in app[0].fns.values() if fn.api_name == "curve_point_click")
     *_, described, status, named = click(key, "macs", gr.EventData(None, {"id": f"shrink:{shrunk.name}"}))
     assert named == f"shrink:{shrunk.name}" and shrunk.name in described and "⚠" not in status
-    for c in (shrunk, min(elastic, key=lambda c: c.macs)):
-        _downloaded_candidate_equals_the_masked_anchor(client, key, run_dir, c, tmp_path)
+    for n, c in enumerate((shrunk, min(elastic, key=lambda c: c.macs), *from_stitch)):
+        _downloaded_candidate_equals_the_masked_anchor(client, key, run_dir, c, tmp_path / str(n))
     for bad, why in (("", "click an elastic or shrink point"), ("nope", "no candidate 'nope'"),
                      (f"scale:{next(c.name for c in stored if c.method == 'scale')}", "not an elastic or shrink")):
         files, status = client.predict(key, bad, api_name="/export_candidate")
@@ -376,6 +408,10 @@ def test_other_builders_join_the_curve(client, app, tmp_path):
     line, report = _builder_until_done(client, key)
     assert line.startswith("⚠ fold: nothing folds in") and "LayerNorm" in line, line
     assert not any(c.method == "fold" for c in read_candidates(run_dir))
+    # from a stitch, the exported stitch is what is folded: the job names the stitch, whatever it finds
+    client.predict(key, f"stitch {sid}", api_name="/fold_start")
+    line, report = _builder_until_done(client, key)
+    assert f"stitch {sid}" in line and line.startswith(("✓ fold", "⚠ fold: nothing folds in")), line
 
     # scale_fill: a dWr size inside the biggest MACs ratio between neighbouring anchors, with the
     # MACs that the scaled model counts
@@ -415,24 +451,37 @@ def _downloaded_candidate_equals_the_masked_anchor(client, key: str, run_dir: Pa
     """/export_candidate of a stored candidate: the zip's sub-network loads with composer.elastic's
     loader and gives the logits of the run's anchor computing the candidate's configuration with
     masks (no extraction): for shrink after its permutation, for elastic with its importance order
-    and the progressive-shrinking weights kept in the run. The starter ViTs have no BatchNorm, so
-    no statistics differ between the two."""
-    from composer.elastic import anchor_of_run, load_subnet
+    and the progressive-shrinking weights kept in the run. A stitch's candidate is compared with the
+    stitch's route (composer.export.route_of). The starter ViTs have no BatchNorm, so no statistics
+    differ between the two."""
+    from composer.elastic import anchor_of_run, load_subnet, stitch_of_run
+    from composer.export import route_of
     from composer.run import load_run
     from composer.subnet import SubnetConfig, config_masks, elastic_space, masked, permute_
     files, status = client.predict(key, f"{c.method}:{c.name}", api_name="/export_candidate")
     assert "⚠" not in status, status
-    zip_path = Path(next(f for f in files if Path(f).name.startswith(f"{c.method}-")))
+    exported_name = re.search(r"exported (\S+\.zip)", status).group(1)   # this export's zip among the session's
+    zip_path = Path(next(f for f in files if Path(f).name == exported_name))
+    assert exported_name.startswith(f"{c.method}-")
     out = tmp_path / c.method
     with zipfile.ZipFile(zip_path) as z:
         z.extractall(out)
     [folder] = list(out.iterdir())
     assert {"model.safetensors", "config.json"} <= {f.name for f in folder.iterdir()}
     exported = load_subnet(folder)
+    sid = c.config.get("stitch")
     if c.method == "shrink":
-        anchor = load_run(run_dir).net.anchors[c.config["anchor_index"]].eval()
-        space = elastic_space(anchor)
+        net = load_run(run_dir).net
+        if sid is None:
+            anchor = net.anchors[c.config["anchor_index"]].eval()
+            space = elastic_space(anchor)
+        else:
+            anchor = route_of(net, sid)[0]
+            space = elastic_space(anchor, tuple(net.plan.infos[net.plan.stitches[sid].route[0].anchor].input_size))
         permute_(anchor, space, c.config["order"])
+    elif sid is not None:
+        a = stitch_of_run(run_dir, sid)
+        anchor, space = a.model.eval(), a.space
     else:
         a = anchor_of_run(run_dir, c.config["anchor"])
         anchor, space = a.model.eval(), a.space
@@ -476,13 +525,13 @@ def test_app_builders_on_the_real_cifar_resnets(tmp_path):
         run, i, train_spec, eval_spec = s._builder_setup(1)
         full = s.plan.infos[1].total.macs
         reports = []
-        message = _shrink_work(run, i, train_spec, eval_spec, 0.6 * full, 5, config.eval_limit, reports.append)(
+        message = _shrink_work(run, i, None, train_spec, eval_spec, 0.6 * full, 5, config.eval_limit, reports.append)(
             lambda e: None, None)
         assert message.startswith("shrink: ")
         [shrunk] = [c for c in read_candidates(run) if c.method == "shrink"]
         assert shrunk.macs <= 0.6 * full and shrunk.latency_ms > 0 and shrunk.top1 > 30
         assert shrunk.config["top1_before"] == pytest.approx(anchor_top1[1])
-        message = _fold_work(run, 0, eval_spec, run / "folded" / "anchor0", config.eval_limit, reports.append)(
+        message = _fold_work(run, 0, None, eval_spec, run / "folded" / "anchor0", config.eval_limit, reports.append)(
             lambda e: None, None)
         assert message.startswith("fold: ")
         [folded] = [c for c in read_candidates(run) if c.method == "fold"]

@@ -198,7 +198,8 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                 download = gr.File(label="exported files", interactive=False, file_count="multiple")
                 gr.Markdown("### 7 · More points from other methods · they join the curve above")
                 with gr.Row():
-                    builder_anchor = gr.Dropdown(label="anchor", choices=[], interactive=True, scale=2, allow_custom_value=True)
+                    builder_anchor = gr.Dropdown(label="from (an anchor, or a stitch: elastic, shrink and fold)", choices=[],
+                                                 interactive=True, scale=2, allow_custom_value=True)
                     builder_cancel = gr.Button("Cancel", variant="stop", size="sm", scale=1)
                 builder_line = gr.Markdown("")
                 with gr.Tabs():
@@ -209,25 +210,25 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                             elastic_metric = gr.Dropdown([("MACs", "macs"), ("activations", "activations"),
                                                           ("latency, measured on this server", "latency")],
                                                          value="macs", label="budget on")
-                            elastic_budgets = gr.Textbox("30, 50, 70, 90", label="budgets (% of the anchor's)")
+                            elastic_budgets = gr.Textbox("30, 50, 70, 90", label="budgets (% of its own)")
                             elastic_samples = gr.Number(24, precision=0, label="measured samples")
                             elastic_bn = gr.Number(512, precision=0, label="BatchNorm re-estimation images",
                                                    info="per sub-network, CNNs only; 0 keeps the anchor's statistics")
                             elastic_ft = gr.Number(0, precision=0, label="progressive-shrinking steps",
-                                                   info="fine-tune the anchor's shared weights first (0: as they are)")
+                                                   info="fine-tune the anchor's shared weights first (0: as they are; anchors only)")
                         elastic_btn = gr.Button("Search sub-networks", variant="primary")
                     with gr.Tab("Shrink (DMS)"):
                         gr.Markdown("Differentiable top-k on every width and block toward a MACs target, then the "
                                     "static pruned network (no fine-tune).")
                         with gr.Row():
-                            shrink_target = gr.Slider(5, 95, value=60, step=1, label="target (% of the anchor's MACs)")
+                            shrink_target = gr.Slider(5, 95, value=60, step=1, label="target (% of its MACs)")
                             shrink_steps = gr.Number(100, precision=0, label="search steps")
                         shrink_btn = gr.Button("Shrink", variant="primary")
                         shrink_plot = gr.Plot(label="soft MACs vs target · keep ratios")
                     with gr.Tab("Fold"):
                         gr.Markdown("Fold what is linear (conv+BN, linear branches) into fewer layers; every fold is "
                                     "checked on real images and refused if not exact.")
-                        fold_btn = gr.Button("Fold the anchor", variant="primary")
+                        fold_btn = gr.Button("Fold it", variant="primary")
                     with gr.Tab("Scale (Fast Scaling)"):
                         gr.Markdown("dWr scaling (depth, width, resolution; alpha 0.8) with predicted costs: where a "
                                     "missing anchor size would go.")
@@ -543,14 +544,16 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
                 return gr.Dropdown(choices=[], value=None)
             choices = [(f"{_short_spec(spec)} ({info.total.macs / 1e6:.3g} M MACs)", i)
                        for i, (spec, info) in enumerate(zip(s.plan.anchors, s.plan.infos))]
-            keep = isinstance(current, int) and 0 <= current < len(choices)   # the curve changes often: keep the choice
-            return gr.Dropdown(choices=choices, value=current if keep else len(choices) - 1)
+            choices += [(f"stitch {st.id}: {s.plan.describe_route(st)} ({s.plan.cost(st).macs / 1e6:.3g} M MACs)",
+                         f"stitch {st.id}") for st in s.plan.stitches if not st.is_anchor]
+            keep = current in [v for _, v in choices]   # the curve changes often: keep the choice
+            return gr.Dropdown(choices=choices, value=current if keep else len(s.plan.anchors) - 1)
 
         def start_builder(kind: str, *names):
-            def handler(key: str, anchor, *values):
+            def handler(key: str, source, *values):
                 try:
                     s = session_of(key)
-                    s.start_builder(kind, anchor, **dict(zip(names, values)))
+                    s.start_builder(kind, source, **dict(zip(names, values)))
                     return gr.Timer(active=True), views.builder_md(s.builder.snapshot()), _status(f"{kind} started")
                 except Exception as e:
                     return gr.skip(), gr.skip(), _status(_message(e), True)

@@ -549,27 +549,46 @@ class Session:
 
     def _builder_setup(self, anchor) -> tuple[Path, int, str, str]:
         """The run, a valid anchor index, and the run's data as (search/fit split, held-out split)."""
+        run, train_spec, eval_spec = self._builder_data()
+        return run, _bounded_int(anchor, "anchor", 0, len(self.plan.anchors) - 1), train_spec, eval_spec
+
+    def _builder_data(self) -> tuple[Path, str, str]:
         if self.run_dir is None or self.plan is None:
-            raise AppError("fit first (step 3): the other builders work on the anchors of a fitted run")
-        i = _bounded_int(anchor, "anchor", 0, len(self.plan.anchors) - 1)
+            raise AppError("fit first (step 3): the other builders work on the anchors and stitches of a fitted run")
         spec = self.resolve_data(self.data or "")
         if spec.startswith("starter"):
-            return self.run_dir, i, "starter:train", "starter:val"
-        return self.run_dir, i, spec, spec
+            return self.run_dir, "starter:train", "starter:val"
+        return self.run_dir, spec, spec
 
-    def start_builder(self, kind: str, anchor, **options):
-        """Start an elastic search, a DMS shrink or a fold of one anchor in the background; its
-        candidates land in the run (and so on the curve) when it ends."""
+    def builder_source(self, source) -> tuple[int | None, int | None]:
+        """What a builder starts from: (anchor index, None) for an anchor index, (None, stitch id) for
+        "stitch ID" (an anchor's own stitch id counts as that anchor)."""
+        self._need_plan()
+        m = re.fullmatch(r"\s*stitch\s*:?\s*(-?\d+)\s*", str(source))
+        if m is None:
+            if not re.fullmatch(r"\s*-?\d+\s*", str(source)):
+                raise AppError(f"start from an anchor index or 'stitch ID', not '{str(source)[:30]}'")
+            return _bounded_int(source, "anchor", 0, len(self.plan.anchors) - 1), None
+        sid = int(m.group(1))
+        if not 0 <= sid < len(self.plan.stitches):
+            raise AppError(f"stitch {sid} does not exist (this run has 0..{len(self.plan.stitches) - 1})")
+        stitch = self.plan.stitches[sid]
+        return (stitch.route[0].anchor, None) if stitch.is_anchor else (None, sid)
+
+    def start_builder(self, kind: str, source, **options):
+        """Start an elastic search, a DMS shrink or a fold of one anchor or stitch ("stitch ID") in the
+        background; its candidates land in the run (and so on the curve) when it ends. Bad options are
+        refused before anything starts, whatever runs."""
         from composer.ui.jobs import BuilderJob
         with self.lock:
-            self._no_running_job()
-            run, i, train_spec, eval_spec = self._builder_setup(anchor)
+            run, train_spec, eval_spec = self._builder_data()
+            i, sid = self.builder_source(source)
             limit = self.config.eval_limit
-            full = self.plan.infos[i].total.macs
+            full = self.plan.cost(sid).macs if sid is not None else self.plan.infos[i].total.macs
             if kind == "shrink":
-                pct = _bounded_float(options.get("target_pct"), "target (% of the anchor's MACs)", 1, 99)
+                pct = _bounded_float(options.get("target_pct"), "target (% of its MACs)", 1, 99)
                 steps = _bounded_int(options.get("steps") or 100, "search steps", 5, 5000)
-                work = _shrink_work(run, i, train_spec, eval_spec, full * pct / 100, steps, limit, self._report)
+                work = _shrink_work(run, i, sid, train_spec, eval_spec, full * pct / 100, steps, limit, self._report)
             elif kind == "elastic":
                 metric = str(options.get("metric") or "macs")
                 if metric not in ELASTIC_METRICS:
@@ -578,12 +597,17 @@ class Session:
                 samples = _bounded_int(options.get("samples") or 24, "sampled sub-networks", 8, 500)
                 bn_images = _bounded_int(options.get("bn_images") or 0, "BatchNorm images", 0, 100_000)
                 finetune = _bounded_int(options.get("finetune_steps") or 0, "progressive-shrinking steps", 0, 100_000)
-                work = _elastic_work(run, i, train_spec, eval_spec, metric, budgets, samples, limit, bn_images,
+                if finetune and sid is not None:
+                    raise AppError(f"progressive shrinking works on an anchor, not on a stitch yet: set its steps to 0 "
+                                   f"to search stitch {sid} as it is, or choose an anchor")
+                work = _elastic_work(run, i, sid, train_spec, eval_spec, metric, budgets, samples, limit, bn_images,
                                      finetune, self._report)
             elif kind == "fold":
-                work = _fold_work(run, i, eval_spec, run / "folded" / f"anchor{i}", limit, self._report)
+                out = run / "folded" / (f"anchor{i}" if sid is None else f"stitch{sid}")
+                work = _fold_work(run, i, sid, eval_spec, out, limit, self._report)
             else:
                 raise AppError(f"unknown builder '{kind}' (elastic, shrink or fold)")
+            self._no_running_job()
             self.builder_result = ""
             self.builder = BuilderJob(kind, work)
             self.builder.start()
@@ -605,7 +629,10 @@ class Session:
         from composer.candidates import add_candidates
         from composer.scaling import anchor_config, dwr_factors, dwr_scale, predict, scale_candidate, suggest_fill
         with self.lock:
-            run, i, _, _ = self._builder_setup(anchor)
+            run, _, _ = self._builder_data()
+            i = None if fill else self.builder_source(anchor)[0]
+            if not fill and i is None:
+                raise AppError("scaling works from an anchor's configuration: choose an anchor, not a stitch")
             alpha = _bounded_float(alpha, "alpha", 0, 1)
             if fill:
                 fill_ = suggest_fill([anchor_config(spec) for spec in self.plan.anchors], alpha,
@@ -686,11 +713,12 @@ class Session:
             return zip_path
 
 
-def _shrink_work(run: Path, i: int, data: str, eval_data: str, target: float, steps: int, limit: int, report):
+def _shrink_work(run: Path, i: int | None, sid: int | None, data: str, eval_data: str, target: float, steps: int,
+                 limit: int, report):
     def work(events, cancel) -> str:
         from composer.shrink import shrink_anchor
         r = shrink_anchor(run, i, data, target, steps=steps, eval_data=eval_data, eval_limit=limit, latency=True,
-                          events=events, cancel=cancel)
+                          events=events, cancel=cancel, stitch=sid)
         stages = "\n".join(f"| {s['stage']} | {s['blocks']}/{s['of_blocks']} | {100 * s['width_keep']:.0f} % |"
                             for s in r.stages)
         report(f"**{r.candidate.name}**: {r.full_macs / 1e6:.2f} M -> {r.counted_macs / 1e6:.2f} M MACs counted "
@@ -704,22 +732,26 @@ def _shrink_work(run: Path, i: int, data: str, eval_data: str, target: float, st
 ELASTIC_METRICS = ("macs", "activations", "latency")
 
 
-def _elastic_work(run: Path, i: int, data: str, eval_data: str, metric: str, percents: list[float], samples: int,
+def _elastic_work(run: Path, i: int | None, sid: int | None, data: str, eval_data: str, metric: str, percents: list[float], samples: int,
                   limit: int, bn_images: int, finetune_steps: int, report):
-    """Budgets are percentages of the anchor's own MACs, activations or latency (a latency table is
-    measured here first: batch 1 on this server's CPU/GPU, like the CLI's --budget-latency). With
-    finetune_steps, progressive shrinking runs first (composer.progressive) and its weights stay in the run."""
+    """Sub-networks of anchor `i` or of stitch `sid`. Budgets are percentages of its own MACs,
+    activations or latency (a latency table is measured here first: batch 1 on this server's CPU/GPU,
+    like the CLI's --budget-latency). With finetune_steps (anchors only), progressive shrinking runs
+    first (composer.progressive) and its weights stay in the run."""
     def work(events, cancel) -> str:
         from torch import nn
 
         from composer.candidates import add_candidates
         from composer.elastic import (anchor_of_run, budget_cost, check_budget, image_batches, largest_arch,
-                                      latency_table, search_elastic)
+                                      latency_table, search_elastic, stitch_of_run)
 
         def progress(phase: str, done: int, total: int) -> None:
             events({"type": "progress", "phase": phase, "done": done, "total": total})
 
-        anchor = anchor_of_run(run, i, progressive=not finetune_steps)
+        if sid is not None:
+            anchor = stitch_of_run(run, sid)
+        else:
+            anchor = anchor_of_run(run, i, progressive=not finetune_steps)
         if finetune_steps:
             from composer import data as data_mod
             from composer.progressive import progressive_shrink, save_finetuned
@@ -758,10 +790,10 @@ def _elastic_work(run: Path, i: int, data: str, eval_data: str, metric: str, per
     return work
 
 
-def _fold_work(run: Path, i: int, data: str, out: Path, limit: int, report):
+def _fold_work(run: Path, i: int | None, sid: int | None, data: str, out: Path, limit: int, report):
     def work(events, cancel) -> str:
         from composer.fold import fold_run, format_certificate
-        r = fold_run(run, data, out, anchor=i, limit=limit, events=events)
+        r = fold_run(run, data, out, anchor=i, stitch=sid, limit=limit, events=events)
         report(f"**{r.candidate.name}**: top-1 {r.candidate.top1:.2f} %\n\n```\n{format_certificate(r.certificate)}\n```")
         return f"fold: {r.candidate.name} added to the curve"
     return work
