@@ -522,7 +522,7 @@ def test_app_builders_on_the_real_cifar_resnets(tmp_path):
         s.fit("calib", 64, 64)
         anchor_top1 = {st.route[0].anchor: s.top1[st.id] for st in s.plan.stitches if st.is_anchor}
         assert min(anchor_top1.values()) > 70          # real weights (chance is 10 %)
-        run, i, train_spec, eval_spec = s._builder_setup(1)
+        (run, train_spec, eval_spec), i = s._builder_data(), 1
         full = s.plan.infos[1].total.macs
         reports = []
         message = _shrink_work(run, i, None, train_spec, eval_spec, 0.6 * full, 5, config.eval_limit, reports.append)(

@@ -547,12 +547,8 @@ class Session:
 
     # --- the other curve builders: elastic sub-networks, DMS shrinking, folding, scaling --------------
 
-    def _builder_setup(self, anchor) -> tuple[Path, int, str, str]:
-        """The run, a valid anchor index, and the run's data as (search/fit split, held-out split)."""
-        run, train_spec, eval_spec = self._builder_data()
-        return run, _bounded_int(anchor, "anchor", 0, len(self.plan.anchors) - 1), train_spec, eval_spec
-
     def _builder_data(self) -> tuple[Path, str, str]:
+        """The run and its data as (search/fit split, held-out split)."""
         if self.run_dir is None or self.plan is None:
             raise AppError("fit first (step 3): the other builders work on the anchors and stitches of a fitted run")
         spec = self.resolve_data(self.data or "")
