@@ -346,7 +346,7 @@ def test_defaults_per_family(vit_family, cnn_family, tmp_path):
     cnn = load_run(make_run(tmp_path, cnn_family, "c")).net
     v, c = resolve(TrainConfig(steps=1), vit), resolve(TrainConfig(steps=1), cnn)
     assert (v.optimizer, v.anchor_lr_scale, v.freeze_bn, v.distill) == ("adamw", 1.0, False, "anchors")
-    assert (c.optimizer, c.anchor_lr_scale, c.freeze_bn, c.distill) == ("adamw", 0.1, True, "anchors")
+    assert (c.optimizer, c.anchor_lr_scale, c.freeze_bn, c.distill) == ("adamw", 1.0, True, "anchors")
     assert resolve(TrainConfig(steps=1), cnn, teachers=False).distill == "off"   # random anchors: nothing to learn from
     assert resolve(TrainConfig(steps=1, lr=0.5, distill="none"), cnn).lr == 0.5
     assert resolve(TrainConfig(steps=1, distill=""), cnn).distill == "off"
