@@ -174,7 +174,10 @@ def test_run_folder_reloads_and_every_route_costs_what_it_runs(fitted, cifar):
     net = run.net
     assert len(net.plan.stitches) == len(fitted.fit["stitches"])
     saved = load_file(fitted.run / "stitch_layers.safetensors")
-    assert saved and all(torch.equal(v, net.stitch_layers.state_dict()[k]) for k, v in saved.items())
+    # the stitching layers and each stitch's BatchNorm statistics (route_stats.*), nothing else
+    state = {**net.stitch_layers.state_dict(), **{f"route_stats.{k}": v for k, v in net.route_stats.state_dict().items()}}
+    assert saved and saved.keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in saved.items())
+    assert any(k.startswith("route_stats.") for k in saved)
     for row in fitted.evaluation["stitches"]:
         net.select(row["id"])
         c = _count(net, net)

@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _expected_after_one_step(run: Path, train_dir: str, config: TrainConfig, world: int) -> dict[str, torch.Tensor]:
-    net = load_run(run).net
+    # channels_last as the trainer runs CNNs: behind a stitch point BatchNorm divides by the stitch's
+    # own (small, on random anchors) variances, which magnifies the rounding of another memory format
+    net = load_run(run).net.to(memory_format=torch.channels_last)
     c = resolve(config, net, train_dir)
     cfg = data.data_config(net.anchors[0])
     ds = data.open_dataset(train_dir, cfg, train=True)
@@ -38,7 +40,7 @@ def _expected_after_one_step(run: Path, train_dir: str, config: TrainConfig, wor
     grads: dict[str, torch.Tensor] = {}
     for rank in range(world):
         batch = next(iter(_StepBatches(len(ds), c.batch_size, c.seed, 0, 1, rank, world)))
-        x = torch.stack([items[k][0] for k in batch])
+        x = torch.stack([items[k][0] for k in batch]).contiguous(memory_format=torch.channels_last)
         y = torch.tensor([items[k][1] for k in batch])
         net.zero_grad(set_to_none=True)
         loss = F.cross_entropy(net.select(sampler.pick(0, rank))(x), y, label_smoothing=c.label_smoothing)

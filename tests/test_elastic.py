@@ -314,7 +314,7 @@ def test_app_elastic_job_re_estimates_batchnorm_and_keeps_activation_budgets(tin
     shutil.copytree(tiny_run[0], run)
     images = str(tiny_run[1])
     reports, events = [], []
-    message = _elastic_work(run, 0, images, images, "activations", [50, 80], 8, 6, 10, 0, reports.append)(
+    message = _elastic_work(run, 0, None, images, images, "activations", [50, 80], 8, 6, 10, 0, reports.append)(
         events.append, None)
     assert message.startswith("elastic: ")
     assert "re-estimated on 10 images" in reports[0]
