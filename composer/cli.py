@@ -274,7 +274,7 @@ def _train_args(sp) -> None:
     g.add_argument("--steps", type=_positive, help="total optimizer steps, counted across resumes")
     g.add_argument("--time-budget", type=float, metavar="MIN", help="wall-clock minutes for this invocation")
     sp.add_argument("--lr", type=float, help="learning rate (default: per family, see composer.train)")
-    sp.add_argument("--optimizer", choices=["sgd", "adamw"], help="default: AdamW for ViT-like anchors, SGD for CNNs")
+    sp.add_argument("--optimizer", choices=["sgd", "adamw"], help="default: AdamW (family defaults in composer.train)")
     sp.add_argument("--weight-decay", type=float)
     sp.add_argument("--warmup-steps", type=int)
     sp.add_argument("--anchor-lr-scale", type=float, help="anchors' lr = lr x this (stitching layers get lr)")

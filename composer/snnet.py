@@ -9,8 +9,8 @@ behind a stitching layer the features are the stitch's, not the anchor's, so eve
 after the stitch point has running statistics of its own for that stitch (`route_stats`; weights
 and affine parameters stay shared). A route's front runs exactly as its first anchor does, so it
 uses that anchor's statistics and shared-prefix evaluation stays exact. Measured on the CIFAR
-ResNets: re-estimating these statistics after least squares halves the median gap to the anchor
-line (-10.6 -> -4.9 points, composer.fit.calibrate_route_stats). LayerNorm families have none.
+ResNets: re-estimating these statistics after least squares more than halves the median gap to the anchor
+line (-10.3 -> -4.2 points on 5,000 images, composer.fit.calibrate_route_stats). LayerNorm families have none.
 """
 from __future__ import annotations
 
