@@ -17,6 +17,7 @@ from composer.costs import model_cost
 from composer.export import route_of
 from composer.subnet import SubnetConfig, config_masks, extract, importance, masked, subnet_cost
 from tests.engine_models import cifar, network, vit
+from tests.test_subnet import _randomise as _randomise_modules
 
 SIZE = (3, 32, 32)
 
@@ -28,18 +29,12 @@ def _one_thread():
 
 
 def _randomise(net: nn.Module, seed: int = 0) -> nn.Module:
-    """BN statistics / affine terms, biases and stitching layers far from their defaults (a wrong
-    permutation or the anchor's statistics used behind the stitch point would show)."""
-    g = torch.Generator().manual_seed(seed)
+    """The anchors' BN terms and biases (test_subnet's), plus stitching layers and each stitch's own
+    BN statistics, far from their defaults (a wrong permutation or the anchor's statistics used
+    behind the stitch point would show)."""
+    _randomise_modules(net, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, m in net.named_modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            elif isinstance(m, nn.Linear) and m.bias is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.02)
         for layer in net.stitch_layers.values():
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) / layer.weight.shape[1] ** 0.5)
             layer.bias.copy_(torch.randn(layer.bias.shape, generator=g) * 0.1)
