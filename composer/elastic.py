@@ -477,18 +477,24 @@ def latency_table(anchor: ElasticAnchor, choices: Sequence[float] = WIDTH_CHOICE
     n_dims = max(len(b.widths) for b in space.blocks)
     combos = list(itertools.product(choices, repeat=n_dims))
     x = torch.zeros(1, *space.input_size, device=device)
-    entries = {}
+    measured: dict[tuple[int, tuple[float, ...]], float] = {}
     for i, combo in enumerate(combos):
         arch = Arch(tuple(space.full_config().depth),
                     tuple(combo[j] for blk in space.blocks for j in range(len(blk.widths))))
         sub = extract(anchor.model, space, arch.config(space)).to(device).eval()
         inputs = _block_inputs(sub, space, x)
         for b, blk in enumerate(space.blocks):
-            key = LatencyTable.key(b, combo[:len(blk.widths)])
-            if key not in entries:
-                entries[key] = measure_latency(sub.get_submodule(blk.module), inputs[b], repeats=repeats)
+            key = (b, combo[:len(blk.widths)])
+            if key not in measured:
+                measured[key] = measure_latency(sub.get_submodule(blk.module), inputs[b], repeats=repeats)
         if progress is not None:
             progress(i + 1, len(combos))
+    # A narrower block is never slower than a wider one: take each entry as the fastest of itself and
+    # every wider combination of the same block, so that one timing hit by a busy machine cannot make
+    # the smallest sub-network look slower than the whole model (seen on a loaded 2-core CI machine).
+    entries = {LatencyTable.key(b, w): min(t for (b2, w2), t in measured.items()
+                                           if b2 == b and all(f2 >= f for f, f2 in zip(w, w2)))
+               for (b, w) in measured}
     # The rest is timed directly: a whole-model time minus the blocks' sum would carry the noise of
     # every block measurement into it.
     full = extract(anchor.model, space, space.full_config()).to(device).eval()

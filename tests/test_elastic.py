@@ -148,6 +148,9 @@ def test_recalibrated_bn_statistics_are_those_of_the_images(cifar_anchor):
 def test_latency_table_has_every_block_and_choice(vit_anchor):
     table = el.latency_table(vit_anchor, choices=(0.5, 1.0), repeats=1)
     assert len(table.blocks) == 3 * 4 and all(v > 0 for v in table.blocks.values()) and table.rest_ms >= 0
+    for b in range(3):   # narrower is never slower, whatever the machine's load did to one timing
+        t = {w: table.blocks[f"{b}:{w}"] for w in ("0.5,0.5", "0.5,1", "1,0.5", "1,1")}
+        assert t["0.5,0.5"] <= min(t["0.5,1"], t["1,0.5"]) and max(t["0.5,1"], t["1,0.5"]) <= t["1,1"]
     space = vit_anchor.space
     arch = el.Arch((2,), (0.5, 1.0) * 3)
     want = table.rest_ms + table.blocks["0:0.5,1"] + table.blocks["1:0.5,1"]
