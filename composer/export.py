@@ -228,8 +228,8 @@ def _route_state(net: StitchedNetwork, stitch: Stitch) -> dict[str, torch.Tensor
         orphan = k.startswith("anchors.") and int(k.split(".")[1]) in anchors and not _owned(k, parts[int(k.split(".")[1])])
         if _owned(k, prefixes) or orphan:
             out[k] = v
-    stats = net.route_stats[str(stitch.id)] if net.route_bn_names(stitch) else None
     for i, n in enumerate(net.route_bn_names(stitch)):   # behind the stitch point: the stitch's own statistics
+        stats = net.route_stats[str(stitch.id)]
         out[f"{n}.running_mean"], out[f"{n}.running_var"] = stats.mean(i), stats.var(i)
     return out
 

@@ -40,6 +40,16 @@ def _by_hand(net, sid, x, back_train=False):
     return back.linear(h.mean((2, 3))), back, names
 
 
+def _random_layers(net, seed):
+    """Stitching layers far from least squares and identity, so that features behind a stitch
+    point differ from the back anchor's own."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in net.stitch_layers.values():
+            torch.nn.init.normal_(layer.weight, std=0.3)
+    return net
+
+
 def _random_stats(net, seed=0):
     g = torch.Generator().manual_seed(seed)
     for stats in net.route_stats.values():
@@ -63,10 +73,7 @@ def test_stitches_own_the_batchnorms_behind_their_stitch_point_only():
 
 @torch.no_grad()
 def test_a_stitch_runs_on_its_own_statistics_and_the_anchors_on_theirs():
-    net = cifar_family().eval()
-    torch.manual_seed(0)
-    for layer in net.stitch_layers.values():
-        torch.nn.init.normal_(layer.weight, std=0.3)
+    net = _random_layers(cifar_family().eval(), seed=0)
     x = torch.randn(3, 3, 32, 32)
     anchors_before = [net.select(s.id)(x) for s in net.stitches if s.is_anchor]
     _random_stats(net)
@@ -84,10 +91,7 @@ def test_a_stitch_runs_on_its_own_statistics_and_the_anchors_on_theirs():
 
 @torch.no_grad()
 def test_calibration_gives_each_stitch_the_statistics_of_its_own_features():
-    net = cifar_family().eval()
-    torch.manual_seed(1)
-    for layer in net.stitch_layers.values():
-        torch.nn.init.normal_(layer.weight, std=0.3)
+    net = _random_layers(cifar_family().eval(), seed=1)
     anchors_state = {k: v.clone() for k, v in net.anchors.state_dict().items()}
     x = torch.randn(16, 3, 32, 32)
     assert calibrate_route_stats(net, [x[:8], x[8:]]) == 16
