@@ -10,6 +10,7 @@ as a stored one replaces it, so re-running a builder updates its points instead 
 """
 from __future__ import annotations
 
+from composer.errors import UserError
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ METHODS = ("snnet", "elastic", "shrink", "fold", "scale")   # "snnet": stitches 
 STATUSES = ("measured", "predicted", "quoted")
 
 
-class CandidateError(ValueError):
+class CandidateError(UserError):
     """A candidate that cannot be stored or read; the message says why."""
 
 

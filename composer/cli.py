@@ -13,24 +13,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from composer.candidates import CandidateError
-from composer.curve import CurveError
-from composer.data import DataError
+from composer.errors import UserError
 from composer.evaluate import stitch_rows
-from composer.elastic import ElasticError
-from composer.export import ExportError
-from composer.fold import FoldError
-from composer.plan import PlanError
-from composer.run import RunError
-from composer.scaling import ScaleError
-from composer.shrink import ShrinkError
-from composer.subnet import SubnetError
-from composer.train import TrainError
-from zoo.adapters import UnsupportedModel
-from zoo.sources import AnchorError
 
-USER_ERRORS = (AnchorError, UnsupportedModel, PlanError, DataError, RunError, CurveError, TrainError, ExportError,
-               CandidateError, ScaleError, FoldError, ShrinkError, ElasticError, SubnetError)
 COMMANDS = {}   # name -> (function that adds the command's arguments, function that runs it)
 
 
@@ -81,7 +66,7 @@ def _plan_kwargs(args) -> dict:
         try:
             points = json.loads(args.points)
         except json.JSONDecodeError as e:
-            raise PlanError(f"--points is not valid JSON: {e}") from None
+            raise UserError(f"--points is not valid JSON: {e}") from None
     return {"kernel": args.kernel, "stride": args.stride, "all_pairs": args.all_pairs, "points": points}
 
 
@@ -125,7 +110,7 @@ def cmd_families(args) -> None:
     families += hub.cached_families(sort_key=macs)
     for folder in args.local:
         if not folder.is_dir():
-            raise DataError(f"--local {folder} is not a folder")
+            raise UserError(f"--local {folder} is not a folder")
         families += hub.local_families(folder)
     built = starter.default_cache_dir() / "starter" / "models"
     if built.is_dir():
@@ -377,7 +362,7 @@ def cmd_export(args) -> None:
     if args.all:
         out = export_snnet(args.run, args.out, latency=args.latency)
     elif args.candidate is not None:
-        from composer.elastic import export_candidate
+        from composer.builders.elastic import export_candidate
         out = export_candidate(args.run, args.candidate, args.out)
     else:
         out = export_stitch(args.run, args.stitch, args.out)
@@ -404,7 +389,7 @@ def cmd_scale(args) -> None:
     """dWr-scale an anchor (Fast Scaling) and predict its MACs, params, activations; adds a "scale" candidate."""
     from composer.candidates import add_candidates
     from composer.curve import load_plan_of_run
-    from composer.scaling import anchor_config, dwr_factors, dwr_scale, predict, scale_candidate, suggest_fill
+    from composer.builders.scaling import anchor_config, dwr_factors, dwr_scale, predict, scale_candidate, suggest_fill
     plan = load_plan_of_run(args.run)
     if args.fill:
         bases = [anchor_config(spec) for spec in plan.anchors]
@@ -416,7 +401,7 @@ def cmd_scale(args) -> None:
                 f"{anchor_macs[fill.gap[1]] / 1e6:.2f} M), middle {fill.target_macs / 1e6:.2f} M")
     else:
         if not 0 <= args.anchor < len(plan.anchors):
-            raise ScaleError(f"--anchor {args.anchor} does not exist (0..{len(plan.anchors) - 1})")
+            raise UserError(f"--anchor {args.anchor} does not exist (0..{len(plan.anchors) - 1})")
         dwr_factors(args.factor, args.alpha)   # a bad factor or alpha fails before anything is built
         i, s = args.anchor, args.factor
         config = dwr_scale(anchor_config(plan.anchors[i]), s, args.alpha)
@@ -456,11 +441,11 @@ def cmd_quote(args) -> None:
     from composer.curve import load_plan_of_run
     name = args.name.strip()
     if not name or len(name) > 120:
-        raise CandidateError("--name must be 1 to 120 characters")
+        raise UserError("--name must be 1 to 120 characters")
     if not 0 <= args.top1 <= 100:
-        raise CandidateError(f"--top1 is a percentage (0 to 100), got {args.top1:g}")
+        raise UserError(f"--top1 is a percentage (0 to 100), got {args.top1:g}")
     if args.macs <= 0 or args.params < 0 or args.activations < 0:
-        raise CandidateError("--macs must be positive, --params and --activations not negative")
+        raise UserError("--macs must be positive, --params and --activations not negative")
     load_plan_of_run(args.run)   # a run folder (clear error otherwise), not any path
     add_candidates(args.run, [Candidate(args.method, name, args.source, int(args.macs), int(args.params),
                                         int(args.activations), args.top1, "quoted", None,
@@ -481,7 +466,7 @@ def cmd_latency_fit(args) -> None:
     """How well MACs and activations each predict this device's batch-1 latency (R^2), measuring it if needed."""
     from composer.candidates import read_candidates
     from composer.curve import load_plan_of_run, measure_latency, read_latency, save_latency
-    from composer.scaling import latency_fit, latency_points
+    from composer.builders.scaling import latency_fit, latency_points
     plan = load_plan_of_run(args.run)
     latency = None if args.remeasure else read_latency(args.run)
     if not latency:
@@ -522,7 +507,7 @@ def _fold_args(sp) -> None:
 @command("fold", _fold_args)
 def cmd_fold(args) -> None:
     """Fold what is linear (conv+BN, linear branches, stitching layers) into fewer convs, each fold certified."""
-    from composer.fold import fold_run, format_certificate
+    from composer.builders.fold import fold_run, format_certificate
     bar = tqdm(desc="fold", unit="fold", file=sys.stderr, disable=None)
 
     def show(e: dict) -> None:
@@ -580,7 +565,7 @@ def _shrink_args(sp) -> None:
 def cmd_shrink(args) -> None:
     """Shrink one anchor or stitch to a MACs budget (DMS: differentiable top-k widths and depth), export and
     evaluate the pruned network; adds a "shrink" candidate to the run."""
-    from composer.shrink import shrink_anchor
+    from composer.builders.shrink import shrink_anchor
     bar = tqdm(desc="shrink", unit="step", file=sys.stderr, disable=None)
 
     def show(e: dict) -> None:
@@ -662,12 +647,12 @@ def cmd_elastic(args) -> None:
     """Once-for-All sub-networks of one anchor or stitch: measure samples, fit an accuracy predictor, search
     each budget, measure the chosen ones; adds "elastic" candidates to the run."""
     from composer.candidates import add_candidates
-    from composer.elastic import (anchor_of_run, check_budget, image_batches, latency_table, search_elastic,
+    from composer.builders.elastic import (anchor_of_run, check_budget, image_batches, latency_table, search_elastic,
                                   stitch_of_run)
     if args.finetune_steps < 0 or not args.finetune_lr > 0:
-        raise ElasticError("--finetune-steps must be >= 0 and --finetune-lr positive")
+        raise UserError("--finetune-steps must be >= 0 and --finetune-lr positive")
     if args.stitch is not None and args.finetune_steps:
-        raise ElasticError("progressive shrinking (--finetune-steps) works on an anchor, not on a stitch yet")
+        raise UserError("progressive shrinking (--finetune-steps) works on an anchor, not on a stitch yet")
     if args.stitch is not None:
         anchor = stitch_of_run(args.run, args.stitch)
     else:
@@ -689,7 +674,7 @@ def cmd_elastic(args) -> None:
     try:
         if args.finetune_steps:
             from composer import data
-            from composer.progressive import progressive_shrink, save_finetuned
+            from composer.builders.progressive import progressive_shrink, save_finetuned
             ds = data.open_dataset(args.data, data.data_config(anchor.model), split="train")
             ps = progressive_shrink(anchor, data.loader(ds, args.batch_size, shuffle=True, workers=args.workers,
                                                         seed=args.seed), args.finetune_steps, args.finetune_lr,
@@ -751,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)   # argparse itself exits 2 with one usage line + error
     try:
         COMMANDS[args.command][1](args)
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ measured points (stitches and measured candidates) can be on the Pareto front.
 """
 from __future__ import annotations
 
+from composer.errors import UserError
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ METHOD_COLOURS = {"snnet": "#e76f51", "elastic": "#2a9d8f", "shrink": "#8e44ad",
 STATUS_SYMBOLS = {"measured": "circle", "predicted": "circle-open", "quoted": "x-thin-open"}
 
 
-class CurveError(ValueError):
+class CurveError(UserError):
     """A curve that cannot be drawn or written; the message says why."""
 
 

@@ -9,6 +9,7 @@ Transforms come from the anchor's pretrained config (`resolve_data_config` + `cr
 """
 from __future__ import annotations
 
+from composer.errors import UserError
 import os
 from pathlib import Path
 
@@ -21,7 +22,7 @@ _SCHEMES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
 _IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data spec that gives no usable images; the message says why."""
 
 

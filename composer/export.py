@@ -18,6 +18,7 @@ picks the most accurate stitch under a budget and `load_snnet(OUT)` rebuilds the
 """
 from __future__ import annotations
 
+from composer.errors import UserError
 import copy
 import json
 import os
@@ -45,7 +46,7 @@ METRICS = {"macs": "macs", "params": "params", "activations": "activations", "la
 PREPROCESSING_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export or an exported folder that cannot be used as asked; the message says why."""
 
 
@@ -164,7 +165,7 @@ class StitchedRoute(nn.Module):
 
     def route_units(self) -> list[tuple[str, int]]:
         """The blocks the route runs, in order: (module path in this module, the block's stage in
-        its anchor); what composer.subnet needs to see the route as stages of residual blocks."""
+        its anchor); what composer.builders.subnet needs to see the route as stages of residual blocks."""
         out = []
         for anchor, first, last in self.route:
             adapter = self._adapters[anchor]

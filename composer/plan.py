@@ -15,6 +15,7 @@ With these, DeiT-Ti/S/B gives 3 + 34 + 34 = 71 stitches and Swin-Ti/S/B 3 + 2 + 
 """
 from __future__ import annotations
 
+from composer.errors import UserError
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -23,7 +24,7 @@ import torch
 from composer.costs import AnchorInfo, Cost, channels, positions, stitch_layer_cost
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """An impossible stitch or plan; the message says which and why."""
 
 

@@ -10,6 +10,7 @@ Every file is written atomically, so a crash leaves the previous version loadabl
 """
 from __future__ import annotations
 
+from composer.errors import UserError
 import json
 import os
 import time
@@ -32,7 +33,7 @@ MANIFEST, PLAN, LAYERS, CHECKPOINT = "manifest.json", "plan.json", "stitch_layer
 TRAINED = "snnet.safetensors"   # inside checkpoint/: every weight of the SN-Net after training
 
 
-class RunError(ValueError):
+class RunError(UserError):
     """A run folder that cannot be written or read; the message says why."""
 
 

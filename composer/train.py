@@ -21,6 +21,7 @@ Robust jobs:
 """
 from __future__ import annotations
 
+from composer.errors import UserError
 import json
 import math
 import os
@@ -53,7 +54,7 @@ STOP_REASONS = {1: "done", 2: "budget", 3: "cancelled"}
 OPTIMIZERS = ("sgd", "adamw")
 
 
-class TrainError(ValueError):
+class TrainError(UserError):
     """Training cannot start or resume as asked; the message says why."""
 
 

@@ -416,7 +416,7 @@ def test_other_builders_join_the_curve(client, app, tmp_path):
     # scale_fill: a dWr size inside the biggest MACs ratio between neighbouring anchors, with the
     # MACs that the scaled model counts
     from composer.costs import model_cost
-    from composer.scaling import anchor_config, build, dwr_scale
+    from composer.builders.scaling import anchor_config, build, dwr_scale
     before = {c.name for c in read_candidates(run_dir) if c.method == "scale"}
     report, curve, status = client.predict(key, 0, 1.0, 0.8, "macs", api_name="/scale_fill")
     assert "predicted" in report and "⚠" not in status, status
@@ -448,16 +448,16 @@ def test_other_builders_join_the_curve(client, app, tmp_path):
 
 
 def _downloaded_candidate_equals_the_masked_anchor(client, key: str, run_dir: Path, c, tmp_path: Path) -> None:
-    """/export_candidate of a stored candidate: the zip's sub-network loads with composer.elastic's
+    """/export_candidate of a stored candidate: the zip's sub-network loads with composer.builders.elastic's
     loader and gives the logits of the run's anchor computing the candidate's configuration with
     masks (no extraction): for shrink after its permutation, for elastic with its importance order
     and the progressive-shrinking weights kept in the run. A stitch's candidate is compared with the
     stitch's route (composer.export.route_of). The starter ViTs have no BatchNorm, so no statistics
     differ between the two."""
-    from composer.elastic import anchor_of_run, load_subnet, stitch_of_run
+    from composer.builders.elastic import anchor_of_run, load_subnet, stitch_of_run
     from composer.export import route_of
     from composer.run import load_run
-    from composer.subnet import SubnetConfig, config_masks, elastic_space, masked, permute_
+    from composer.builders.subnet import SubnetConfig, config_masks, elastic_space, masked, permute_
     files, status = client.predict(key, f"{c.method}:{c.name}", api_name="/export_candidate")
     assert "⚠" not in status, status
     exported_name = re.search(r"exported (\S+\.zip)", status).group(1)   # this export's zip among the session's
@@ -506,7 +506,7 @@ def test_app_builders_on_the_real_cifar_resnets(tmp_path):
     from composer import data as data_mod
     from composer.candidates import read_candidates
     from composer.costs import model_cost
-    from composer.elastic import load_subnet, top1
+    from composer.builders.elastic import load_subnet, top1
     from composer.ui.session import AppConfig, Session, _fold_work, _shrink_work
     before = torch.get_num_threads()
     torch.set_num_threads(1)   # a second thread only waits on a busy 2-core machine

@@ -155,10 +155,10 @@ def test_shrink_scale_and_fold_on_the_starter_family(starter_family, main, tmp_p
     from composer import data
     from composer.candidates import read_candidates
     from composer.costs import model_cost
-    from composer.elastic import load_subnet, top1
+    from composer.builders.elastic import load_subnet, top1
     import timm
 
-    from composer.scaling import anchor_config, build, dwr_scale
+    from composer.builders.scaling import anchor_config, build, dwr_scale
 
     run = tmp_path / "run"
     assert main("fit", "starter", "--data", "starter", "--calib", 16, "--out", run).returncode == 0

@@ -1,4 +1,4 @@
-"""composer.elastic: rank correlation, predictor, search under budgets, measured candidates that
+"""composer.builders.elastic: rank correlation, predictor, search under budgets, measured candidates that
 rebuild, exports that load, and the `elastic` CLI on a tiny run."""
 import json
 import random
@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import zoo  # noqa: F401  (registers the CIFAR ResNets and starter ViTs)
-from composer import elastic as el
+from composer.builders import elastic as el
 from composer.candidates import CandidateError, read_candidates
 from composer.costs import model_cost
-from composer.subnet import SubnetConfig, config_masks, extract, masked, subnet_cost
+from composer.builders.subnet import SubnetConfig, config_masks, extract, masked, subnet_cost
 from zoo.adapters import UnsupportedModel
 
 VIT_ARGS = {"img_size": 32, "depth": 3, "num_classes": 10}

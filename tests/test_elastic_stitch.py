@@ -1,5 +1,5 @@
 """Elastic sub-networks of a stitch (not only of an anchor): the stitch's route as its own module
-(composer.export.route_of) seen by composer.subnet as stages of its anchors' blocks. Sorting by
+(composer.export.route_of) seen by composer.builders.subnet as stages of its anchors' blocks. Sorting by
 importance leaves the stitch's logits (the SN-Net's route, `net.select(id)`) unchanged; an
 extracted sub-network equals the full route run with the configuration's masks; its counted cost
 equals the analytic one; the `elastic --stitch` CLI adds candidates that export and load."""
@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import zoo  # noqa: F401  (registers the CIFAR ResNets)
-from composer import elastic as el
+from composer.builders import elastic as el
 from composer.candidates import read_candidates
 from composer.costs import model_cost
 from composer.export import route_of
-from composer.subnet import SubnetConfig, config_masks, extract, importance, masked, subnet_cost
+from composer.builders.subnet import SubnetConfig, config_masks, extract, importance, masked, subnet_cost
 from tests.engine_models import cifar, network, vit
 from tests.test_subnet import _randomise as _randomise_modules
 
@@ -178,7 +178,7 @@ def test_cli_shrink_from_a_stitch_exports_equal_to_the_masked_route(cifar_run, m
     """DMS on a stitch: the exported network equals the run's stitch route with the candidate's
     permutation and masks, and costs what the candidate says (at most the target)."""
     from composer.run import load_run
-    from composer.subnet import elastic_space, permute_
+    from composer.builders.subnet import elastic_space, permute_
     run, images = cifar_run
     net = load_run(run).net
     target = int(0.6 * net.plan.cost(3).macs)
@@ -265,6 +265,6 @@ def test_progressive_shrinking_refuses_a_stitch(nets):
     stitch = el.prepare_stitch(nets["cifar"], 3)
     before = {k: v.clone() for k, v in stitch.model.state_dict().items()}
     with pytest.raises(el.ElasticError, match=r"^progressive shrinking works on an anchor, not on a stitch yet \(stitch 3\)$"):
-        from composer.progressive import progressive_shrink
+        from composer.builders.progressive import progressive_shrink
         progressive_shrink(stitch, [(_x(2), torch.tensor([0, 1]))], 2)
     assert all(torch.equal(v, stitch.model.state_dict()[k]) for k, v in before.items())

@@ -1,4 +1,4 @@
-"""composer.fold: every fold equals the model it came from (checked against the original model's
+"""composer.builders.fold: every fold equals the model it came from (checked against the original model's
 outputs, computed independently), refused folds say why, the certificate measures, not trusts."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 import zoo  # noqa: F401  (registers the CIFAR ResNets with timm)
 from composer.candidates import read_candidates
 from composer.export import anchor_entry
-from composer.fold import (ActOnly, AnnealedReLU, FoldError, PassThrough, anneal, apply_fold, compose_serial,
+from composer.builders.fold import (ActOnly, AnnealedReLU, FoldError, PassThrough, anneal, apply_fold, compose_serial,
                            fold_conv_bn, fold_model, fold_parallel, fold_serial, load_folded, mark_foldable,
                            save_folded, serial_exact)
 from composer.plan import LayerSpec

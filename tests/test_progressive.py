@@ -1,4 +1,4 @@
-"""composer.progressive: masks that run a sub-network inside the full model exactly, a fine-tune
+"""composer.builders.progressive: masks that run a sub-network inside the full model exactly, a fine-tune
 that lowers the sub-networks' loss, weights the run keeps and the elastic search uses."""
 import json
 import random
@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 import zoo  # noqa: F401  (registers the CIFAR ResNets)
-from composer import elastic as el
+from composer.builders import elastic as el
 from composer.candidates import read_candidates
-from composer.progressive import arch_masks, progressive_shrink, save_finetuned
-from composer.subnet import masked
+from composer.builders.progressive import arch_masks, progressive_shrink, save_finetuned
+from composer.builders.subnet import masked
 
 
 @pytest.fixture(autouse=True)
@@ -115,7 +115,7 @@ def test_cli_fine_tunes_then_searches_with_the_saved_weights(tiny_run, tmp_path,
 
 
 def test_phase_archs_keep_widths_whole_while_depth_shrinks(anchor):
-    from composer.progressive import _phase_arch
+    from composer.builders.progressive import _phase_arch
     rnd = random.Random(0)
     for _ in range(10):
         assert set(_phase_arch(anchor.space, "depth", rnd, el.WIDTH_CHOICES).width) == {1.0}

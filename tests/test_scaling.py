@@ -16,7 +16,7 @@ from composer.candidates import read_candidates
 from composer.costs import model_cost
 from composer.plan import build_plan
 from composer.run import load_anchors
-from composer.scaling import (LatencyPoint, ScaleConfig, ScaleError, base_config, build, dwr_factors, dwr_scale,
+from composer.builders.scaling import (LatencyPoint, ScaleConfig, ScaleError, base_config, build, dwr_factors, dwr_scale,
                               latency_fit, predict, suggest_fill, vit_heads)
 
 CIFAR20 = ScaleConfig("cifar_resnet", "cifar_resnet20", (3, 3, 3), (16, 32, 64), 32, 10)

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import zoo  # noqa: F401  (registers the CIFAR ResNets with timm)
-from composer import shrink
+from composer.builders import shrink
 from composer.candidates import read_candidates
 from composer.costs import model_cost
-from composer.elastic import load_subnet, top1
-from composer.subnet import SubnetConfig, elastic_space, masked, subnet_cost
+from composer.builders.elastic import load_subnet, top1
+from composer.builders.subnet import SubnetConfig, elastic_space, masked, subnet_cost
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +135,7 @@ def _random_masks(space, seed: int) -> shrink.Masks:
 
 @torch.no_grad()
 def _zero_by_hand(model: nn.Module, space, masks: shrink.Masks, hard) -> nn.Module:
-    """The reference, without composer.subnet: a copy of the model in which every dropped unit's
+    """The reference, without composer.builders.subnet: a copy of the model in which every dropped unit's
     weights in the layer that reads it are zero, and every dropped block's residual branch ends in
     zeros (its last BN / projection scaled to 0), so it adds nothing."""
     ref = copy.deepcopy(model)
@@ -263,7 +263,7 @@ def test_cli_exports_the_shrunk_network_equal_to_the_masked_anchor(tiny_run, mai
     import shutil
 
     from composer.run import load_run
-    from composer.subnet import config_masks, permute_
+    from composer.builders.subnet import config_masks, permute_
     run = shutil.copytree(tiny_run[0], tmp_path / "run")
     torch.manual_seed(0)   # a random-init anchor: the same draws for the search and for the check below
     r = main("shrink", run, "--anchor", 0, "--data", tiny_run[1], "--target-macs", "25M", "--steps", 2,

@@ -1,4 +1,4 @@
-"""composer.subnet: importance sorting is a pure permutation, extracted sub-networks equal the full
+"""composer.builders.subnet: importance sorting is a pure permutation, extracted sub-networks equal the full
 model with the dropped units / blocks removed by hand, and their costs are known exactly."""
 import copy
 import random
@@ -12,7 +12,7 @@ from torch import nn
 import zoo  # noqa: F401  (registers the CIFAR ResNets)
 from composer.costs import model_cost
 from composer.io import save_safetensors_atomic
-from composer.subnet import (SubnetConfig, SubnetError, elastic_space, extract, importance, masked, permute_,
+from composer.builders.subnet import (SubnetConfig, SubnetError, elastic_space, extract, importance, masked, permute_,
                              soft_cost, sort_by_importance_, subnet_cost)
 from zoo.adapters import UnsupportedModel, adapt
 

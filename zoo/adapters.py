@@ -11,6 +11,7 @@ wrong adapter the moment a new timm release renames something.
 """
 from __future__ import annotations
 
+from composer.errors import UserError
 from dataclasses import dataclass
 from typing import Callable
 
@@ -188,7 +189,7 @@ ADAPTERS: dict[str, Callable[[nn.Module], BlockAdapter]] = {
 }
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(UserError):
     """The model has no block adapter; the message says what is missing."""
 
 

@@ -9,6 +9,7 @@ never a full unpickle.
 """
 from __future__ import annotations
 
+from composer.errors import UserError
 import pickle
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 
-class AnchorError(ValueError):
+class AnchorError(UserError):
     """An anchor spec that cannot be turned into a model; the message says why."""
 
 

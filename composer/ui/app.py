@@ -16,7 +16,8 @@ from pathlib import Path
 import gradio as gr
 
 from composer.ui import views
-from composer.ui.session import USER_ERRORS, AppConfig, AppError, Session, SessionStore
+from composer.errors import UserError
+from composer.ui.session import AppConfig, AppError, Session, SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def default_config(runs_root: Path | None = None, data_roots: list[Path] | None 
 
 
 def _message(e: Exception) -> str:
-    if isinstance(e, USER_ERRORS):
+    if isinstance(e, UserError):
         return str(e)
     log.exception("unexpected error in a UI handler")
     return f"internal error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); the app is still running"
@@ -68,7 +69,7 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
     def curve(s: Session, x: str = "macs") -> dict:
         try:
             fig = s.curve_figure(x)
-        except USER_ERRORS as e:
+        except UserError as e:
             return {"message": str(e)}
         if fig is None:
             return {"message": "The curve appears after fitting (step 3): one point per stitch."}
@@ -78,7 +79,7 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
         from composer.curve import curve_points
         try:
             pts = curve_points(s.plan, s.top1, x, s.latency) if (s.plan and s.top1) else []
-        except USER_ERRORS:
+        except UserError:
             pts = []
         if not pts:
             return gr.Slider(minimum=0, maximum=1, value=1, interactive=False, label="budget (fit first)")

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from composer.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -62,7 +64,6 @@ class TrainJob:
 
     def _run(self) -> None:
         from composer.train import train
-        from composer.ui.session import USER_ERRORS
         try:
             result = train(self.run_dir, self.data, self.config, events=self._event, cancel=self.cancel)
             status = result.get("status", "done")
@@ -72,7 +73,7 @@ class TrainJob:
             self._update(state=status, result=result, eta_s=0 if status == "done" else None,
                          message=f"{words.get(status, status)} at step {result.get('step')}"
                                  + (f" (resumed from step {resumed})" if resumed is not None else ""))
-        except USER_ERRORS as e:
+        except UserError as e:
             self._update(state="error", message=str(e))
         except Exception as e:  # a bug in training must end this job, not the server
             log.exception("fine-tune in %s failed", self.run_dir)
@@ -110,12 +111,11 @@ class BuilderJob:
                 self._state["history"].append((e.get("step"), e["soft_macs"], e.get("target")))
 
     def _run(self) -> None:
-        from composer.ui.session import USER_ERRORS
         try:
             summary = self._work(self._event, self.cancel)
             with self._lock:
                 self._state.update(state="done", message=summary)
-        except USER_ERRORS as e:
+        except UserError as e:
             with self._lock:
                 self._state.update(state="error", message=f"{self.kind}: {e}")
         except Exception as e:  # a bug in a builder ends this job, never the server

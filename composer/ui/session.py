@@ -10,6 +10,7 @@ this session exported can be handed out for download.
 """
 from __future__ import annotations
 
+from composer.errors import UserError
 import logging
 import re
 import secrets
@@ -34,14 +35,10 @@ DATASET_SCHEMES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
 Progress = Callable[[float, str], None]
 
 
-class AppError(ValueError):
+class AppError(UserError):
     """Bad input or an impossible action; the message is shown to the user as it is."""
 
 
-# Library errors that are the user's to fix (the CLI's list): their messages are shown as they are.
-from composer.cli import USER_ERRORS as _LIBRARY_ERRORS  # noqa: E402
-
-USER_ERRORS: tuple[type[Exception], ...] = (AppError, *_LIBRARY_ERRORS)
 
 
 @dataclass
@@ -623,7 +620,7 @@ class Session:
         """dWr-scale an anchor (or fill the biggest MACs gap between anchors); adds a "scale" candidate
         with predicted costs. Returns a Markdown report."""
         from composer.candidates import add_candidates
-        from composer.scaling import anchor_config, dwr_factors, dwr_scale, predict, scale_candidate, suggest_fill
+        from composer.builders.scaling import anchor_config, dwr_factors, dwr_scale, predict, scale_candidate, suggest_fill
         with self.lock:
             run, _, _ = self._builder_data()
             i = None if fill else self.builder_source(anchor)[0]
@@ -660,7 +657,7 @@ class Session:
 
     def latency_fit_md(self) -> str:
         """How well MACs and activations each predict the measured latency of this run's points."""
-        from composer.scaling import latency_fit, latency_points
+        from composer.builders.scaling import latency_fit, latency_points
         with self.lock:
             if not self.latency:
                 raise AppError("measure latency first (the button above the curve)")
@@ -694,7 +691,7 @@ class Session:
                 export_mod.export_snnet(self.run_dir, out_base / name)
             elif what == "candidate":
                 from composer.candidates import find_candidate
-                from composer.elastic import export_candidate
+                from composer.builders.elastic import export_candidate
                 ref = str(candidate or "").strip()
                 if not ref:
                     raise AppError("click an elastic or shrink point on the curve first: it names the candidate to export")
@@ -712,7 +709,7 @@ class Session:
 def _shrink_work(run: Path, i: int | None, sid: int | None, data: str, eval_data: str, target: float, steps: int,
                  limit: int, report):
     def work(events, cancel) -> str:
-        from composer.shrink import shrink_anchor
+        from composer.builders.shrink import shrink_anchor
         r = shrink_anchor(run, i, data, target, steps=steps, eval_data=eval_data, eval_limit=limit, latency=True,
                           events=events, cancel=cancel, stitch=sid)
         stages = "\n".join(f"| {s['stage']} | {s['blocks']}/{s['of_blocks']} | {100 * s['width_keep']:.0f} % |"
@@ -733,12 +730,12 @@ def _elastic_work(run: Path, i: int | None, sid: int | None, data: str, eval_dat
     """Sub-networks of anchor `i` or of stitch `sid`. Budgets are percentages of its own MACs,
     activations or latency (a latency table is measured here first: batch 1 on this server's CPU/GPU,
     like the CLI's --budget-latency). With finetune_steps (anchors only), progressive shrinking runs
-    first (composer.progressive) and its weights stay in the run."""
+    first (composer.builders.progressive) and its weights stay in the run."""
     def work(events, cancel) -> str:
         from torch import nn
 
         from composer.candidates import add_candidates
-        from composer.elastic import (anchor_of_run, budget_cost, check_budget, image_batches, largest_arch,
+        from composer.builders.elastic import (anchor_of_run, budget_cost, check_budget, image_batches, largest_arch,
                                       latency_table, search_elastic, stitch_of_run)
 
         def progress(phase: str, done: int, total: int) -> None:
@@ -750,7 +747,7 @@ def _elastic_work(run: Path, i: int | None, sid: int | None, data: str, eval_dat
             anchor = anchor_of_run(run, i, progressive=not finetune_steps)
         if finetune_steps:
             from composer import data as data_mod
-            from composer.progressive import progressive_shrink, save_finetuned
+            from composer.builders.progressive import progressive_shrink, save_finetuned
             ds = data_mod.open_dataset(data, data_mod.data_config(anchor.model), split="train")
             ps = progressive_shrink(anchor, data_mod.loader(ds, 64, shuffle=True), finetune_steps, events=events,
                                     cancel=cancel)
@@ -788,7 +785,7 @@ def _elastic_work(run: Path, i: int | None, sid: int | None, data: str, eval_dat
 
 def _fold_work(run: Path, i: int | None, sid: int | None, data: str, out: Path, limit: int, report):
     def work(events, cancel) -> str:
-        from composer.fold import fold_run, format_certificate
+        from composer.builders.fold import fold_run, format_certificate
         r = fold_run(run, data, out, anchor=i, stitch=sid, limit=limit, events=events)
         report(f"**{r.candidate.name}**: top-1 {r.candidate.top1:.2f} %\n\n```\n{format_certificate(r.certificate)}\n```")
         return f"fold: {r.candidate.name} added to the curve"

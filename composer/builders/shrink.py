@@ -9,7 +9,7 @@ The core, in four formulas (see ../shared/notes/methods.md):
   kept (for a > 0): always at least one. If all importances are equal every mask is 1;
 - importance is Taylor's, as a moving average over steps: t <- 0.99 t + 0.01 (m * dL/dm)^2;
 - a resource loss log(F_soft / T) when the soft MACs F_soft exceed the target T (else 0), with F_soft
-  `composer.subnet`'s exact cost polynomial (linear in each width's kept count and each block's
+  `composer.builders.subnet`'s exact cost polynomial (linear in each width's kept count and each block's
   keep mask) evaluated at the soft counts sum(m) and the soft block masks.
 
 The search is "DMS_p-": weights and BN statistics frozen, only the ratios a are trained (Adam), for
@@ -17,12 +17,13 @@ a few hundred steps of task loss (cross-entropy on the user's labelled images) +
 the resource gradient normalised against the task gradient (`_Balance`) and the target lowered
 geometrically over the first half (DMS's "root" schedule). Export keeps the units whose hard mask
 is 1 (ratios shifted so that the counted MACs meet the target, `fit_hard`): each width is permuted
-so they come first, `composer.subnet.extract` cuts the network, dropped blocks become what
+so they come first, `composer.builders.subnet.extract` cuts the network, dropped blocks become what
 x + 0 * f(x) leaves (x, or the block's activation after the sum). `shrink_anchor` then re-estimates the BN statistics, evaluates, saves and
 adds the candidate to the run.
 """
 from __future__ import annotations
 
+from composer.errors import UserError
 import copy
 import math
 import time
@@ -36,11 +37,11 @@ from torch import nn
 
 from composer.candidates import Candidate, add_candidates
 from composer.costs import measure_latency, model_cost
-from composer.elastic import FORMAT as SUBNET_FORMAT
-from composer.elastic import recalibrate_bn, top1
+from composer.builders.elastic import FORMAT as SUBNET_FORMAT
+from composer.builders.elastic import recalibrate_bn, top1
 from composer.export import anchor_entry, preprocessing_of
 from composer.io import save_safetensors_atomic, write_json_atomic
-from composer.subnet import (ElasticSpace, SubnetConfig, elastic_space, extract, masked, permute_, soft_cost,
+from composer.builders.subnet import (ElasticSpace, SubnetConfig, elastic_space, extract, masked, permute_, soft_cost,
                              subnet_cost)
 
 DECAY = 0.99            # Taylor moving average (DMS)
@@ -49,7 +50,7 @@ LAMBDA_DEPTH = 4.0      # and for blocks (DMS's code: 4): with N = 2..8 blocks a
                         # scale even the most important residual branch by sigmoid(1..2) < 0.9
 
 
-class ShrinkError(ValueError):
+class ShrinkError(UserError):
     """A shrink that cannot be done as asked (bad target, unknown anchor, ...); the message says why."""
 
 
@@ -475,7 +476,7 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
     name = f"{arch} DMS <={target_macs / 1e6:.2f}M"
     folder = Path(run.dir) / FOLDER / _slug(f"{label}-{int(target_macs)}")
     stages = stage_summary(space, config)
-    # composer.elastic's format for a static sub-network of an anchor or a stitch: `elastic.load_subnet` loads it
+    # composer.builders.elastic's format for a static sub-network of an anchor or a stitch: `elastic.load_subnet` loads it
     described = {"format": SUBNET_FORMAT, "version": 1, "method": "shrink", **base, "subnet": config.to_dict(),
                  "input_size": list(space.input_size), "cost": cost.to_dict(),
                  "order": {k: v.tolist() for k, v in order.items()},
@@ -501,7 +502,7 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
 
 def save_shrunk(folder: Path, pruned: nn.Module, config: dict) -> None:
     """model.safetensors (the pruned weights, the anchor's parameter names) + config.json; the
-    weights are already permuted, so `composer.elastic.load_subnet(folder)` rebuilds the network
+    weights are already permuted, so `composer.builders.elastic.load_subnet(folder)` rebuilds the network
     (timm anchor, random init, cut to the configuration, strict load)."""
     save_safetensors_atomic(Path(folder) / "model.safetensors", pruned.state_dict(), metadata={"format": "pt"})
     write_json_atomic(Path(folder) / "config.json", config)

@@ -15,6 +15,7 @@ timm ResNets (`layers`, `channels`), timm ViTs (`depth`, `embed_dim`, `num_heads
 """
 from __future__ import annotations
 
+from composer.errors import UserError
 import functools
 import math
 from dataclasses import asdict, dataclass, replace
@@ -32,7 +33,7 @@ from composer.costs import Cost, model_cost
 FAMILIES = ("cifar_resnet", "resnet", "vit")
 
 
-class ScaleError(ValueError):
+class ScaleError(UserError):
     """A scaling request that cannot be met; the message says why."""
 
 

@@ -2,7 +2,7 @@
 on a few measured ones, and an evolutionary search under a MACs / activations / latency budget.
 
 The pieces, in the order `search_elastic` runs them:
-1. `prepare_anchor`: a copy of the anchor with every width sorted by importance (composer.subnet),
+1. `prepare_anchor`: a copy of the anchor with every width sorted by importance (composer.builders.subnet),
    so that "keep a fraction" keeps the most important units. Outputs are unchanged.
 2. An architecture (`Arch`) is a depth per stage (OFA: keep the first D blocks) and a kept fraction
    per width, from `WIDTH_CHOICES`; `sample_archs` draws them spread evenly over MACs.
@@ -24,6 +24,7 @@ Costs are exact (`subnet_cost`, MACs with 1 multiply-add = 1), never estimated.
 """
 from __future__ import annotations
 
+from composer.errors import UserError
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -37,7 +38,7 @@ from torch import nn
 from composer.candidates import Candidate
 from composer.costs import Cost, measure_latency
 from composer.io import read_config, save_safetensors_atomic, write_json_atomic
-from composer.subnet import ElasticSpace, SubnetConfig, SubnetError, elastic_space, extract, sort_by_importance_, \
+from composer.builders.subnet import ElasticSpace, SubnetConfig, SubnetError, elastic_space, extract, sort_by_importance_, \
     subnet_cost
 
 WIDTH_CHOICES = (0.25, 0.5, 0.75, 1.0)
@@ -48,7 +49,7 @@ Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 Progress = Callable[[int, int], None]
 
 
-class ElasticError(ValueError):
+class ElasticError(UserError):
     """An elastic search or export that cannot run as asked; the message says why."""
 
 
@@ -61,7 +62,7 @@ class ElasticAnchor:
     spec: str               # the anchor's spec (timm name, local-dir:, hf-hub:)
     index: int | None = None   # its index in a run, if it came from one
     entry: dict = field(default_factory=dict, repr=False)   # what rebuilds the architecture (composer.export)
-    finetuned: str | None = None   # digest of the progressive-shrinking weights it runs (composer.progressive)
+    finetuned: str | None = None   # digest of the progressive-shrinking weights it runs (composer.builders.progressive)
     stitch: int | None = None      # the stitch of a run it is (then `model` is that stitch's route, and
                                    # `entry` composer.export's description of it), None for an anchor
     weights: str | None = None     # a stitch's: digest of its route's weights as the run had them (weights_digest)
@@ -93,7 +94,7 @@ def prepare_stitch(net, stitch_id: int) -> ElasticAnchor:
     """Stitch `stitch_id` of an SN-Net as an elastic base: its route as a standalone module
     (composer.export.route_of, what `export --stitch` writes), every width sorted by importance.
     Its blocks are those of its anchors, in route order; stages and the stitching layers are as in
-    composer.subnet (a stitching layer maps the residual stream, which is never cut)."""
+    composer.builders.subnet (a stitching layer maps the residual stream, which is never cut)."""
     from composer.export import ExportError, route_of
     try:
         route, description = route_of(net, stitch_id)
@@ -125,13 +126,13 @@ def stitch_of_run(run_dir, stitch_id: int) -> ElasticAnchor:
 
 
 def finetuned_path(run_dir, index: int) -> Path:
-    """Where composer.progressive saves anchor `index` of a run after progressive shrinking."""
+    """Where composer.builders.progressive saves anchor `index` of a run after progressive shrinking."""
     return Path(run_dir) / "elastic" / f"anchor{index}.safetensors"
 
 
 def anchor_of_run(run_dir, index: int, progressive: bool = True) -> ElasticAnchor:
     """Anchor `index` of a run (with the run's fine-tuned weights if it was trained), with its
-    progressive-shrinking weights when the run has them and `progressive` (composer.progressive)."""
+    progressive-shrinking weights when the run has them and `progressive` (composer.builders.progressive)."""
     import hashlib
 
     from composer.run import load_run
@@ -755,7 +756,7 @@ def export_candidate(run_dir, ref: str, out_dir, program: bool = True) -> Path:
     """Export the run's elastic or shrink candidate `ref` ("METHOD:NAME", or a NAME only one method
     uses) as a folder `load_subnet` loads. Elastic: its anchor, sorted again, the stored
     SubnetConfig, and BatchNorm statistics re-estimated on the same images as when it was measured.
-    Shrink: the network `composer.shrink` saved in the run, as it was measured."""
+    Shrink: the network `composer.builders.shrink` saved in the run, as it was measured."""
     import shutil
 
     from composer.candidates import find_candidate

@@ -26,6 +26,7 @@ the same polynomial for fractional (differentiable) widths and block keep-masks.
 """
 from __future__ import annotations
 
+from composer.errors import UserError
 import copy
 import itertools
 from contextlib import contextmanager
@@ -41,7 +42,7 @@ from zoo.adapters import UnsupportedModel
 Expand = Callable[[torch.Tensor], torch.Tensor]   # unit indices -> feature indices of one layer axis
 
 
-class SubnetError(ValueError):
+class SubnetError(UserError):
     """A sub-network configuration that does not fit the model's elastic space; says why."""
 
 

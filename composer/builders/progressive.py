@@ -1,16 +1,16 @@
 """Once-for-All's progressive shrinking, short: fine-tune one anchor's shared weights so that its
-sub-networks (composer.elastic) work without training each of them.
+sub-networks (composer.builders.elastic) work without training each of them.
 
 Every step trains two sub-networks on one batch: the smallest of the current phase and a random
 one, each with cross-entropy plus distillation from the anchor as it was before the fine-tune (OFA
 distils from its full network). Phases follow OFA's order: elastic depth first (widths kept
 whole), then depth and width together. The weights are shared, so a step moves every sub-network;
-sub-networks run inside the full model through 0/1 masks (`composer.subnet.masked`, equal to the
+sub-networks run inside the full model through 0/1 masks (`composer.builders.subnet.masked`, equal to the
 extracted network), and their BatchNorm statistics are re-estimated when they are measured, as OFA
 does.
 
 The fine-tuned, importance-sorted weights go to RUN/elastic/anchorI.safetensors; from then on
-`composer.elastic.anchor_of_run` builds the run's anchor I with them, and every candidate records
+`composer.builders.elastic.anchor_of_run` builds the run's anchor I with them, and every candidate records
 the digest of the weights it was measured with.
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from composer.elastic import WIDTH_CHOICES, Arch, ElasticAnchor, ElasticError, finetuned_path, smallest_arch
+from composer.builders.elastic import WIDTH_CHOICES, Arch, ElasticAnchor, ElasticError, finetuned_path, smallest_arch
 from composer.io import save_safetensors_atomic
-from composer.subnet import ElasticSpace, config_masks, masked
+from composer.builders.subnet import ElasticSpace, config_masks, masked
 
 Events = Callable[[dict], None]
 

@@ -37,6 +37,7 @@ Costs follow composer.costs: a folded conv gains a bias, and a bias adds 1 MAC p
 """
 from __future__ import annotations
 
+from composer.errors import UserError
 import copy
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -58,7 +59,7 @@ TOLERANCE = 1e-4            # relative (see max_rel above)
 CHECK_IMAGES = 8            # images each single fold is measured on; the whole model uses all
 
 
-class FoldError(ValueError):
+class FoldError(UserError):
     """A fold that cannot be attempted as asked (bad input, unreadable folder); the message says why."""
 
 
