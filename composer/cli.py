@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from composer.errors import UserError
-from composer.evaluate import stitch_rows
+from composer.run import stitch_rows
 
 COMMANDS = {}   # name -> (function that adds the command's arguments, function that runs it)
 
@@ -203,7 +203,8 @@ def _evaluate_args(sp) -> None:
 def cmd_evaluate(args) -> None:
     """Top-1 of every stitch (shared-prefix evaluation); also saved as RUN/evaluation.json."""
     from composer import data
-    from composer.evaluate import evaluate_all, write_evaluation
+    from composer.evaluate import evaluate_all
+    from composer.run import write_evaluation
     from composer.run import load_run
     run = load_run(args.run)
     cfg = data.data_config(run.net.anchors[0])
@@ -237,8 +238,9 @@ def _curve_args(sp) -> None:
 def cmd_curve(args) -> None:
     """Draw the accuracy curve of a run (one point per stitch, Pareto front, the other builders'
     candidates) from its latest evaluation."""
-    from composer.candidates import read_candidates
-    from composer.curve import curve_figure, curve_rows, load_plan_of_run, read_latency, read_top1, write_curve
+    from composer.run import read_candidates
+    from composer.curve import curve_figure, curve_rows, write_curve
+    from composer.run import load_plan_of_run, read_latency, read_top1
     plan = load_plan_of_run(args.run)
     top1, source = read_top1(args.run)
     latency = read_latency(args.run) if args.x == "latency" else None
@@ -387,8 +389,8 @@ def _scale_args(sp) -> None:
 @command("scale", _scale_args)
 def cmd_scale(args) -> None:
     """dWr-scale an anchor (Fast Scaling) and predict its MACs, params, activations; adds a "scale" candidate."""
-    from composer.candidates import add_candidates
-    from composer.curve import load_plan_of_run
+    from composer.run import add_candidates
+    from composer.run import load_plan_of_run
     from composer.builders.scaling import anchor_config, dwr_factors, dwr_scale, predict, scale_candidate, suggest_fill
     plan = load_plan_of_run(args.run)
     if args.fill:
@@ -437,8 +439,9 @@ def _quote_args(sp) -> None:
 def cmd_quote(args) -> None:
     """Put a published point on the run's curve: labelled "quoted" (drawn as a cross, never on the
     Pareto front, since its accuracy was not measured on this run's data)."""
-    from composer.candidates import Candidate, add_candidates
-    from composer.curve import load_plan_of_run
+    from composer.candidates import Candidate
+    from composer.run import add_candidates
+    from composer.run import load_plan_of_run
     name = args.name.strip()
     if not name or len(name) > 120:
         raise UserError("--name must be 1 to 120 characters")
@@ -464,8 +467,9 @@ def _latency_fit_args(sp) -> None:
 @command("latency-fit", _latency_fit_args)
 def cmd_latency_fit(args) -> None:
     """How well MACs and activations each predict this device's batch-1 latency (R^2), measuring it if needed."""
-    from composer.candidates import read_candidates
-    from composer.curve import load_plan_of_run, measure_latency, read_latency, save_latency
+    from composer.run import read_candidates
+    from composer.evaluate import stitch_latencies
+    from composer.run import load_plan_of_run, read_latency, save_latency
     from composer.builders.scaling import latency_fit, latency_points
     plan = load_plan_of_run(args.run)
     latency = None if args.remeasure else read_latency(args.run)
@@ -475,9 +479,9 @@ def cmd_latency_fit(args) -> None:
         from composer.run import load_run
         net = load_run(args.run).net
         bar = tqdm(total=len(plan.stitches), desc="latency", file=sys.stderr, disable=None)
-        latency = measure_latency(net, repeats=args.repeats, progress=lambda n, _: bar.update(n - bar.n))
+        latency = stitch_latencies(net, repeats=args.repeats, progress=lambda n, _: bar.update(n - bar.n))
         bar.close()
-        save_latency(args.run, latency)
+        save_latency(args.run, latency, str(next(net.parameters()).device))
         print(f"measured batch-1 latency of {len(latency)} stitches ({torch.get_num_threads()} threads); "
               f"saved in {args.run / 'latency.json'}", file=sys.stderr)
     fit = latency_fit(latency_points(plan, latency, read_candidates(args.run)))
@@ -646,7 +650,7 @@ def _elastic_args(sp) -> None:
 def cmd_elastic(args) -> None:
     """Once-for-All sub-networks of one anchor or stitch: measure samples, fit an accuracy predictor, search
     each budget, measure the chosen ones; adds "elastic" candidates to the run."""
-    from composer.candidates import add_candidates
+    from composer.run import add_candidates
     from composer.builders.elastic import (anchor_of_run, check_budget, image_batches, latency_table, search_elastic,
                                   stitch_of_run)
     if args.finetune_steps < 0 or not args.finetune_lr > 0:

@@ -5,7 +5,7 @@ and beside them the run's candidates from the other curve builders (composer/can
 app show. Costs come from the plan (MACs with 1 multiply-add = 1, params, activations, all per
 image); accuracy from RUN/evaluation.json (written by `evaluate`) or the latest "eval" line of
 RUN/metrics.jsonl (written by training), whichever is newer. Latency, when chosen as the x axis,
-comes from RUN/latency.json (written by `measure_latency`).
+comes from RUN/latency.json (see composer.evaluate.stitch_latencies).
 
 Candidates (elastic / shrink / fold / scale) are one trace per method, marker by status: measured
 filled, predicted open, quoted a cross. Their customdata is the string "METHOD:NAME", never an int,
@@ -14,23 +14,18 @@ measured points (stitches and measured candidates) can be on the Pareto front.
 """
 from __future__ import annotations
 
-from composer.errors import UserError
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-import torch
 
 from composer.candidates import Candidate
+from composer.errors import UserError
 from composer.io import write_json_atomic, write_text_atomic
-from composer.evaluate import EVALUATION
 from composer.plan import StitchPlan
 
 if TYPE_CHECKING:  # plotly is imported when a figure is drawn, keeping the CLI quick to start
     import plotly.graph_objects as go
-
-METRICS, LATENCY = "metrics.jsonl", "latency.json"
 
 # x axis name -> (axis title, divisor turning the raw count into the unit shown)
 AXES = {
@@ -207,98 +202,6 @@ def _candidate_hover(c: Candidate) -> str:
 
 def _short_anchor(plan: StitchPlan, anchor: int) -> str:
     return plan.anchors[anchor].rstrip("/").rsplit("/", 1)[-1]
-
-
-# --- reading a run ---------------------------------------------------------------------------
-
-def read_top1(run_dir: Path) -> tuple[dict[int, float], str]:
-    """Top-1 per stitch id from the newer of RUN/evaluation.json and RUN/metrics.jsonl, and
-    a phrase saying where it came from."""
-    run_dir = Path(run_dir)
-    candidates = [f for f in (run_dir / EVALUATION, run_dir / METRICS) if f.is_file()]
-    if not candidates:
-        raise CurveError(f"{run_dir} has no accuracies yet: run `python -m composer evaluate {run_dir} "
-                         "--data ...` or fine-tune it")
-    for f in sorted(candidates, key=lambda f: f.stat().st_mtime, reverse=True):
-        try:
-            found = _top1_from(f)
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-            raise CurveError(f"{f} is unreadable ({e})") from None
-        if found:
-            return found
-    raise CurveError(f"{run_dir}: no evaluation results in {', '.join(f.name for f in candidates)}")
-
-
-def _top1_from(path: Path) -> tuple[dict[int, float], str] | None:
-    if path.name == EVALUATION:
-        data = json.loads(path.read_text())
-        return ({int(s["id"]): float(s["top1"]) for s in data["stitches"] if s.get("top1") is not None},
-                f"evaluation on {data.get('images', '?')} images of {data.get('data', '?')}")
-    last = None
-    for line in path.read_text().splitlines():
-        if line.strip():
-            event = json.loads(line)
-            if event.get("top1"):
-                last = event
-    if last is None:
-        return None
-    step = last.get("step")
-    return ({int(k): float(v) for k, v in last["top1"].items()},
-            "training eval" + (f" at step {step}" if step is not None else ""))
-
-
-def read_latency(run_dir: Path) -> dict[int, float] | None:
-    """Latency (ms) per stitch: RUN/latency.json (the app's measurement) or the latency_ms column
-    that `evaluate --latency` adds to RUN/evaluation.json; None when neither has it."""
-    run_dir = Path(run_dir)
-    f = run_dir / LATENCY
-    try:
-        if f.is_file():
-            return {int(k): float(v) for k, v in json.loads(f.read_text())["ms"].items()}
-        f = run_dir / EVALUATION
-        if f.is_file():
-            rows = json.loads(f.read_text())["stitches"]
-            found = {int(r["id"]): float(r["latency_ms"]) for r in rows if r.get("latency_ms") is not None}
-            return found or None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CurveError(f"{f} is unreadable ({e})") from None
-    return None
-
-
-def load_plan_of_run(run_dir: Path) -> StitchPlan:
-    """The run's plan with costs, measured on the meta device (no weights are loaded)."""
-    from composer.plan import load_plan
-    from composer.run import MANIFEST, PLAN, RunError, load_anchors
-    run_dir = Path(run_dir)
-    try:
-        manifest = json.loads((run_dir / MANIFEST).read_text())
-        plan_data = json.loads((run_dir / PLAN).read_text())
-    except FileNotFoundError:
-        raise RunError(f"{run_dir} is not a run folder (no {MANIFEST} or {PLAN}); create one with `fit`") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunError(f"{run_dir}: unreadable run files ({e})") from None
-    _, infos = load_anchors(manifest["anchors"], pretrained=False, device="meta")
-    return load_plan(plan_data, infos)
-
-
-def measure_latency(net, stitch_ids: list[int] | None = None, repeats: int = 10,
-                    progress=None) -> dict[int, float]:
-    """Median batch-1 latency (ms) of every stitch on the network's device (composer.costs' timer)."""
-    from composer.costs import measure_latency as time_ms
-    net.eval()
-    x = torch.zeros(1, *net.plan.infos[0].input_size, device=next(net.parameters()).device)
-    ids = list(range(len(net.plan.stitches))) if stitch_ids is None else stitch_ids
-    out = {}
-    for n, i in enumerate(ids):
-        out[i] = time_ms(net.select(i), x, repeats=repeats)
-        if progress is not None:
-            progress(n + 1, len(ids))
-    return out
-
-
-def save_latency(run_dir: Path, ms: dict[int, float]) -> None:
-    write_json_atomic(Path(run_dir) / LATENCY, {"device": "cpu", "threads": torch.get_num_threads(),
-                                                "batch": 1, "ms": {str(k): v for k, v in ms.items()}})
 
 
 def curve_rows(plan: StitchPlan, top1: dict[int, float], x: str = "macs",

@@ -9,7 +9,6 @@ Transforms come from the anchor's pretrained config (`resolve_data_config` + `cr
 """
 from __future__ import annotations
 
-from composer.errors import UserError
 import os
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import torch
 from timm.data import create_dataset, create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from composer.errors import UserError
 
 _SCHEMES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
 _IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}

@@ -8,17 +8,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable
 
 import torch
 
-from composer.io import write_json_atomic
-from composer.plan import StitchPlan
 from composer.snnet import StitchedNetwork, prefix_outputs
-
-EVALUATION = "evaluation.json"
-
 
 @dataclass
 class EvalResult:
@@ -77,18 +71,16 @@ def evaluate_naive(net: StitchedNetwork, batches, stitch_ids: list[int] | None =
     return EvalResult(top1, sum(len(y) for _, y in batches), preds)
 
 
-def stitch_rows(plan: StitchPlan, extra: dict[int, dict] | None = None) -> list[dict]:
-    """One row per stitch: id, route, costs, and whatever `extra` holds for it (top1, latency_ms...)."""
-    return [{"id": s.id, "route": s.to_json()["route"], **plan.cost(s).to_dict(), **(extra or {}).get(s.id, {})}
-            for s in plan.stitches]
-
-
-def write_evaluation(run_dir, plan: StitchPlan, top1: dict[int, float], data: str, images: int,
-                     step: int | None = None, extra: dict[int, dict] | None = None) -> dict:
-    """RUN/evaluation.json (what the curve and export read): every stitch's costs and top-1 on
-    `images` images of `data`, after `step` fine-tuning steps when known. Returns what it wrote."""
-    rows = {sid: {"top1": top1.get(sid), **(extra or {}).get(sid, {})} for sid in range(len(plan.stitches))}
-    record = {"data": data, "images": images, **({"step": step} if step is not None else {}),
-              "stitches": stitch_rows(plan, rows)}
-    write_json_atomic(Path(run_dir) / EVALUATION, record)
-    return record
+def stitch_latencies(net, stitch_ids: list[int] | None = None, repeats: int = 10,
+                    progress=None) -> dict[int, float]:
+    """Median batch-1 latency (ms) of every stitch on the network's device (composer.costs' timer)."""
+    from composer.costs import measure_latency as time_ms
+    net.eval()
+    x = torch.zeros(1, *net.plan.infos[0].input_size, device=next(net.parameters()).device)
+    ids = list(range(len(net.plan.stitches))) if stitch_ids is None else stitch_ids
+    out = {}
+    for n, i in enumerate(ids):
+        out[i] = time_ms(net.select(i), x, repeats=repeats)
+        if progress is not None:
+            progress(n + 1, len(ids))
+    return out

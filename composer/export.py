@@ -18,7 +18,6 @@ picks the most accurate stitch under a budget and `load_snnet(OUT)` rebuilds the
 """
 from __future__ import annotations
 
-from composer.errors import UserError
 import copy
 import json
 import os
@@ -33,9 +32,10 @@ from torch import nn
 
 from composer.costs import describe
 from composer.data import data_config
+from composer.errors import UserError
 from composer.io import read_config, save_safetensors_atomic, write_json_atomic, write_text_atomic
 from composer.plan import LayerSpec, Stitch, StitchPlan, load_plan
-from composer.run import load_run
+from composer.run import load_run, read_evaluation
 from composer.snnet import StitchedNetwork, StitchLayer
 from zoo.adapters import BlockAdapter, UnsupportedModel, adapt
 
@@ -235,16 +235,6 @@ def _route_state(net: StitchedNetwork, stitch: Stitch) -> dict[str, torch.Tensor
     return out
 
 
-def _evaluation(run_dir: Path) -> dict:
-    f = run_dir / "evaluation.json"
-    if not f.is_file():
-        return {}
-    try:
-        return json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def _top1_of(evaluation: dict, stitch_id: int) -> float | None:
     for row in evaluation.get("stitches", []):
         if row.get("id") == stitch_id:
@@ -295,7 +285,7 @@ def export_stitch(run_dir, stitch_id: int, out_dir) -> Path:
     net, plan = run.net, run.plan
     description = stitch_description(net, stitch_id)
     stitch = plan.stitches[stitch_id]
-    evaluation = _evaluation(run_dir)
+    evaluation = read_evaluation(run_dir)
     top1 = _top1_of(evaluation, stitch_id)
     config = {
         "format": FORMAT, "version": 1, "stitch": stitch_id, "description": plan.describe_route(stitch),
@@ -451,11 +441,11 @@ def export_snnet(run_dir, out_dir, latency: bool = False) -> Path:
     run_dir, out_dir = Path(run_dir).expanduser(), Path(out_dir).expanduser()
     run = load_run(run_dir)
     net, plan = run.net, run.plan
-    evaluation = _evaluation(run_dir)
+    evaluation = read_evaluation(run_dir)
     ms = None
     if latency:
-        from composer.curve import measure_latency
-        ms = measure_latency(net)
+        from composer.evaluate import stitch_latencies
+        ms = stitch_latencies(net)
     rows = []
     for s in plan.stitches:
         row = {"id": s.id, "route": plan.describe_route(s), **plan.cost(s).to_dict(), "top1": _top1_of(evaluation, s.id)}

@@ -15,13 +15,13 @@ With these, DeiT-Ti/S/B gives 3 + 34 + 34 = 71 stitches and Swin-Ti/S/B 3 + 2 + 
 """
 from __future__ import annotations
 
-from composer.errors import UserError
 import json
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from composer.costs import AnchorInfo, Cost, channels, positions, stitch_layer_cost
+from composer.errors import UserError
 
 
 class PlanError(UserError):

@@ -1,16 +1,23 @@
 """A run folder: everything one SN-Net needs, readable without this app's state.
 
+This module is the one owner of the folder's layout: every file name, and every reader and writer
+of the files below, lives here.
+
 RUN/
-  manifest.json              anchors (specs), preprocessing, data and fit report, versions
+  manifest.json              anchors (specs), preprocessing, data and fit report, versions, training
   plan.json                  the stitch plan (same shape as `plan --json`)
   stitch_layers.safetensors  the fitted stitching layers, and each stitch's BatchNorm statistics
                              (`route_stats.*`, see composer.snnet)
   checkpoint/                written by training (see composer.train): all weights + trainer state
+  evaluation.json            top-1 (and costs) of every stitch: `evaluate`, or the end of training
+  metrics.jsonl              training's log: loss lines and its periodic evaluations
+  latency.json               batch-1 latency per stitch, with the device that was timed
+  candidates.json            the other builders' points (composer.candidates.Candidate)
+  elastic/ shrink/ folded/   the builders' networks (progressive-shrinking weights, shrunk, folded)
 Every file is written atomically, so a crash leaves the previous version loadable.
 """
 from __future__ import annotations
 
-from composer.errors import UserError
 import json
 import os
 import time
@@ -21,9 +28,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from composer.candidates import Candidate, CandidateError
 from composer.costs import describe
 from composer.data import check_same_preprocessing
-from composer.io import save_safetensors_atomic, write_json_atomic
+from composer.errors import UserError
+from composer.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
 from composer.plan import StitchPlan, build_plan, load_plan
 from composer.snnet import StitchedNetwork
 from zoo.adapters import adapt
@@ -31,6 +40,8 @@ from zoo.sources import create_anchor
 
 MANIFEST, PLAN, LAYERS, CHECKPOINT = "manifest.json", "plan.json", "stitch_layers.safetensors", "checkpoint"
 TRAINED = "snnet.safetensors"   # inside checkpoint/: every weight of the SN-Net after training
+EVALUATION, METRICS, LATENCY, CANDIDATES = "evaluation.json", "metrics.jsonl", "latency.json", "candidates.json"
+ELASTIC, SHRINK, FOLDED = "elastic", "shrink", "folded"   # the builders' sub-folders
 
 
 class RunError(UserError):
@@ -78,7 +89,7 @@ def save_fitted(run_dir: Path, net: StitchedNetwork, manifest: dict) -> None:
     # what fitting sets: the stitching layers and each stitch's BatchNorm statistics
     save_safetensors_atomic(run_dir / LAYERS, {**net.stitch_layers.state_dict(),
                                                **{f"route_stats.{k}": v for k, v in net.route_stats.state_dict().items()}})
-    write_json_atomic(run_dir / MANIFEST, manifest)
+    write_manifest(run_dir, manifest)
 
 
 @dataclass
@@ -96,10 +107,8 @@ def load_run(run_dir: Path, trained: bool = True) -> Run:
     """Rebuild the SN-Net of a run: anchors from their specs, the saved plan and weights.
     With trained=True the latest training checkpoint (if any) replaces the fitted weights."""
     run_dir = Path(run_dir).expanduser()
-    if not (run_dir / MANIFEST).is_file():
-        raise RunError(f"{run_dir} is not a run folder (no {MANIFEST}); create one with `fit`")
+    manifest = read_manifest(run_dir)
     try:
-        manifest = json.loads((run_dir / MANIFEST).read_text())
         plan_data = json.loads((run_dir / PLAN).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RunError(f"{run_dir}: unreadable run files ({e})") from None
@@ -117,3 +126,201 @@ def load_run(run_dir: Path, trained: bool = True) -> Run:
     except (SafetensorError, OSError, RuntimeError) as e:
         raise RunError(f"{run_dir}: weights could not be loaded ({str(e).splitlines()[0]})") from None
     return Run(run_dir, net, manifest)
+
+
+def read_manifest(run_dir: Path) -> dict:
+    """RUN/manifest.json, refused in one line when it is missing or not a run's manifest."""
+    f = Path(run_dir).expanduser() / MANIFEST
+    if not f.is_file():
+        raise RunError(f"{run_dir} is not a run folder (no {MANIFEST}); create one with `fit`")
+    try:
+        manifest = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"{f}: unreadable ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("anchors"), list) or not manifest["anchors"]:
+        raise RunError(f"{f}: not a run manifest (it must hold the list of anchors)")
+    return manifest
+
+
+def write_manifest(run_dir: Path, manifest: dict) -> None:
+    write_json_atomic(Path(run_dir) / MANIFEST, manifest)
+
+
+def load_plan_of_run(run_dir: Path) -> StitchPlan:
+    """The run's plan with costs, measured on the meta device (no weights are loaded)."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    try:
+        plan_data = json.loads((run_dir / PLAN).read_text())
+    except FileNotFoundError:
+        raise RunError(f"{run_dir} is not a run folder (no {PLAN}); create one with `fit`") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"{run_dir}: unreadable run files ({e})") from None
+    _, infos = load_anchors(manifest["anchors"], pretrained=False, device="meta")
+    return load_plan(plan_data, infos)
+
+
+# --- evaluation and training metrics ----------------------------------------------------------------
+
+def stitch_rows(plan: StitchPlan, extra: dict[int, dict] | None = None) -> list[dict]:
+    """One row per stitch: id, route, costs, and whatever `extra` holds for it (top1, latency_ms...)."""
+    return [{"id": s.id, "route": s.to_json()["route"], **plan.cost(s).to_dict(), **(extra or {}).get(s.id, {})}
+            for s in plan.stitches]
+
+
+def write_evaluation(run_dir, plan: StitchPlan, top1: dict[int, float], data: str, images: int,
+                     step: int | None = None, extra: dict[int, dict] | None = None) -> dict:
+    """RUN/evaluation.json (what the curve and export read): every stitch's costs and top-1 on
+    `images` images of `data`, after `step` fine-tuning steps when known. Returns what it wrote."""
+    rows = {sid: {"top1": top1.get(sid), **(extra or {}).get(sid, {})} for sid in range(len(plan.stitches))}
+    record = {"data": data, "images": images, **({"step": step} if step is not None else {}),
+              "stitches": stitch_rows(plan, rows)}
+    write_json_atomic(Path(run_dir) / EVALUATION, record)
+    return record
+
+
+def read_evaluation(run_dir: Path) -> dict:
+    """RUN/evaluation.json as written, or {} when there is none."""
+    f = Path(run_dir) / EVALUATION
+    if not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("stitches", []), list):
+            raise ValueError("not an evaluation record")
+        return data
+    except (OSError, ValueError) as e:
+        raise RunError(f"{f} is unreadable ({e})") from None
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    with open(Path(run_dir) / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of RUN/metrics.jsonl (a line cut short by a kill is skipped)."""
+    f = Path(run_dir) / METRICS
+    if not f.is_file():
+        return []
+    out = []
+    for line in f.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def trim_metrics(run_dir: Path, step: int) -> None:
+    """Drop records after the checkpoint we resume from (a killed run logged steps it lost)."""
+    if (Path(run_dir) / METRICS).is_file():
+        keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+        write_text_atomic(Path(run_dir) / METRICS, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def data_name(spec: str) -> str:
+    """How a data spec is shown: a folder by its last two parts (never a whole cache path)."""
+    spec = str(spec)
+    if spec.startswith("/") or spec.startswith("~"):
+        parts = Path(spec).parts
+        return "/".join(parts[-2:]) if len(parts) > 2 else spec
+    return spec
+
+
+def read_top1(run_dir: Path) -> tuple[dict[int, float], str]:
+    """Top-1 per stitch id from the run's measurements, and a phrase saying where it came from.
+
+    Picked by what was measured, not by file times: the measurement at the latest training step
+    wins, and at the same step a full evaluation (RUN/evaluation.json) beats training's small
+    periodic ones (RUN/metrics.jsonl) by having more images."""
+    run_dir = Path(run_dir)
+    found = []   # (step, images, top1, phrase)
+    evaluation = read_evaluation(run_dir)
+    if evaluation:
+        try:
+            top1 = {int(s["id"]): float(s["top1"]) for s in evaluation["stitches"] if s.get("top1") is not None}
+        except (KeyError, TypeError, ValueError) as e:
+            raise RunError(f"{run_dir / EVALUATION} is unreadable ({e})") from None
+        if top1:
+            step = int(evaluation.get("step") or 0)
+            found.append((step, int(evaluation.get("images") or 0), top1,
+                          f"evaluation on {evaluation.get('images', '?')} images of "
+                          f"{data_name(evaluation.get('data', '?'))}" + (f" after {step} steps" if step else "")))
+    for r in read_metrics(run_dir):
+        if isinstance(r, dict) and r.get("top1"):
+            step = int(r.get("step") or 0)
+            found.append((step, int(r.get("images") or 0), {int(k): float(v) for k, v in r["top1"].items()},
+                          f"training eval at step {step}"))
+    if not found:
+        raise RunError(f"{run_dir} has no accuracies yet: run `python -m composer evaluate {run_dir} "
+                       "--data ...` or fine-tune it")
+    step, images, top1, phrase = max(found, key=lambda f: (f[0], f[1]))
+    return top1, phrase
+
+
+# --- latency --------------------------------------------------------------------------------------
+
+def save_latency(run_dir: Path, ms: dict[int, float], device: str) -> None:
+    """RUN/latency.json: batch-1 latency per stitch and the device that was timed."""
+    write_json_atomic(Path(run_dir) / LATENCY, {"device": device, "threads": torch.get_num_threads(),
+                                                "batch": 1, "ms": {str(k): v for k, v in ms.items()}})
+
+
+def read_latency(run_dir: Path) -> dict[int, float] | None:
+    """Latency (ms) per stitch: RUN/latency.json (the app's measurement) or the latency_ms column
+    that `evaluate --latency` adds to RUN/evaluation.json; None when neither has it."""
+    f = Path(run_dir) / LATENCY
+    try:
+        if f.is_file():
+            return {int(k): float(v) for k, v in json.loads(f.read_text())["ms"].items()}
+        f = Path(run_dir) / EVALUATION
+        rows = read_evaluation(run_dir).get("stitches", [])
+        found = {int(r["id"]): float(r["latency_ms"]) for r in rows if r.get("latency_ms") is not None}
+        return found or None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise RunError(f"{f} is unreadable ({e})") from None
+
+
+# --- candidates -----------------------------------------------------------------------------------
+
+def read_candidates(run_dir) -> list[Candidate]:
+    """The run's stored candidates ([] when there are none)."""
+    f = Path(run_dir) / CANDIDATES
+    if not f.is_file():
+        return []
+    try:
+        return [Candidate(**c) for c in json.loads(f.read_text())["candidates"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CandidateError(f"{f} is unreadable ({e})") from None
+
+
+def find_candidate(run_dir, ref: str) -> Candidate:
+    """The stored candidate `ref` names: "METHOD:NAME" (its key on the curve and in the curve's
+    JSON) or a bare NAME that only one method uses."""
+    stored = read_candidates(run_dir)
+    method, _, name = ref.partition(":")
+    found = [c for c in stored if (c.method, c.name) == (method, name)] or [c for c in stored if c.name == ref]
+    if len(found) == 1:
+        return found[0]
+    keys = [f"{c.method}:{c.name}" for c in (found or stored)]
+    listed = ", ".join(f"'{k}'" for k in keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+    if found:
+        raise CandidateError(f"'{ref}' names {len(found)} candidates in {run_dir}: say which as METHOD:NAME ({listed})")
+    raise CandidateError(f"no candidate '{ref}' in {run_dir} ({listed or 'it has none yet'})")
+
+
+def add_candidates(run_dir, new: list[Candidate]) -> list[Candidate]:
+    """Store `new` in the run, replacing stored ones with the same (method, name); returns all."""
+    stored = {c.key: c for c in read_candidates(run_dir)}
+    for c in new:
+        stored[c.key] = c
+    out = list(stored.values())
+    write_json_atomic(Path(run_dir) / CANDIDATES, {"candidates": [c.to_dict() for c in out]})
+    return out
+
+
+def remove_candidates(run_dir, method: str) -> None:
+    """Forget every stored candidate of one method."""
+    keep = [c for c in read_candidates(run_dir) if c.method != method]
+    write_json_atomic(Path(run_dir) / CANDIDATES, {"candidates": [c.to_dict() for c in keep]})

@@ -21,8 +21,6 @@ Robust jobs:
 """
 from __future__ import annotations
 
-from composer.errors import UserError
-import json
 import math
 import os
 import random
@@ -41,13 +39,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from composer import data as data_mod
-from composer.evaluate import evaluate_all, write_evaluation
-from composer.io import save_safetensors_atomic, write_json_atomic, write_text_atomic
-from composer.run import CHECKPOINT, MANIFEST, TRAINED, RunError, load_run
+from composer.errors import UserError
+from composer.evaluate import evaluate_all
+from composer.io import save_safetensors_atomic
+from composer.run import (CHECKPOINT, TRAINED, append_metrics, load_run, read_manifest, trim_metrics,
+                          write_evaluation, write_manifest)
 from composer.snnet import StitchedNetwork
 from zoo.sources import create_anchor, is_sourced
 
-METRICS = "metrics.jsonl"
 LOG_EVERY = 10            # steps per summary line in metrics.jsonl
 SAMPLINGS = ("uniform", "macs_grouped")
 STOP_REASONS = {1: "done", 2: "budget", 3: "cancelled"}
@@ -420,21 +419,6 @@ def _load_trainer_state(run_dir: Path) -> dict | None:
         raise TrainError(f"{f}: unreadable trainer state ({str(e).splitlines()[0][:200]})") from None
 
 
-def _trim_metrics(run_dir: Path, step: int) -> None:
-    """Drop records after the checkpoint we resume from (a killed run logged steps it lost)."""
-    f = Path(run_dir) / METRICS
-    if not f.is_file():
-        return
-    keep = []
-    for line in f.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            pass   # a line cut short by a kill
-    write_text_atomic(f, "".join(line + "\n" for line in keep))
-
-
 # Settings that decide the optimizer's shape; resuming with other values is refused.
 _STRUCTURAL = ("optimizer", "stitch_layers_only")
 
@@ -464,8 +448,7 @@ def train(run_dir, data: str, config: TrainConfig, events: Callable[[dict], None
 
 
 def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dict:
-    if not (run_dir / MANIFEST).is_file():
-        raise RunError(f"{run_dir} is not a run folder (no {MANIFEST}); create one with `fit`")
+    read_manifest(run_dir)   # a clear refusal when RUN is not a run folder
     main = dist.rank == 0
     run = load_run(run_dir)                 # includes the checkpoint's weights if there is one
     net = run.net
@@ -476,7 +459,7 @@ def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dic
         _check_resume(state["config"], c)
     step = state["step"] if state else 0
     if main and state is not None:
-        _trim_metrics(run_dir, step)
+        trim_metrics(run_dir, step)
 
     # Data: train-time transform on `data`, eval transform on the held-out split.
     cfg = data_mod.data_config(net.anchors[0])
@@ -527,7 +510,6 @@ def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dic
     history = list(state.get("history", [])) if state else []
     budget_s = c.time_budget_min * 60 if c.time_budget_min else None
     cycle_start = step if budget_s else 0   # a time budget is one warmup + cosine cycle per invocation
-    metrics_f = run_dir / METRICS
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
 
     def trainer_state(status: str) -> dict:
@@ -539,8 +521,7 @@ def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dic
 
     def log(record: dict) -> None:
         if main:
-            with open(metrics_f, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_metrics(run_dir, record)
 
     def checkpoint(status: str = "running") -> None:
         if main:
@@ -658,9 +639,8 @@ class _nullcontext:
 
 def _record_in_manifest(run_dir: Path, data: str, eval_spec: str, c: TrainConfig, step: int, status: str) -> None:
     """Provenance for model cards: what the checkpoint was trained on and how long."""
-    f = run_dir / MANIFEST
-    manifest = json.loads(f.read_text())
+    manifest = read_manifest(run_dir)
     manifest["train"] = {"data": data, "eval_data": eval_spec, "step": step, "status": status,
                          "config": {k.name: getattr(c, k.name) for k in fields(c)},
                          "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_json_atomic(f, manifest)
+    write_manifest(run_dir, manifest)

@@ -315,8 +315,8 @@ def test_other_builders_join_the_curve(client, app, tmp_path):
     run, and the curve draws the measured ones; bad input is refused without disturbing a job.
     Shrink and elastic candidates download as zips (/export_candidate). Fold says why it has nothing
     to fold, scale_fill fills the biggest gap, latency_fit gives R^2."""
-    from composer.candidates import read_candidates
-    from composer.curve import load_plan_of_run
+    from composer.run import read_candidates
+    from composer.run import load_plan_of_run
     _, _, config = app
     key = _starter_session(client)
     assert "⚠" in client.predict(key, 0, 2.0, 0.8, "macs", api_name="/scale")[-1]   # nothing fitted yet
@@ -504,7 +504,7 @@ def test_app_builders_on_the_real_cifar_resnets(tmp_path):
     need_shared()
     from bench.cifar10 import cifar10_splits, cifar_anchor_specs
     from composer import data as data_mod
-    from composer.candidates import read_candidates
+    from composer.run import read_candidates
     from composer.costs import model_cost
     from composer.builders.elastic import load_subnet, top1
     from composer.ui.session import AppConfig, Session, _fold_work, _shrink_work

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from composer.curve import best_under, curve_figure, curve_rows, pareto_front, read_top1
+from composer.curve import best_under, curve_figure, curve_rows, pareto_front
+from composer.run import read_top1
 from composer.plan import build_plan
 from composer.run import load_anchors
 
@@ -257,7 +258,7 @@ def test_candidates_on_the_latency_axis(plan):
 
 
 def test_cli_curve_shows_the_runs_candidates(plan, tmp_path, capsys):
-    from composer.candidates import add_candidates
+    from composer.run import add_candidates
     top1 = _top1(plan)
     run = tmp_path / "run"
     _write_run(run, plan, top1)
@@ -274,7 +275,7 @@ def test_cli_curve_shows_the_runs_candidates(plan, tmp_path, capsys):
 
 
 def test_cli_quote_adds_a_published_point_that_never_joins_the_front(plan, tmp_path, capsys):
-    from composer.candidates import read_candidates
+    from composer.run import read_candidates
     from composer.cli import main
     top1 = _top1(plan)
     run = tmp_path / "run"

@@ -11,7 +11,8 @@ from torch import nn
 
 import zoo  # noqa: F401  (registers the CIFAR ResNets and starter ViTs)
 from composer.builders import elastic as el
-from composer.candidates import CandidateError, read_candidates
+from composer.candidates import CandidateError
+from composer.run import read_candidates
 from composer.costs import model_cost
 from composer.builders.subnet import SubnetConfig, config_masks, extract, masked, subnet_cost
 from zoo.adapters import UnsupportedModel

@@ -12,7 +12,7 @@ from torch import nn
 
 import zoo  # noqa: F401  (registers the CIFAR ResNets)
 from composer.builders import elastic as el
-from composer.candidates import read_candidates
+from composer.run import read_candidates
 from composer.costs import model_cost
 from composer.export import route_of
 from composer.builders.subnet import SubnetConfig, config_masks, extract, importance, masked, subnet_cost

@@ -13,7 +13,7 @@ from timm.models import save_for_hf
 from torch import nn
 
 import zoo  # noqa: F401  (registers the CIFAR ResNets with timm)
-from composer.candidates import read_candidates
+from composer.run import read_candidates
 from composer.export import anchor_entry
 from composer.builders.fold import (ActOnly, AnnealedReLU, FoldError, PassThrough, anneal, apply_fold, compose_serial,
                            fold_conv_bn, fold_model, fold_parallel, fold_serial, load_folded, mark_foldable,

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import zoo  # noqa: F401  (registers the CIFAR ResNets)
 from composer.builders import elastic as el
-from composer.candidates import read_candidates
+from composer.run import read_candidates
 from composer.builders.progressive import arch_masks, progressive_shrink, save_finetuned
 from composer.builders.subnet import masked
 

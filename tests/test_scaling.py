@@ -12,7 +12,7 @@ import timm
 import torch
 
 import zoo  # noqa: F401  (registers the CIFAR ResNets and starter ViTs)
-from composer.candidates import read_candidates
+from composer.run import read_candidates
 from composer.costs import model_cost
 from composer.plan import build_plan
 from composer.run import load_anchors

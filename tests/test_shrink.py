@@ -12,7 +12,7 @@ from torch import nn
 
 import zoo  # noqa: F401  (registers the CIFAR ResNets with timm)
 from composer.builders import shrink
-from composer.candidates import read_candidates
+from composer.run import read_candidates
 from composer.costs import model_cost
 from composer.builders.elastic import load_subnet, top1
 from composer.builders.subnet import SubnetConfig, elastic_space, masked, subnet_cost

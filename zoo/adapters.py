@@ -11,12 +11,13 @@ wrong adapter the moment a new timm release renames something.
 """
 from __future__ import annotations
 
-from composer.errors import UserError
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+
+from composer.errors import UserError
 
 # How a block's output is laid out: tokens (B, N, C), channels-last maps (B, H, W, C) as in timm's
 # Swin, or channels-first maps (B, C, H, W). It decides the stitching layer (Linear vs 1x1 conv).

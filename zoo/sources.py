@@ -9,7 +9,6 @@ never a full unpickle.
 """
 from __future__ import annotations
 
-from composer.errors import UserError
 import pickle
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import timm
 import torch
 from safetensors import SafetensorError
 from torch import nn
+
+from composer.errors import UserError
 
 
 class AnchorError(UserError):

@@ -24,7 +24,6 @@ Costs are exact (`subnet_cost`, MACs with 1 multiply-add = 1), never estimated.
 """
 from __future__ import annotations
 
-from composer.errors import UserError
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ from torch import nn
 
 from composer.candidates import Candidate
 from composer.costs import Cost, measure_latency
+from composer.errors import UserError
 from composer.io import read_config, save_safetensors_atomic, write_json_atomic
 from composer.builders.subnet import ElasticSpace, SubnetConfig, SubnetError, elastic_space, extract, sort_by_importance_, \
     subnet_cost
@@ -759,7 +759,7 @@ def export_candidate(run_dir, ref: str, out_dir, program: bool = True) -> Path:
     Shrink: the network `composer.builders.shrink` saved in the run, as it was measured."""
     import shutil
 
-    from composer.candidates import find_candidate
+    from composer.run import find_candidate
     c = find_candidate(run_dir, ref)
     if c.method == "shrink":
         src, out = Path(run_dir) / c.config["folder"], Path(out_dir).expanduser()

@@ -37,7 +37,6 @@ Costs follow composer.costs: a folded conv gains a bias, and a bias adds 1 MAC p
 """
 from __future__ import annotations
 
-from composer.errors import UserError
 import copy
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -49,8 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
-from composer.candidates import Candidate, add_candidates
+from composer.candidates import Candidate
+from composer.run import add_candidates
 from composer.costs import Cost, measure_latency, model_cost
+from composer.errors import UserError
 from composer.io import read_config, save_safetensors_atomic, write_json_atomic
 from composer.snnet import StitchLayer
 

@@ -15,7 +15,6 @@ timm ResNets (`layers`, `channels`), timm ViTs (`depth`, `embed_dim`, `num_heads
 """
 from __future__ import annotations
 
-from composer.errors import UserError
 import functools
 import math
 from dataclasses import asdict, dataclass, replace
@@ -29,6 +28,7 @@ from torch import nn
 
 import zoo  # noqa: F401  (registers the CIFAR ResNets and starter ViTs with timm)
 from composer.costs import Cost, model_cost
+from composer.errors import UserError
 
 FAMILIES = ("cifar_resnet", "resnet", "vit")
 

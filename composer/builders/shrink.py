@@ -23,7 +23,6 @@ adds the candidate to the run.
 """
 from __future__ import annotations
 
-from composer.errors import UserError
 import copy
 import math
 import time
@@ -35,10 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer.candidates import Candidate, add_candidates
+from composer.candidates import Candidate
+from composer.run import add_candidates
 from composer.costs import measure_latency, model_cost
 from composer.builders.elastic import FORMAT as SUBNET_FORMAT
 from composer.builders.elastic import recalibrate_bn, top1
+from composer.errors import UserError
 from composer.export import anchor_entry, preprocessing_of
 from composer.io import save_safetensors_atomic, write_json_atomic
 from composer.builders.subnet import (ElasticSpace, SubnetConfig, elastic_space, extract, masked, permute_, soft_cost,

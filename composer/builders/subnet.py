@@ -26,7 +26,6 @@ the same polynomial for fractional (differentiable) widths and block keep-masks.
 """
 from __future__ import annotations
 
-from composer.errors import UserError
 import copy
 import itertools
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from composer.costs import Cost, model_cost
+from composer.errors import UserError
 from zoo.adapters import UnsupportedModel
 
 Expand = Callable[[torch.Tensor], torch.Tensor]   # unit indices -> feature indices of one layer axis

@@ -10,7 +10,6 @@ this session exported can be handed out for download.
 """
 from __future__ import annotations
 
-from composer.errors import UserError
 import logging
 import re
 import secrets
@@ -22,11 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from composer.costs import AnchorInfo
-from composer.data import DataError
+from composer.errors import UserError
 from composer.plan import PlanError, StitchPlan, build_plan
-from composer.run import RunError
-from zoo.adapters import UnsupportedModel
-from zoo.sources import AnchorError
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +387,8 @@ class Session:
             progress: Progress | None = None) -> dict[int, float]:
         """Build the network with weights, fit every stitching layer, save a run, evaluate all stitches."""
         from composer import data as data_mod
-        from composer.evaluate import evaluate_all, write_evaluation
+        from composer.evaluate import evaluate_all
+        from composer.run import write_evaluation
         from composer.fit import calibrate_route_stats, fit_stitches
         from composer.run import build_network, save_fitted
         progress = progress or (lambda f, t: None)
@@ -491,7 +488,7 @@ class Session:
 
     def candidates(self) -> list:
         """The other builders' points stored in this session's run (elastic, shrink, fold, scale)."""
-        from composer.candidates import read_candidates
+        from composer.run import read_candidates
         return read_candidates(self.run_dir) if self.run_dir is not None else []
 
     def select(self, stitch_id: int) -> int:
@@ -521,7 +518,8 @@ class Session:
             return self.selected
 
     def measure_latency(self, progress: Progress | None = None) -> dict[int, float]:
-        from composer.curve import measure_latency, save_latency
+        from composer.evaluate import stitch_latencies
+        from composer.run import save_latency
         with self.lock:
             self._no_running_job()
             if self.run_dir is None:
@@ -529,8 +527,8 @@ class Session:
             if self.net is None:
                 from composer.run import load_run
                 self.net = load_run(self.run_dir).net
-            ms = measure_latency(self.net, progress=(lambda i, n: progress(i / n, f"timing stitch {i}/{n}")) if progress else None)
-            save_latency(self.run_dir, ms)
+            ms = stitch_latencies(self.net, progress=(lambda i, n: progress(i / n, f"timing stitch {i}/{n}")) if progress else None)
+            save_latency(self.run_dir, ms, str(next(self.net.parameters()).device))
             self.latency = ms
             return ms
 
@@ -619,7 +617,7 @@ class Session:
     def scale(self, anchor, factor, alpha=0.8, fill: bool = False) -> str:
         """dWr-scale an anchor (or fill the biggest MACs gap between anchors); adds a "scale" candidate
         with predicted costs. Returns a Markdown report."""
-        from composer.candidates import add_candidates
+        from composer.run import add_candidates
         from composer.builders.scaling import anchor_config, dwr_factors, dwr_scale, predict, scale_candidate, suggest_fill
         with self.lock:
             run, _, _ = self._builder_data()
@@ -690,7 +688,7 @@ class Session:
                 name = f"snnet-{stamp}"
                 export_mod.export_snnet(self.run_dir, out_base / name)
             elif what == "candidate":
-                from composer.candidates import find_candidate
+                from composer.run import find_candidate
                 from composer.builders.elastic import export_candidate
                 ref = str(candidate or "").strip()
                 if not ref:
@@ -734,7 +732,7 @@ def _elastic_work(run: Path, i: int | None, sid: int | None, data: str, eval_dat
     def work(events, cancel) -> str:
         from torch import nn
 
-        from composer.candidates import add_candidates
+        from composer.run import add_candidates
         from composer.builders.elastic import (anchor_of_run, budget_cost, check_budget, image_batches, largest_arch,
                                       latency_table, search_elastic, stitch_of_run)
 
