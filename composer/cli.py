@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from composer.errors import UserError
 from composer.run import stitch_rows
+from zoo.sources import short_name
 
 COMMANDS = {}   # name -> (function that adds the command's arguments, function that runs it)
 
@@ -398,7 +399,7 @@ def cmd_scale(args) -> None:
         anchor_macs = [info.total.macs for info in plan.infos]
         fill = suggest_fill(bases, args.alpha, anchor_macs)
         i, s, config, cost = fill.base, fill.s, fill.config, fill.cost
-        lo, hi = (plan.anchors[j].rstrip("/").rsplit("/", 1)[-1] for j in fill.gap)
+        lo, hi = (short_name(plan.anchors[j]) for j in fill.gap)
         note = (f"biggest MACs gap: {lo} -> {hi} ({anchor_macs[fill.gap[0]] / 1e6:.2f} -> "
                 f"{anchor_macs[fill.gap[1]] / 1e6:.2f} M), middle {fill.target_macs / 1e6:.2f} M")
     else:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from composer.candidates import Candidate
 from composer.errors import UserError
+from zoo.sources import short_name
 from composer.io import write_json_atomic, write_text_atomic
 from composer.plan import StitchPlan
 
@@ -173,7 +174,7 @@ def curve_figure(plan: StitchPlan, top1: dict[int, float], x: str = "macs", high
     trace(anchors, "anchors", mode="markers+text", textposition="top center",
           marker=dict(color=ANCHOR_COLOUR, size=13, symbol="diamond", line=dict(color="white", width=1)))
     fig.data[-1].update(text=[f"stitch {p.id}: {p.route}" for p in anchors],
-                        texttemplate=[_short_anchor(plan, p.id) for p in anchors])
+                        texttemplate=[short_name(plan.anchors[p.id]) for p in anchors])
     for method, colour in METHOD_COLOURS.items():
         mine = [c for c in cands if c.candidate.method == method]
         if not mine:
@@ -198,10 +199,6 @@ def curve_figure(plan: StitchPlan, top1: dict[int, float], x: str = "macs", high
 def _candidate_hover(c: Candidate) -> str:
     return (f"{c.method} · {c.name}<br>{c.status} · MACs {c.macs / 1e6:.3g} M · "
             f"activations {c.activations / 1e6:.3g} M")
-
-
-def _short_anchor(plan: StitchPlan, anchor: int) -> str:
-    return plan.anchors[anchor].rstrip("/").rsplit("/", 1)[-1]
 
 
 def curve_rows(plan: StitchPlan, top1: dict[int, float], x: str = "macs",

@@ -22,6 +22,7 @@ import torch
 
 from composer.costs import AnchorInfo, Cost, channels, positions, stitch_layer_cost
 from composer.errors import UserError
+from zoo.sources import short_name
 
 
 class PlanError(UserError):
@@ -87,7 +88,7 @@ class StitchPlan:
 
     def describe_route(self, stitch: Stitch | int) -> str:
         s = self.stitches[stitch] if isinstance(stitch, int) else stitch
-        return " -> ".join(f"{_short(self.anchors[g.anchor])}[{g.first}..{g.last}]" for g in s.route)
+        return " -> ".join(f"{short_name(self.anchors[g.anchor])}[{g.first}..{g.last}]" for g in s.route)
 
     def to_json(self) -> dict:
         """The CLI's `plan --json` shape, plus what is needed to rebuild the plan."""
@@ -102,10 +103,6 @@ class StitchPlan:
     def save(self, path) -> None:
         from composer.io import write_text_atomic
         write_text_atomic(path, json.dumps(self.to_json(), indent=1))
-
-
-def _short(name: str) -> str:
-    return name.rsplit("/", 1)[-1]
 
 
 def load_plan(data: dict, infos: list[AnchorInfo]) -> StitchPlan:

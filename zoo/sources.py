@@ -69,3 +69,9 @@ def create_anchor(spec: str, pretrained: bool | None = None, device: str | None 
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def short_name(spec: str) -> str:
+    """How an anchor is named on screen: `hf-hub:timm/deit_tiny_patch16_224.fb_in1k` ->
+    `deit_tiny_patch16_224.fb_in1k`, `local-dir:/models/r20` -> `r20`."""
+    return str(spec).rstrip("/").rsplit("/", 1)[-1].split(":", 1)[-1]

@@ -29,6 +29,7 @@ from torch import nn
 import zoo  # noqa: F401  (registers the CIFAR ResNets and starter ViTs with timm)
 from composer.costs import Cost, model_cost
 from composer.errors import UserError
+from zoo.sources import short_name
 
 FAMILIES = ("cifar_resnet", "resnet", "vit")
 
@@ -336,7 +337,7 @@ def latency_points(plan, latency: dict[int, float] | None, candidates: Sequence 
 def scale_candidate(source: str, base: ScaleConfig, s: float, alpha: float, config: ScaleConfig, cost: Cost):
     """A "scale" curve candidate: predicted costs, no accuracy (it is not trained here)."""
     from composer.candidates import Candidate
-    short = source.rstrip("/").rsplit("/", 1)[-1]
+    short = short_name(source)
     return Candidate("scale", f"{short} dWr x{s:.3g} (alpha {alpha:g})", source, cost.macs, cost.params,
                      cost.activations, top1=None, status="predicted",
                      config={"base": base.to_dict(), "s": s, "alpha": alpha, "scaled": config.to_dict()})

@@ -23,6 +23,7 @@ from typing import Callable
 from composer.costs import AnchorInfo
 from composer.errors import UserError
 from composer.plan import PlanError, StitchPlan, build_plan
+from zoo.sources import short_name
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class Session:
                 fam = ensure_starter(self.config.starter_cache)
                 entry = FamilyEntry(STARTER.id, STARTER.name, "starter", list(fam.anchors), STARTER.tag,
                                     "top-1 on its val split: " + ", ".join(
-                                        f"{_short(a)} {acc:.1f}%" for a, acc in fam.accuracies.items()))
+                                        f"{short_name(a)} {acc:.1f}%" for a, acc in fam.accuracies.items()))
                 self.families[entry.id] = entry
             if not entry.specs:
                 raise AppError(f"family {entry.name} has no members")
@@ -208,7 +209,7 @@ class Session:
             return []
         rows = []
         for spec, info in sorted(self.member_infos.items(), key=lambda kv: kv[1].total.macs):
-            rows.append({"spec": spec, "name": _short(spec), "params_m": info.total.params / 1e6,
+            rows.append({"spec": spec, "name": short_name(spec), "params_m": info.total.params / 1e6,
                          "macs_m": info.total.macs / 1e6, "resolution": "x".join(map(str, info.input_size[1:])),
                          "blocks": info.depth, "pretrained": self.family.tag})
         return rows
@@ -323,7 +324,7 @@ class Session:
         except PlanError as e:   # the library names anchors by spec; short names read better here
             text = str(e)
             for info in sorted(self.infos, key=lambda i: -len(i.name)):
-                text = text.replace(info.name, _short(info.name))
+                text = text.replace(info.name, short_name(info.name))
             raise PlanError(text) from None
         self.plan = plan
         # A different plan needs a new fit: the old run stays on disk but is no longer shown.
@@ -334,7 +335,7 @@ class Session:
 
     def _point_text(self, p) -> str:
         f, j, b, k = p
-        return f"{_short(self.infos[f].name)} block {j} -> {_short(self.infos[b].name)} block {k}"
+        return f"{short_name(self.infos[f].name)} block {j} -> {short_name(self.infos[b].name)} block {k}"
 
     def plan_options(self) -> dict:
         return {**self.options, "points": None if self.points is None else [[[f, j], [b, k]] for f, j, b, k in self.points]}
@@ -639,7 +640,7 @@ class Session:
             b = predict(base)
             rows = "\n".join(f"| {w} | {getattr(b, w) / 1e6:.3f} | {getattr(cost, w) / 1e6:.3f} |"
                               for w in ("macs", "params", "activations"))
-            return (f"**{_short(self.plan.anchors[i])}** x {s:.3g} (alpha {alpha:g}): `{base.describe()}` -> "
+            return (f"**{short_name(self.plan.anchors[i])}** x {s:.3g} (alpha {alpha:g}): `{base.describe()}` -> "
                     f"`{config.describe()}`\n\n| | anchor (M) | scaled (M, predicted) |\n|---|---:|---:|\n{rows}\n\n"
                     "Predicted costs only (no accuracy): the point is listed, not drawn on the accuracy curve.")
 
@@ -650,7 +651,7 @@ class Session:
         if c is None:
             raise AppError(f"no candidate '{str(key)[:80]}' in this run")
         top1 = "no accuracy" if c.top1 is None else f"top-1 {c.top1:.2f} % ({c.status})"
-        return (f"**{c.method}: {c.name}** · from {_short(c.source)} · {c.macs / 1e6:.3g} M MACs · "
+        return (f"**{c.method}: {c.name}** · from {short_name(c.source)} · {c.macs / 1e6:.3g} M MACs · "
                 f"{c.params / 1e6:.3g} M params · {c.activations / 1e6:.3g} M activations · {top1}")
 
     def latency_fit_md(self) -> str:
@@ -805,10 +806,6 @@ def _percentages(text: str) -> list[float]:
     if not parts or len(parts) > 12:
         raise AppError("give 1 to 12 budgets as percentages of the anchor's cost, e.g. 30, 50, 70")
     return [_bounded_float(p.rstrip("%"), "a budget (% of the anchor's cost)", 1, 100) for p in parts]
-
-
-def _short(spec: str) -> str:
-    return spec.rstrip("/").rsplit("/", 1)[-1].split(":", 1)[-1]
 
 
 def _pair(v) -> tuple[int, int]:

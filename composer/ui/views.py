@@ -9,6 +9,7 @@ import math
 
 from composer.graph import plan_graph
 from composer.plan import StitchPlan
+from zoo.sources import short_name
 
 
 def _shape(shape) -> str:
@@ -44,7 +45,7 @@ def graph_value(plan: StitchPlan | None, r2: dict[int, float] | None = None, hig
             shape = d.get("out_shape") if part != "head" else d.get("in_shape")
             blocks.append({"part": part, "label": d["label"], "stage": d["stage"], "shape": _shape(shape),
                            "macs": d["macs"], "params": d["params"]})
-        anchors.append({"index": i, "name": info.name.rstrip("/").rsplit("/", 1)[-1].split(":", 1)[-1],
+        anchors.append({"index": i, "name": short_name(info.name),
                         "spec": info.name, "macs": info.total.macs, "params": info.total.params,
                         "layout": info.layout, "blocks": blocks})
     edges = []
