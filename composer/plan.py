@@ -106,11 +106,44 @@ class StitchPlan:
 
 
 def load_plan(data: dict, infos: list[AnchorInfo]) -> StitchPlan:
-    """Rebuild a plan saved by `to_json` (infos are re-measured from the anchors)."""
-    layers = {k: LayerSpec(**v) for k, v in data["layers"].items()}
-    stitches = [Stitch(d["id"], tuple(Segment(r["anchor"], *r["blocks"]) for r in d["route"]), tuple(d["layers"]))
-                for d in data["stitches"]]
-    return StitchPlan(list(data["anchors"]), infos, stitches, layers, dict(data.get("options", {})))
+    """Rebuild a plan saved by `to_json` (infos are re-measured from the anchors), checked against
+    those anchors: a hand-edited or foreign plan.json is refused in one line, never half-used."""
+    try:
+        layers = {str(k): LayerSpec(**v) for k, v in data["layers"].items()}
+        stitches = [Stitch(int(d["id"]), tuple(Segment(int(r["anchor"]), *map(int, r["blocks"])) for r in d["route"]),
+                           tuple(d["layers"])) for d in data["stitches"]]
+        anchors = [str(a) for a in data["anchors"]]
+        options = dict(data.get("options", {}))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise PlanError(f"plan.json is not a stitch plan ({type(e).__name__}: {e})") from None
+    _check_plan(anchors, infos, stitches, layers)
+    return StitchPlan(anchors, infos, stitches, layers, options)
+
+
+def _check_plan(anchors: list[str], infos: list[AnchorInfo], stitches: list[Stitch], layers: dict[str, LayerSpec]):
+    if [i.name for i in infos] != anchors:
+        raise PlanError(f"plan.json names the anchors {anchors} but the run's manifest has "
+                        f"{[i.name for i in infos]}: the run's files do not belong together")
+    if [s.id for s in stitches] != list(range(len(stitches))):
+        raise PlanError("plan.json: stitch ids must be 0, 1, 2, ... in order, each once")
+    for s in stitches:
+        if not s.route or len(s.layers) != len(s.route) - 1:
+            raise PlanError(f"plan.json: stitch {s.id} needs one stitching layer between consecutive segments")
+        for seg in s.route:
+            if not 0 <= seg.anchor < len(infos):
+                raise PlanError(f"plan.json: stitch {s.id} uses anchor {seg.anchor}, the run has {len(infos)}")
+            if not 0 <= seg.first <= seg.last < infos[seg.anchor].depth:
+                raise PlanError(f"plan.json: stitch {s.id} runs blocks {seg.first}..{seg.last} of anchor "
+                                f"{seg.anchor}, which has blocks 0..{infos[seg.anchor].depth - 1}")
+        for key in s.layers:
+            if key not in layers:
+                raise PlanError(f"plan.json: stitch {s.id} uses stitching layer '{key}', which the plan does not define")
+    seen = {}
+    for s in stitches:
+        route = tuple(s.route)
+        if route in seen:
+            raise PlanError(f"plan.json: stitches {seen[route]} and {s.id} are the same route")
+        seen[route] = s.id
 
 
 # --- SN-Net's enumeration ------------------------------------------------------------------------

@@ -52,6 +52,9 @@ def load_anchors(specs: list[str], pretrained: bool | None = None, device: str |
     """Models and their measured infos, in the order given (device="meta": architecture only)."""
     if not specs:
         raise RunError("give at least one anchor")
+    twice = sorted({s for s in specs if specs.count(s) > 1})
+    if twice:
+        raise RunError(f"the same anchor is given twice: {', '.join(twice)}")
     models = [create_anchor(s, pretrained, device) for s in specs]
     check_same_preprocessing(models, specs)
     infos = [describe(s, adapt(m)) for s, m in zip(specs, models)]
@@ -63,8 +66,6 @@ def build_network(specs: list[str], pretrained: bool | None = None, **plan_optio
     models, infos = load_anchors(specs, pretrained)
     plan = build_plan(infos, **plan_options)
     by_name = {s: m for s, m in zip(specs, models)}
-    if len(by_name) != len(specs):
-        raise RunError("the same anchor is given twice")
     return StitchedNetwork([by_name[n] for n in plan.anchors], plan)
 
 
@@ -324,3 +325,39 @@ def remove_candidates(run_dir, method: str) -> None:
     """Forget every stored candidate of one method."""
     keep = [c for c in read_candidates(run_dir) if c.method != method]
     write_json_atomic(Path(run_dir) / CANDIDATES, {"candidates": [c.to_dict() for c in keep]})
+
+
+# --- the lock ------------------------------------------------------------------------------------
+
+LOCK = ".lock"
+
+
+class run_lock:
+    """Held by the one process that changes a run (training, re-fitting): a second one is refused
+    at once instead of silently losing one's work. An OS lock (flock), so a killed process never
+    leaves it stale."""
+
+    def __init__(self, run_dir: Path, what: str = "training"):
+        self.file, self.what, self.handle = Path(run_dir) / LOCK, what, None
+
+    def __enter__(self) -> "run_lock":
+        import fcntl
+        self.handle = open(self.file, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise RunError(f"{self.file.parent} is in use ({holder}): wait for it to finish or stop it first") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"{self.what} by process {os.getpid()}")
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        import fcntl
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+        return False

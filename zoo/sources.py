@@ -9,7 +9,9 @@ never a full unpickle.
 """
 from __future__ import annotations
 
+import json
 import pickle
+import re
 from pathlib import Path
 
 import timm
@@ -22,6 +24,9 @@ from composer.errors import UserError
 
 class AnchorError(UserError):
     """An anchor spec that cannot be turned into a model; the message says why."""
+
+
+_HUB_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
 
 def is_sourced(spec: str) -> bool:
@@ -41,6 +46,8 @@ def create_anchor(spec: str, pretrained: bool | None = None, device: str | None 
                               "folder format: config.json + model.safetensors)")
         if pretrained and not any((folder / n).is_file() for n in ("model.safetensors", "pytorch_model.bin")):
             raise AnchorError(f"{spec}: no model.safetensors in {folder}")
+    elif spec.startswith("hf-hub:") and not _HUB_REPO.fullmatch(spec[len("hf-hub:"):]):
+        raise AnchorError(f"'{spec[:80]}' is not a Hub model: write hf-hub:ORG/REPO (letters, digits, '-', '_', '.')")
     elif not is_sourced(spec) and not timm.is_model(spec):
         close = timm.list_models(f"*{spec.split('.')[0][:12]}*")[:5]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -61,6 +68,10 @@ def create_anchor(spec: str, pretrained: bool | None = None, device: str | None 
         if "Unknown model" in msg:
             raise AnchorError(f"{spec}: {_first_line(e)}") from None
         raise
+    except json.JSONDecodeError as e:
+        raise AnchorError(f"{spec}: config.json is not valid JSON ({e})") from None
+    except ValueError as e:   # huggingface_hub's validation errors: a repo id it refuses
+        raise AnchorError(f"{spec}: {_first_line(e)}") from None
     except OSError as e:  # network / cache misses surface as OSError subclasses in huggingface_hub
         raise AnchorError(f"{spec}: could not fetch weights ({type(e).__name__}: {_first_line(e)}); "
                           "offline? cached and local anchors still work") from None
