@@ -191,8 +191,10 @@ def _layer(plan_layers: dict, key: str, fi: int, bi: int, front: AnchorInfo, bac
 
 
 def build_plan(infos: list[AnchorInfo], kernel: int = 2, stride: int = 1, all_pairs: bool = False,
-               points: list[tuple[tuple[int, int], tuple[int, int]]] | None = None) -> StitchPlan:
-    """SN-Net's stitches between anchors (sorted by MACs here), or exactly the given points.
+               points: list[tuple[tuple[int, int], tuple[int, int]]] | None = None,
+               two_way: bool = False) -> StitchPlan:
+    """SN-Net's stitches between anchors (sorted by MACs here), or exactly the given points, or
+    with two_way SN-Netv2's routes between two anchors (see `two_way_plan`).
 
     points: ((front anchor, front block), (back anchor, back block)) pairs, anchor indices in
     MACs order; a point equal to a default stitch keeps its (possibly shared) default layer.
@@ -202,6 +204,10 @@ def build_plan(infos: list[AnchorInfo], kernel: int = 2, stride: int = 1, all_pa
     if kernel < 1 or stride < 1:
         raise PlanError(f"kernel and stride must be >= 1 (got kernel={kernel}, stride={stride})")
     infos = sorted(infos, key=lambda a: a.total.macs)
+    if two_way:
+        if points is not None:
+            raise PlanError("two-way plans enumerate SN-Netv2's routes: give either --two-way or --points")
+        return two_way_plan(infos)
     layers: dict[str, LayerSpec] = {}
     stitches = [Stitch(i, (Segment(i, 0, a.depth - 1),)) for i, a in enumerate(infos)]
     defaults: dict[tuple[int, int, int, int], str] = {}   # (f, j, b, k) -> layer key
@@ -224,6 +230,62 @@ def build_plan(infos: list[AnchorInfo], kernel: int = 2, stride: int = 1, all_pa
     _check_layers(layers, stitches, infos)
     options = {"kernel": kernel, "stride": stride, "all_pairs": all_pairs, "custom_points": points is not None}
     return StitchPlan([a.name for a in infos], infos, stitches, layers, options)
+
+
+# --- SN-Netv2's two-way routes ---------------------------------------------------------------------
+
+def two_way_points(small: int, large: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """SN-Netv2's stitch points for a stage of `small` and `large` blocks (its
+    `get_stitch_configs_bidirection`): small->large (j, k) with k = (j + 1) * (large // small), and
+    large->small (j, k) with k = nearest(j) + 1 for every odd j < large - 1 (every j < large - 1 when
+    the depths are equal). Front block j's output feeds back block k. Points whose back block is
+    past the stage are left out (the last small->large point of a plain model runs no block)."""
+    ratio = max(large // small, 1)
+    sl = [(j, (j + 1) * ratio) for j in range(small) if (j + 1) * ratio < large]
+    nearest = torch.nn.functional.interpolate(torch.arange(small, dtype=torch.float32)[None, None], large)
+    nearest = nearest.long().flatten().tolist()
+    ls = [(j, nearest[j] + 1) for j in range(large - 1)
+          if (small == large or j % 2 == 1) and nearest[j] + 1 < small]
+    return sl, ls
+
+
+def two_way_plan(infos: list[AnchorInfo]) -> StitchPlan:
+    """SN-Netv2's routes between two anchors (small = 0, large = 1 by MACs): the anchors, then
+    small->large, large->small, large->small->large and small->large->small, in its order. One
+    stitching layer per direction and position, shared by every route through that point. For
+    DeiT3-S + DeiT3-L this gives its 134 routes. Hierarchical models stitch inside a stage (not the
+    last, as SN-Net), each stage's blocks mapped as a plain model's."""
+    if len(infos) != 2:
+        raise PlanError(f"two-way stitching (SN-Netv2) joins exactly two anchors, got {len(infos)}")
+    small, large = infos
+    if small.num_stages != large.num_stages:
+        raise PlanError(f"{small.name} has {small.num_stages} stages and {large.name} {large.num_stages}: "
+                        "two-way stitching needs the same structure")
+    stages = [0] if small.num_stages == 1 else range(small.num_stages - 1)
+    sl, ls = [], []   # global (front block, back block)
+    for s in stages:
+        su, lu = small.stage_units(s), large.stage_units(s)
+        a, b = two_way_points(len(su), len(lu))
+        sl += [(su[j], lu[k]) for j, k in a]
+        ls += [(lu[j], su[k]) for j, k in b]
+    layers: dict[str, LayerSpec] = {}
+
+    def layer(f: int, j: int, b: int, k: int) -> str:
+        front, back = infos[f], infos[b]
+        if (err := _layout_ok(front, back, j, k)) is not None:
+            raise PlanError(err)
+        return _layer(layers, f"a{f}_a{b}_v2_{j}_{k}", f, b, front, back, j, k)
+
+    routes = [((Segment(0, 0, small.depth - 1),), ()), ((Segment(1, 0, large.depth - 1),), ())]
+    routes += [((Segment(0, 0, j), Segment(1, k, large.depth - 1)), (layer(0, j, 1, k),)) for j, k in sl]
+    routes += [((Segment(1, 0, j), Segment(0, k, small.depth - 1)), (layer(1, j, 0, k),)) for j, k in ls]
+    routes += [((Segment(1, 0, j1), Segment(0, k1, j2), Segment(1, k2, large.depth - 1)),
+                (layer(1, j1, 0, k1), layer(0, j2, 1, k2))) for j1, k1 in ls for j2, k2 in sl if j2 >= k1]
+    routes += [((Segment(0, 0, j1), Segment(1, k1, j2), Segment(0, k2, small.depth - 1)),
+                (layer(0, j1, 1, k1), layer(1, j2, 0, k2))) for j1, k1 in sl for j2, k2 in ls if j2 >= k1]
+    stitches = [Stitch(i, route, keys) for i, (route, keys) in enumerate(routes)]
+    _check_layers(layers, stitches, infos)
+    return StitchPlan([a.name for a in infos], list(infos), stitches, layers, {"two_way": True})
 
 
 def _default_positions(infos, f, b, kernel, stride):
