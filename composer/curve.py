@@ -220,6 +220,16 @@ def curve_rows(plan: StitchPlan, top1: dict[int, float], x: str = "macs",
             "pareto": front}
 
 
+def check_curve_out(out: Path) -> Path:
+    """The file a curve may be written to, refused before anything is drawn."""
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".json", ".png"):
+        raise CurveError(f"--out must end in .html, .png or .json, not '{out.name}'")
+    if out.is_dir():
+        raise CurveError(f"cannot write {out}: it is a folder")
+    return out
+
+
 def write_curve(fig: "go.Figure", rows: dict, out: Path) -> None:
     """Write .html (plotly.js inline: works offline), .json (the data) or .png (needs kaleido)."""
     out = Path(out)

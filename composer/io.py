@@ -149,7 +149,10 @@ class staged_folder:
         from composer.errors import UserError
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.", suffix=".tmp"))
+            # the folder is filled under its own name (exports record it), inside a hidden box
+            self.box = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.", suffix=".tmp"))
+            self.tmp = self.box / self.out.name
+            self.tmp.mkdir()
             _public(self.tmp, 0o777)
         except OSError as e:
             raise UserError(f"cannot write {self.out}: {e.strerror or e}") from None
@@ -158,19 +161,20 @@ class staged_folder:
     def __exit__(self, kind, exc, tb) -> bool:
         import shutil
         if kind is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            shutil.rmtree(self.box, ignore_errors=True)
             return False
+        old = None
         try:
             write_json_atomic(self.tmp / MARKER, self.marker)
-            old = None
             if self.out.exists():
-                old = self.out.with_name(f".{self.out.name}.{os.getpid()}.old")
+                old = self.box / ".old"
                 os.replace(self.out, old)
             os.replace(self.tmp, self.out)
         except OSError as e:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            if old is not None and not self.out.exists():
+                os.replace(old, self.out)   # put the previous version back
+            shutil.rmtree(self.box, ignore_errors=True)
             from composer.errors import UserError
             raise UserError(f"cannot write {self.out}: {e.strerror or e}") from None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(self.box, ignore_errors=True)
         return False
