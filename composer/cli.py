@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from composer.checks import number, whole
 from composer.errors import UserError
 from composer.run import stitch_rows
 from zoo.sources import short_name
@@ -28,14 +29,56 @@ def command(name: str, arguments):
     return register
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+def _checked(check, *limits, **kw):
+    """An argparse `type` from a composer.checks check: its UserError becomes argparse's own error
+    ("argument --ridge: must be at least 0, got -1"), so every typed number is checked one way."""
+    def parse(text: str):
+        try:
+            return check(text, "", *limits, **kw)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e).strip()) from None
+    parse.__name__ = check.__name__
+    return parse
+
+
+_positive = _checked(whole, 1)          # 1, 2, ...
+_natural = _checked(whole, 0)           # 0, 1, ...
+_integer = _checked(whole)              # any whole number
+_nonnegative = _checked(number, 0)      # finite, >= 0
+_above_zero = _checked(number, above=0)  # finite, > 0
+_fraction = _checked(number, 0, 1)      # finite, in [0, 1]
+
+
+class _Bars:
+    """composer.pipeline progress events as tqdm bars on stderr, a fresh one per phase (none when
+    stderr is not a terminal)."""
+    NAMES = {"fit": "fit", "route_stats": "BatchNorm statistics per stitch", "evaluate": "evaluate",
+             "latency": "latency"}
+
+    def __init__(self):
+        self.phase, self.bar = None, None
+
+    def __call__(self, e: dict) -> None:
+        if e.get("type") != "progress" or e["phase"] not in self.NAMES:
+            return
+        if e["phase"] != self.phase:
+            self.close()
+            self.phase = e["phase"]
+            unit = {"images": "img", "stitches": "stitch"}.get(e.get("unit"), "it")
+            self.bar = tqdm(total=e["total"], desc=self.NAMES[self.phase], unit=unit, file=sys.stderr, disable=None)
+        self.bar.update(e["done"] - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.phase, self.bar = None, None
+
+    def __enter__(self) -> "_Bars":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
 
 
 def _plan_options(p: argparse.ArgumentParser) -> None:
@@ -43,6 +86,8 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=_positive, default=1, help="sliding-window stride (SN-Net: 1)")
     p.add_argument("--all-pairs", action="store_true", help="stitch every pair of anchors, not only neighbours in MACs")
     p.add_argument("--points", help="JSON list of [[front_anchor, block], [back_anchor, block]]: exactly these stitches")
+    p.add_argument("--two-way", action="store_true",
+                   help="SN-Netv2's routes between two anchors: both ways and there and back (134 for DeiT3-S + DeiT3-L)")
 
 
 def _pretrained(p: argparse.ArgumentParser) -> None:
@@ -53,14 +98,6 @@ def _pretrained(p: argparse.ArgumentParser) -> None:
                    help="architectures only, even for hf-hub:/local-dir: anchors")
 
 
-def _anchors(specs: list[str]) -> list[str]:
-    """`starter` stands for the built-in starter family's anchors (built on first use)."""
-    if specs == ["starter"]:
-        from zoo.starter import ensure_starter
-        return ensure_starter().anchors
-    return specs
-
-
 def _plan_kwargs(args) -> dict:
     points = None
     if args.points:
@@ -68,7 +105,8 @@ def _plan_kwargs(args) -> dict:
             points = json.loads(args.points)
         except json.JSONDecodeError as e:
             raise UserError(f"--points is not valid JSON: {e}") from None
-    return {"kernel": args.kernel, "stride": args.stride, "all_pairs": args.all_pairs, "points": points}
+    return {"kernel": args.kernel, "stride": args.stride, "all_pairs": args.all_pairs, "points": points,
+            "two_way": args.two_way}
 
 
 def _table(plan, rows: list[dict], extra_cols: list[str]) -> str:
@@ -139,10 +177,11 @@ def _plan_args(sp) -> None:
 @command("plan", _plan_args)
 def cmd_plan(args) -> None:
     """Enumerate stitches offline from architectures alone."""
+    from composer.pipeline import resolve_anchors
     from composer.plan import build_plan
     from composer.run import load_anchors
     # Planning needs shapes and counts only: build on the meta device unless weights are asked for.
-    _, infos = load_anchors(_anchors(args.anchors), bool(args.pretrained), None if args.pretrained else "meta")
+    _, infos = load_anchors(resolve_anchors(args.anchors), bool(args.pretrained), None if args.pretrained else "meta")
     plan = build_plan(infos, **_plan_kwargs(args))
     rows = stitch_rows(plan)
     if args.json:
@@ -156,8 +195,9 @@ def _fit_args(sp) -> None:
     sp.add_argument("anchors", nargs="+")
     sp.add_argument("--data", required=True, help="ImageFolder path, 'starter', or a timm dataset name")
     sp.add_argument("--calib", type=_positive, default=256, help="calibration images (default 256)")
-    sp.add_argument("--out", required=True, type=Path, help="run folder to write")
-    sp.add_argument("--ridge", type=float, default=1e-4)
+    sp.add_argument("--out", required=True, type=Path, help="run folder to write (new, empty, or an earlier fit)")
+    sp.add_argument("--force", action="store_true", help="replace whatever --out holds, a fine-tuned run included")
+    sp.add_argument("--ridge", type=_nonnegative, default=1e-4, help="ridge of the least squares (default 1e-4)")
     _plan_options(sp)
     _pretrained(sp)
     _common(sp)
@@ -166,30 +206,18 @@ def _fit_args(sp) -> None:
 @command("fit", _fit_args)
 def cmd_fit(args) -> None:
     """Fit every stitching layer by least squares on calibration images; write RUN/."""
-    from composer import data
-    from composer.fit import calibrate_route_stats, fit_stitches
-    from composer.run import build_network, check_writable, save_fitted
-    out = check_writable(args.out)
-    net = build_network(_anchors(args.anchors), args.pretrained, **_plan_kwargs(args))
-    cfg = data.data_config(net.anchors[0])
-    ds = data.subset(data.open_dataset(args.data, cfg), args.calib, seed=args.seed)
-    images = (x for x, _ in data.loader(ds, args.batch_size, workers=args.workers))
-    batches = -(-len(ds) // args.batch_size)
-    report = fit_stitches(net, tqdm(images, total=batches, desc="fit", file=sys.stderr, disable=None), ridge=args.ridge)
-    images = (x for x, _ in data.loader(ds, args.batch_size, workers=args.workers))
-    calibrate_route_stats(net, tqdm(images, total=batches, desc="BatchNorm statistics per stitch", file=sys.stderr,
-                                    disable=None))
-    manifest = {"pretrained": args.pretrained, "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-                "fit": {"data": args.data, "calib": report.images, "held_out": report.held_out, "ridge": args.ridge,
-                        "r2": {str(k): v for k, v in report.r2.items()}}}
-    save_fitted(out, net, manifest)
-    rows = stitch_rows(net.plan, {k: {"r2": v} for k, v in report.r2.items()})
+    from composer.pipeline import fit_run
+    with _Bars() as bars:
+        r = fit_run(args.anchors, args.data, args.out, calib=args.calib, ridge=args.ridge,
+                    plan_options=_plan_kwargs(args), pretrained=args.pretrained, batch_size=args.batch_size,
+                    workers=args.workers, seed=args.seed, force=args.force, progress=bars)
+    rows = stitch_rows(r.plan, {k: {"r2": v} for k, v in r.r2.items()})
     if args.json:
-        print(json.dumps({"run": str(out), "anchors": net.plan.anchors, "stitches": rows}))
+        print(json.dumps({"run": str(r.run), "anchors": r.plan.anchors, "stitches": rows}))
     else:
-        print(_table(net.plan, rows, ["r2"]))
-        print(f"fitted {len(net.plan.layers)} stitching layers on {report.images} images "
-              f"(R^2 on {report.held_out} held out); wrote {out}")
+        print(_table(r.plan, rows, ["r2"]))
+        print(f"fitted {len(r.plan.layers)} stitching layers on {r.images} images "
+              f"(R^2 on {r.held_out} held out); wrote {r.run}")
 
 
 def _evaluate_args(sp) -> None:
@@ -203,29 +231,15 @@ def _evaluate_args(sp) -> None:
 @command("evaluate", _evaluate_args)
 def cmd_evaluate(args) -> None:
     """Top-1 of every stitch (shared-prefix evaluation); also saved as RUN/evaluation.json."""
-    from composer import data
-    from composer.evaluate import evaluate_all
-    from composer.run import write_evaluation
-    from composer.run import load_run
-    run = load_run(args.run)
-    cfg = data.data_config(run.net.anchors[0])
-    ds = data.subset(data.open_dataset(args.data, cfg, split="validation"), args.limit, seed=args.seed)
-    bar = tqdm(total=len(ds), desc="evaluate", file=sys.stderr, disable=None)
-    res = evaluate_all(run.net, data.loader(ds, args.batch_size, workers=args.workers),
-                       progress=lambda n: bar.update(n - bar.n))
-    bar.close()
-    extra = {k: {} for k in res.top1}
-    if args.latency:
-        from composer.costs import measure_latency
-        x = next(iter(data.loader(ds, 1)))[0].to(next(run.net.parameters()).device)
-        for s in tqdm(run.plan.stitches, desc="latency", file=sys.stderr, disable=None):
-            extra[s.id]["latency_ms"] = measure_latency(run.net.select(s.id), x)
-    rows = write_evaluation(run.dir, run.plan, res.top1, args.data, res.images, extra=extra)["stitches"]
+    from composer.pipeline import evaluate_run
+    with _Bars() as bars:
+        r = evaluate_run(args.run, args.data, limit=args.limit, latency=args.latency, batch_size=args.batch_size,
+                         workers=args.workers, seed=args.seed, progress=bars)
     if args.json:
-        print(json.dumps({"images": res.images, "stitches": rows}))
+        print(json.dumps({"images": r.images, "stitches": r.rows}))
     else:
-        print(_table(run.plan, rows, ["top1"] + (["latency_ms"] if args.latency else [])))
-        print(f"top-1 (%) on {res.images} images of {args.data}")
+        print(_table(r.plan, r.rows, ["top1"] + (["latency_ms"] if args.latency else [])))
+        print(f"top-1 (%) on {r.images} images of {args.data}")
 
 
 def _curve_args(sp) -> None:
@@ -239,14 +253,16 @@ def _curve_args(sp) -> None:
 def cmd_curve(args) -> None:
     """Draw the accuracy curve of a run (one point per stitch, Pareto front, the other builders'
     candidates) from its latest evaluation."""
-    from composer.run import read_candidates
-    from composer.curve import curve_figure, curve_rows, write_curve
-    from composer.run import load_plan_of_run, read_latency, read_top1
+    from composer.curve import check_curve_out, curve_figure, curve_rows, write_curve
+    from composer.run import load_plan_of_run, read_candidates, read_latency, read_top1
+    check_curve_out(args.out)
     plan = load_plan_of_run(args.run)
     top1, source = read_top1(args.run)
     latency = read_latency(args.run) if args.x == "latency" else None
     candidates = read_candidates(args.run)
-    fig = curve_figure(plan, top1, args.x, latency=latency, title=f"{args.run.name}: {source}", candidates=candidates)
+    # the title names the run's folder and the data by name (read_top1's phrase), never a cache path
+    fig = curve_figure(plan, top1, args.x, latency=latency, title=f"{args.run.resolve().name}: {source}",
+                       candidates=candidates)
     rows = curve_rows(plan, top1, args.x, latency, candidates)
     write_curve(fig, rows, args.out)
     drawn = sum(c["top1"] is not None and c["x"] is not None for c in rows["candidates"])
@@ -260,12 +276,12 @@ def _train_args(sp) -> None:
     sp.add_argument("--eval-data", help="held-out images for evaluation (default: the validation split of --data)")
     g = sp.add_argument_group("when to stop (at least one)")
     g.add_argument("--steps", type=_positive, help="total optimizer steps, counted across resumes")
-    g.add_argument("--time-budget", type=float, metavar="MIN", help="wall-clock minutes for this invocation")
-    sp.add_argument("--lr", type=float, help="learning rate (default: per family, see composer.train)")
+    g.add_argument("--time-budget", type=_above_zero, metavar="MIN", help="wall-clock minutes for this invocation")
+    sp.add_argument("--lr", type=_above_zero, help="learning rate (default: per family, see composer.train)")
     sp.add_argument("--optimizer", choices=["sgd", "adamw"], help="default: AdamW (family defaults in composer.train)")
-    sp.add_argument("--weight-decay", type=float)
-    sp.add_argument("--warmup-steps", type=int)
-    sp.add_argument("--anchor-lr-scale", type=float, help="anchors' lr = lr x this (stitching layers get lr)")
+    sp.add_argument("--weight-decay", type=_nonnegative)
+    sp.add_argument("--warmup-steps", type=_natural)
+    sp.add_argument("--anchor-lr-scale", type=_nonnegative, help="anchors' lr = lr x this (stitching layers get lr)")
     sp.add_argument("--sampling", choices=["uniform", "macs_grouped"], default="uniform",
                     help="uniform over stitches (SN-Net) or a MACs group first, then a stitch (SN-Netv2)")
     sp.add_argument("--groups", type=_positive, default=4, help="MACs groups for --sampling macs_grouped")
@@ -275,10 +291,11 @@ def _train_args(sp) -> None:
     sp.add_argument("--distill", metavar="anchors|live|largest|off|SPEC",
                     help="distil from each route's last anchor (default with pretrained anchors: its original "
                          "weights; live: as fine-tuned so far), the largest anchor, any anchor spec, or not at all")
-    sp.add_argument("--distill-weight", type=float, default=0.5)
-    sp.add_argument("--min-crop", type=float, default=1.0, help="smallest random-resized-crop area (default 1: no crop)")
-    sp.add_argument("--hflip", type=float, help="horizontal-flip probability (default 0.5; 0 for the starter digits)")
-    sp.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
+    sp.add_argument("--distill-weight", type=_fraction, default=0.5)
+    sp.add_argument("--min-crop", type=_checked(number, None, 1, above=0), default=1.0,
+                    help="smallest random-resized-crop area (default 1: no crop)")
+    sp.add_argument("--hflip", type=_fraction, help="horizontal-flip probability (default 0.5; 0 for the starter digits)")
+    sp.add_argument("--eval-every", type=_natural, default=0, help="evaluate every N steps (0: only at the end)")
     sp.add_argument("--eval-limit", type=_positive, default=500, help="held-out images per evaluation")
     sp.add_argument("--checkpoint-every", type=_positive, default=50, help="steps between checkpoints")
     _common(sp)
@@ -290,7 +307,8 @@ def cmd_train(args) -> None:
     import signal
     import threading
 
-    from composer.train import TrainConfig, train
+    from composer.pipeline import train_run
+    from composer.train import TrainConfig
     config = TrainConfig(steps=args.steps, time_budget_min=args.time_budget, lr=args.lr, batch_size=args.batch_size,
                          optimizer=args.optimizer, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                          sampling=args.sampling, groups=args.groups, stitches_per_step=args.stitches_per_step,
@@ -317,6 +335,10 @@ def cmd_train(args) -> None:
         if e["type"] == "start":
             bar.reset(total=e["total_steps"])
             bar.update(e["step"])
+            if e.get("after_divergence") and rank0:
+                d = e["after_divergence"]
+                bar.write(f"note: the previous run diverged at step {d.get('at_step')} (lr {d.get('lr')}); "
+                          f"resuming from step {e['step']}", file=sys.stderr)
             if e.get("eval_on_train_data") and rank0:
                 bar.write("warning: evaluating on the training folder; give --eval-data for held-out images",
                           file=sys.stderr)
@@ -328,13 +350,17 @@ def cmd_train(args) -> None:
             bar.write(f"step {e['step']}: evaluated {len(e['top1'])} stitches, best top-1 {best:.2f} %", file=sys.stderr)
 
     try:
-        result = train(args.run, args.data, config, events=show, cancel=cancel, eval_data=args.eval_data)
+        result = train_run(args.run, args.data, config, eval_data=args.eval_data, events=show, cancel=cancel)
     finally:
         bar.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     if not rank0:
         return
+    if result["status"] == "diverged":   # one `error:` line, exit 2; the last finite checkpoint is kept
+        kept = f"the checkpoint at step {result['step']} is kept" if result["step"] else "no checkpoint was written"
+        raise UserError(f"training diverged at step {result['diverged_at']} ({result['reason']}): {kept}; "
+                        f"resume with a lower --lr (this run used {result['lr']:g})")
     if args.json:
         print(json.dumps({**result, "top1": {str(k): v for k, v in result["top1"].items()}}))
     else:
@@ -347,11 +373,12 @@ def cmd_train(args) -> None:
 def _export_args(sp) -> None:
     sp.add_argument("run", type=Path)
     what = sp.add_mutually_exclusive_group(required=True)
-    what.add_argument("--stitch", type=int, metavar="ID", help="one stitch as a standalone model (model.pt2 + safetensors)")
+    what.add_argument("--stitch", type=_natural, metavar="ID", help="one stitch as a standalone model (model.pt2 + safetensors)")
     what.add_argument("--all", action="store_true", help="the whole switchable SN-Net + lookup table (table.json)")
     what.add_argument("--candidate", metavar="REF", help="an elastic or shrink candidate of the run: METHOD:NAME "
                       "(its key in `curve --out c.json`) or its NAME (model.pt2 + safetensors)")
-    sp.add_argument("--out", required=True, type=Path, help="folder to write")
+    sp.add_argument("--out", required=True, type=Path, help="folder to write (new, empty, or an earlier export of the same)")
+    sp.add_argument("--force", action="store_true", help="replace whatever --out holds")
     sp.add_argument("--latency", action="store_true", help="with --all: measure each stitch's batch-1 latency here")
     sp.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this Hugging Face Hub repo")
     sp.add_argument("--json", action="store_true")
@@ -361,20 +388,13 @@ def _export_args(sp) -> None:
 def cmd_export(args) -> None:
     """Export one stitch (the whole SN-Net, or a builder's candidate) as a folder people can load;
     optionally push it to the Hub."""
-    from composer.export import export_snnet, export_stitch, push_to_hub
-    if args.all:
-        out = export_snnet(args.run, args.out, latency=args.latency)
-    elif args.candidate is not None:
-        from composer.builders.elastic import export_candidate
-        out = export_candidate(args.run, args.candidate, args.out)
-    else:
-        out = export_stitch(args.run, args.stitch, args.out)
-    url = push_to_hub(out, args.push_to_hub) if args.push_to_hub else None
-    files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    from composer.pipeline import export_run
+    r = export_run(args.run, args.out, stitch=args.stitch, whole=args.all, candidate=args.candidate,
+                   latency=args.latency and args.all, push_to_hub=args.push_to_hub, force=args.force)
     if args.json:
-        print(json.dumps({"out": str(out), "files": files, "hub": url}))
+        print(json.dumps({"out": str(r.out), "files": r.files, "hub": r.hub}))
     else:
-        print(f"wrote {out}: {', '.join(files)}" + (f"; pushed to {url}" if url else ""))
+        print(f"wrote {r.out}: {', '.join(r.files)}" + (f"; pushed to {r.hub}" if r.hub else ""))
 
 
 def _scale_args(sp) -> None:
@@ -390,39 +410,20 @@ def _scale_args(sp) -> None:
 @command("scale", _scale_args)
 def cmd_scale(args) -> None:
     """dWr-scale an anchor (Fast Scaling) and predict its MACs, params, activations; adds a "scale" candidate."""
-    from composer.run import add_candidates
-    from composer.run import load_plan_of_run
-    from composer.builders.scaling import anchor_config, dwr_factors, dwr_scale, predict, scale_candidate, suggest_fill
-    plan = load_plan_of_run(args.run)
-    if args.fill:
-        bases = [anchor_config(spec) for spec in plan.anchors]
-        anchor_macs = [info.total.macs for info in plan.infos]
-        fill = suggest_fill(bases, args.alpha, anchor_macs)
-        i, s, config, cost = fill.base, fill.s, fill.config, fill.cost
-        lo, hi = (short_name(plan.anchors[j]) for j in fill.gap)
-        note = (f"biggest MACs gap: {lo} -> {hi} ({anchor_macs[fill.gap[0]] / 1e6:.2f} -> "
-                f"{anchor_macs[fill.gap[1]] / 1e6:.2f} M), middle {fill.target_macs / 1e6:.2f} M")
-    else:
-        if not 0 <= args.anchor < len(plan.anchors):
-            raise UserError(f"--anchor {args.anchor} does not exist (0..{len(plan.anchors) - 1})")
-        dwr_factors(args.factor, args.alpha)   # a bad factor or alpha fails before anything is built
-        i, s = args.anchor, args.factor
-        config = dwr_scale(anchor_config(plan.anchors[i]), s, args.alpha)
-        cost, note = predict(config), None
-    base = anchor_config(plan.anchors[i])
-    cand = scale_candidate(plan.anchors[i], base, s, args.alpha, config, cost)
-    add_candidates(args.run, [cand])
+    from composer.builders import build
+    r = build("scale", args.run, anchor=args.anchor, factor=args.factor, alpha=args.alpha, fill=args.fill).details
     if args.json:
-        print(json.dumps({"anchor": i, "s": s, "alpha": args.alpha, "base": base.to_dict(), "config": config.to_dict(),
-                          "predicted": cost.to_dict(), "candidate": cand.name, "note": note}))
+        print(json.dumps({"anchor": r.anchor, "s": r.s, "alpha": r.alpha, "base": r.base.to_dict(),
+                          "config": r.config.to_dict(), "predicted": r.cost.to_dict(), "candidate": r.candidate.name,
+                          "note": r.note}))
         return
-    if note:
-        print(note)
-    b = predict(base)
-    print(f"{base.describe()}  ->  {config.describe()}   (s = {s:.4g}, alpha = {args.alpha:g})")
+    if r.note:
+        print(r.note)
+    print(f"{r.base.describe()}  ->  {r.config.describe()}   (s = {r.s:.4g}, alpha = {r.alpha:g})")
     for what in ("macs", "params", "activations"):
-        print(f"  {what:<12} {getattr(b, what) / 1e6:10.3f} M  ->  {getattr(cost, what) / 1e6:10.3f} M (predicted)")
-    print(f"added candidate 'scale:{cand.name}' (predicted costs, no accuracy). MACs: 1 multiply-add = 1.")
+        print(f"  {what:<12} {getattr(r.base_cost, what) / 1e6:10.3f} M  ->  {getattr(r.cost, what) / 1e6:10.3f} M "
+              "(predicted)")
+    print(f"added candidate 'scale:{r.candidate.name}' (predicted costs, no accuracy). MACs: 1 multiply-add = 1.")
 
 
 def _quote_args(sp) -> None:
@@ -512,7 +513,8 @@ def _fold_args(sp) -> None:
 @command("fold", _fold_args)
 def cmd_fold(args) -> None:
     """Fold what is linear (conv+BN, linear branches, stitching layers) into fewer convs, each fold certified."""
-    from composer.builders.fold import fold_run, format_certificate
+    from composer.builders import build
+    from composer.builders.fold import format_certificate
     bar = tqdm(desc="fold", unit="fold", file=sys.stderr, disable=None)
 
     def show(e: dict) -> None:
@@ -524,9 +526,10 @@ def cmd_fold(args) -> None:
             bar.set_description(f"top-1 ({e['images']} images)")
 
     try:
-        report = fold_run(args.run, args.data, args.out, anchor=args.anchor, stitch=args.stitch, images=args.images,
-                          limit=args.limit, tolerance=args.tolerance, latency=not args.no_latency,
-                          batch_size=args.batch_size, seed=args.seed, workers=args.workers, events=show)
+        report = build("fold", args.run, anchor=args.anchor, stitch=args.stitch, events=show, data=args.data,
+                       out=args.out, images=args.images, limit=args.limit, tolerance=args.tolerance,
+                       latency=not args.no_latency, batch_size=args.batch_size, seed=args.seed,
+                       workers=args.workers).details
     finally:
         bar.close()
     c = report.candidate
@@ -570,7 +573,7 @@ def _shrink_args(sp) -> None:
 def cmd_shrink(args) -> None:
     """Shrink one anchor or stitch to a MACs budget (DMS: differentiable top-k widths and depth), export and
     evaluate the pruned network; adds a "shrink" candidate to the run."""
-    from composer.builders.shrink import shrink_anchor
+    from composer.builders import build
     bar = tqdm(desc="shrink", unit="step", file=sys.stderr, disable=None)
 
     def show(e: dict) -> None:
@@ -586,10 +589,10 @@ def cmd_shrink(args) -> None:
             bar.set_description("latency")
 
     try:
-        r = shrink_anchor(args.run, args.anchor, args.data, args.target_macs, steps=args.steps, eval_data=args.eval_data,
-                          eval_limit=args.eval_limit, batch_size=args.batch_size, lr=args.lr,
-                          bn_images=args.bn_images, seed=args.seed, workers=args.workers, latency=args.latency,
-                          events=show, stitch=args.stitch)
+        r = build("shrink", args.run, anchor=args.anchor, stitch=args.stitch, events=show, data=args.data,
+                  target_macs=args.target_macs, steps=args.steps, eval_data=args.eval_data,
+                  eval_limit=args.eval_limit, batch_size=args.batch_size, lr=args.lr, bn_images=args.bn_images,
+                  seed=args.seed, workers=args.workers, latency=args.latency).details
     finally:
         bar.close()
     if args.json:
@@ -651,57 +654,36 @@ def _elastic_args(sp) -> None:
 def cmd_elastic(args) -> None:
     """Once-for-All sub-networks of one anchor or stitch: measure samples, fit an accuracy predictor, search
     each budget, measure the chosen ones; adds "elastic" candidates to the run."""
-    from composer.run import add_candidates
-    from composer.builders.elastic import (anchor_of_run, check_budget, image_batches, latency_table, search_elastic,
-                                  stitch_of_run)
+    from composer.builders import build
     if args.finetune_steps < 0 or not args.finetune_lr > 0:
         raise UserError("--finetune-steps must be >= 0 and --finetune-lr positive")
-    if args.stitch is not None and args.finetune_steps:
-        raise UserError("progressive shrinking (--finetune-steps) works on an anchor, not on a stitch yet")
-    if args.stitch is not None:
-        anchor = stitch_of_run(args.run, args.stitch)
-    else:
-        anchor = anchor_of_run(args.run, args.anchor, progressive=not args.finetune_steps)
     budgets = ([("macs", v) for v in args.budget_macs] + [("activations", v) for v in args.budget_activations]
                + [("latency", v) for v in args.budget_latency])
-    for metric, value in budgets:
-        if metric != "latency":   # latency needs its table; checked once it is measured
-            check_budget(anchor.space, metric, value, None)
     bar, phases = tqdm(file=sys.stderr, disable=None), []
 
-    def show(phase: str, done: int, total: int) -> None:
-        if not phases or phases[-1] != phase:   # each phase (latency, measure, search, verify) gets a fresh bar
-            phases.append(phase)
-            bar.set_description(phase)
-            bar.reset(total=total)
-        bar.update(done - bar.n)
+    def show(e: dict) -> None:
+        if e["type"] == "progress":
+            phase = e["phase"]
+            if not phases or phases[-1] != phase:   # each phase (fine-tune, latency, measure, search, verify) gets a fresh bar
+                phases.append(phase)
+                bar.set_description(phase)
+                bar.reset(total=e["total"])
+            bar.update(e["done"] - bar.n)
 
     try:
-        if args.finetune_steps:
-            from composer import data
-            from composer.builders.progressive import progressive_shrink, save_finetuned
-            ds = data.open_dataset(args.data, data.data_config(anchor.model), split="train")
-            ps = progressive_shrink(anchor, data.loader(ds, args.batch_size, shuffle=True, workers=args.workers,
-                                                        seed=args.seed), args.finetune_steps, args.finetune_lr,
-                                    args.seed, events=lambda e: show(e["phase"], e["done"], e["total"]))
-            path = save_finetuned(args.run, anchor)
-            bar.write(f"progressive shrinking: {ps['steps']} steps, loss {ps['first_loss']:.3f} -> "
-                      f"{ps['last_loss']:.3f}; weights saved to {path}", file=sys.stderr)
-        elif anchor.finetuned:
-            bar.write(f"using the progressive-shrinking weights of anchor {args.anchor} saved in the run", file=sys.stderr)
-        table = latency_table(anchor, progress=lambda d, t: show("latency", d, t)) if args.budget_latency else None
-        bn, batches = image_batches(args.data, anchor.model, args.eval_limit, args.seed, args.batch_size,
-                                    bn_images=args.bn_images, workers=args.workers)
-        eval_batches = image_batches(args.eval_data, anchor.model, args.eval_limit, args.seed, args.batch_size,
-                                     split="validation", workers=args.workers)[1] if args.eval_data else None
-        result = search_elastic(anchor, batches, eval_batches, bn, budgets, samples=args.samples,
-                                predictor=args.predictor, latency=table, population=args.population,
-                                generations=args.generations, seed=args.seed, data=args.eval_data or args.data,
-                                bn_source={"data": args.data, "seed": args.seed, "batch_size": args.batch_size},
-                                check=args.check, progress=show)
+        result = build("elastic", args.run, anchor=args.anchor, stitch=args.stitch, events=show, data=args.data,
+                       eval_data=args.eval_data, budgets=budgets, samples=args.samples, eval_limit=args.eval_limit,
+                       bn_images=args.bn_images, predictor=args.predictor, finetune_steps=args.finetune_steps,
+                       finetune_lr=args.finetune_lr, population=args.population, generations=args.generations,
+                       check=args.check, batch_size=args.batch_size, seed=args.seed, workers=args.workers).details
     finally:
         bar.close()
-    add_candidates(args.run, result.candidates)
+    if result.progressive:
+        ps = result.progressive
+        print(f"progressive shrinking: {ps['steps']} steps, loss {ps['first_loss']:.3f} -> {ps['last_loss']:.3f}; "
+              f"weights saved to {ps['path']}", file=sys.stderr)
+    elif result.finetuned:
+        print(f"using the progressive-shrinking weights of anchor {args.anchor} saved in the run", file=sys.stderr)
     if args.json:
         print(json.dumps({"candidates": [c.to_dict() for c in result.candidates], "predictor": result.predictor,
                           "rank_correlation": result.rank_correlation, "samples": result.samples,
@@ -722,13 +704,21 @@ def cmd_elastic(args) -> None:
 
 def _common(sp) -> None:
     sp.add_argument("--batch-size", type=_positive, default=64)
-    sp.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--workers", type=_natural, default=0, help="DataLoader worker processes")
+    sp.add_argument("--seed", type=_integer, default=0)
     sp.add_argument("--json", action="store_true")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option ends like every other bad input: one `error:` line, exit 2
+    (`--help` still shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog.removeprefix('python -m composer').strip() or 'composer'}: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m composer",
+    p = _Parser(prog="python -m composer",
                                 description="Zoo Composer: stitch a model family into a speed/accuracy curve (SN-Net).")
     sub = p.add_subparsers(dest="command", required=True)
     for name, (arguments, fn) in COMMANDS.items():

@@ -8,8 +8,10 @@ Conventions (say them wherever a number is shown):
   fvcore) silently skip, so we map it to torch's own SDPA formula.
 - Biases of conv/linear layers add one MAC per output element, as pycls counts them (this is
   what makes timm's regnetx_002 come to pycls's published 199,040,872 exactly).
-- Activations: number of output elements of every Conv/Linear layer (Fast Scaling, pycls), stitching
-  layers included.
+- Activations: number of output elements of every Conv/Linear layer and of every (non-global)
+  pooling layer, as pycls's complexity counter counts them (`conv2d_cx`, `linear_cx`, `pool2d_cx`:
+  a ResNet's stem max-pool counts, the global average pool before the head does not), stitching
+  layers included (Fast Scaling's activations).
 - Params: only the parameters a route runs (its anchors' parts plus its stitching layers).
 All counts are per image (batch 1).
 """
@@ -82,6 +84,9 @@ class AnchorInfo:
         return max(self.stages) + 1
 
 
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+
+
 class _Meter:
     """Counts conv/linear output elements (activations) and bias additions while active."""
 
@@ -93,12 +98,20 @@ class _Meter:
         self._handles = [m.register_forward_hook(self._hook) for m in model.modules()
                          if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
                          or type(m).__name__ == "StitchLayer"]
+        # pycls's pool2d_cx: a pooling layer's output counts (timm's ResNet stem max-pool: 64 x 56 x 56
+        # at 224); adaptive (global) pools are pycls's gap2d_cx, which counts nothing
+        self._handles += [m.register_forward_hook(self._pool_hook) for m in model.modules()
+                          if isinstance(m, _POOLS)]
 
     def _hook(self, module, args, out):
         n = out[0].numel() if out.dim() > 1 else out.numel()  # per image (batch 1)
         self.activations += n
         if module.bias is not None:
             self.bias_macs += n
+
+    def _pool_hook(self, module, args, out):
+        out = out[0] if isinstance(out, tuple) else out   # max-pool with return_indices
+        self.activations += out[0].numel() if out.dim() > 1 else out.numel()
 
     def reset(self):
         self.activations = self.bias_macs = 0

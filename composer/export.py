@@ -453,7 +453,7 @@ def export_snnet(run_dir, out_dir, latency: bool = False) -> Path:
             row["latency_ms"] = ms[s.id]
         rows.append(row)
     table = {"stitches": rows, "top1_source": {k: evaluation.get(k) for k in ("data", "images", "step")} if evaluation else None,
-             "latency_device": _device_text() if ms is not None else None}
+             "latency_device": _device_text(next(net.parameters()).device) if ms is not None else None}
     config = {"format": SNNET_FORMAT, "version": 1,
               "anchors": [anchor_entry(i, spec, m) for i, (spec, m) in enumerate(zip(plan.anchors, net.anchors))],
               "preprocessing": preprocessing_of(net.anchors[0]), "trained_steps": _trained_steps(run.manifest),
@@ -467,9 +467,10 @@ def export_snnet(run_dir, out_dir, latency: bool = False) -> Path:
     return out_dir
 
 
-def _device_text() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+def _device_text(device: torch.device) -> str:
+    """The device the latencies were timed on (the network's, not merely one this machine has)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     return f"cpu, {torch.get_num_threads()} threads, batch 1"
 
 

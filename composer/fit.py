@@ -6,11 +6,25 @@ input of unit k, both as rows (one per token / pixel). We want W, b minimising
 memory and, without a cut-off, gets *worse* as calibration grows (pinv's default tolerance drops
 real directions). Instead we stream: accumulate the normal equations
     [X 1]^T [X 1]  and  [X 1]^T Y
-batch by batch in float64, then solve with a small ridge on W (not b). A layer shared by several
-positions (SN-Net's sliding window) sums its positions' equations: one joint least-squares fit.
+batch by batch in float64, then solve in float64 with a small ridge on W (not b). A layer shared
+by several positions (SN-Net's sliding window) sums their equations: one joint least-squares fit.
+
+At the speed of the forward passes: per batch and per front key (anchor, unit) ONE float32 GEMM
+    [X-s 1]^T [X-s 1 | Y_1-s_1 ... Y_m-s_m]
+covers every back paired with that front. The rows are written straight from the features into one
+reused float32 workspace (channels-first maps stay channels-first: no transposed or float64 copy),
+shifted by a fixed per-key vector s (the first batch's column means), so float32 products lose
+nothing to large means; the products are added up across batches in float64, and the shift is
+undone exactly (in float64) when solving. The every-5th held-out images are moved to the end of
+the batch so that fit and held-out rows are two contiguous ranges of the same workspace.
 
 Fit quality per stitch is R^2 on held-out calibration images (every 5th image), computed from the
 same kind of accumulated statistics, so no rows are ever stored.
+
+Across processes (torchrun): each rank passes its shard of the images with `distributed=True`;
+all ranks take rank 0's shifts, sum their float64 statistics with one all_reduce and solve the same
+equations (composer.distributed). With shards made of the batches one process would see, the
+layers equal one process's within float64 rounding (only the order of the float64 sums differs).
 """
 from __future__ import annotations
 
@@ -20,47 +34,11 @@ from typing import Iterable
 
 import torch
 
+from composer.costs import channels, positions as count_positions
+from composer.device import autocast, ieee_fp32
 from composer.snnet import StitchedNetwork, prefix_outputs
 
 HOLDOUT_EVERY = 5   # every 5th calibration image is held out for R^2
-
-
-def _rows(t: torch.Tensor, layout: str) -> torch.Tensor:
-    if layout == "nchw":
-        t = t.flatten(2).transpose(1, 2)
-    return t.reshape(-1, t.shape[-1]).double()
-
-
-class _Stats:
-    """Sums over rows: X^T X, X^T 1, X^T Y, Y^T Y (trace only), Y^T 1, row count."""
-
-    def __init__(self):
-        self.xx, self.xs, self.n = {}, {}, {}
-        self.xy, self.yy, self.ys = {}, {}, {}
-
-    @staticmethod
-    def _add(d, key, value):
-        d[key] = d[key] + value if key in d else value
-
-    def add_x(self, key, x):
-        self._add(self.xx, key, x.T @ x)
-        self._add(self.xs, key, x.sum(0))
-        self._add(self.n, key, x.shape[0])
-
-    def add_y(self, key, y):
-        self._add(self.yy, key, (y * y).sum())
-        self._add(self.ys, key, y.sum(0))
-
-    def add_xy(self, key, x, y):
-        self._add(self.xy, key, x.T @ y)
-
-    def normal_equations(self, fkey, pos):
-        """Augmented [X 1]^T [X 1] and [X 1]^T Y for one position (fkey = front, pos = (front, back))."""
-        xx, xs, n = self.xx[fkey], self.xs[fkey], self.n[fkey]
-        a = torch.zeros(xx.shape[0] + 1, xx.shape[0] + 1, dtype=torch.float64)
-        a[:-1, :-1], a[:-1, -1], a[-1, :-1], a[-1, -1] = xx, xs, xs, n
-        b = torch.cat([self.xy[pos], self.ys[pos[1]][None]], 0)
-        return a, b
 
 
 @dataclass
@@ -70,13 +48,80 @@ class FitReport:
     held_out: int
 
 
+def _key_shape(plan, key: tuple[int, int]) -> tuple[int, ...]:
+    """Shape (without batch) of the output of unit `key[1]` of anchor `key[0]` (-1: the stem's)."""
+    info = plan.infos[key[0]]
+    return tuple(info.in_shapes[0] if key[1] < 0 else info.out_shapes[key[1]])
+
+
+def _as_bpc(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """Features as (batch, positions, channels), a view where strides allow (also channels_last)."""
+    b = t.shape[0]
+    if layout == "nchw":
+        return t.reshape(b, t.shape[1], -1).transpose(1, 2)
+    return t.reshape(b, -1, t.shape[-1])
+
+
+class _Front:
+    """One front key and every back key paired with it: the columns of its product
+    [X 1 | Y_1 ... Y_m] (x: 0..d-1, the ones column: d, back b: offset[b] .. offset[b] + width[b])."""
+
+    def __init__(self, key, d: int, layout: str, backs: list, widths: dict, rows_per_image: int):
+        self.key, self.d, self.layout, self.backs = key, d, layout, backs
+        self.offset, self.width, o = {}, {}, d + 1
+        for b in backs:
+            self.offset[b], self.width[b] = o, widths[b]
+            o += widths[b]
+        self.cols = o
+        self.p = rows_per_image
+        self.channels_first = layout == "nchw"   # workspace (columns, rows) rather than (rows, columns)
+        self.yy_backs: list = []                  # back keys whose sum |Y - s|^2 is taken here
+
+
+class _Stats:
+    """float64 sums over rows, shifted: per front key G = [X-s 1]^T [X-s 1 | Y-s ...] (row d holds
+    the column sums, G[d, d] the row count), per back key sum |Y-s|^2."""
+
+    def __init__(self, fronts: dict, backs: list, device):
+        self.g = {f: torch.zeros(fr.d + 1, fr.cols, dtype=torch.float64, device=device) for f, fr in fronts.items()}
+        self.yy = {b: torch.zeros((), dtype=torch.float64, device=device) for b in backs}
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every sum, in an order all ranks agree on."""
+        return [self.g[k] for k in sorted(self.g)] + [self.yy[k] for k in sorted(self.yy)]
+
+
+class _Workspace:
+    """One float32 buffer reused for every front key and batch (no allocation, no page faults)."""
+
+    def __init__(self, device):
+        self.buf = torch.empty(0, device=device)
+
+    def get(self, n: int) -> torch.Tensor:
+        if self.buf.numel() < n:
+            self.buf = torch.empty(n, dtype=torch.float32, device=self.buf.device)
+        return self.buf[:n]
+
+
 @torch.no_grad()
 def fit_stitches(net: StitchedNetwork, images: Iterable[torch.Tensor], ridge: float = 1e-4,
-                 progress=None) -> FitReport:
+                 progress=None, *, device: torch.device | str | None = None, precision: str = "fp32",
+                 distributed: bool = False) -> FitReport:
     """Fit all stitching layers of `net` in place from batches of (already transformed) images.
 
     progress: optional callable(images_done) for UIs; pass a tqdm wrapper around `images` for CLIs.
+    device: where to run (the network is moved there and stays); default: where the network is.
+    precision: "fp32" / "bf16" / "fp16" for the forward passes (autocast); the least squares stay
+        float32 products of float32-cast features, accumulated and solved in float64.
+    distributed: `images` is this rank's shard (composer.distributed.shard) and every rank of the
+        default process group calls this: the normal equations are summed over ranks, so all ranks
+        get the layers one process would fit on all images (a no-op without a group).
     """
+    from composer.distributed import rank_world
+    world = rank_world()[1] if distributed else 1
+    if device is not None:
+        net.to(device)
+    device = next(net.parameters()).device
     net.eval()
     plan = net.plan
     # positions: stitch id -> (front (anchor, unit), back (anchor, unit-1), layer key)
@@ -91,63 +136,174 @@ def fit_stitches(net: StitchedNetwork, images: Iterable[torch.Tensor], ridge: fl
         positions[s.id] = ((f.anchor, f.last), (b.anchor, b.first - 1), s.layers[0])
         needed[f.anchor].add(f.last)
         needed[b.anchor].add(b.first - 1)
-    fit, held = _Stats(), _Stats()
+    layout = {k: plan.infos[k[0]].layout for p in positions.values() for k in p[:2]}
+    width = {k: channels(_key_shape(plan, k), layout[k]) for k in layout}
+    backs_of: dict = defaultdict(list)
+    for fkey, bkey, _ in positions.values():
+        if bkey not in backs_of[fkey]:
+            backs_of[fkey].append(bkey)
+    fronts = {f: _Front(f, width[f], layout[f], backs_of[f], width, count_positions(_key_shape(plan, f), layout[f]))
+              for f in sorted(backs_of)}
+    back_keys = sorted({b for fr in fronts.values() for b in fr.backs})
+    for bk in back_keys:
+        next(fr for fr in fronts.values() if bk in fr.backs).yy_backs.append(bk)
+    fit, held = _Stats(fronts, back_keys, device), _Stats(fronts, back_keys, device)
+    shift = {k: torch.zeros(width[k], device=device) for k in sorted(layout)}
+    ws = _Workspace(device)
     seen = held_n = 0
-    device = next(net.parameters()).device
-    for x in images:
-        x = x.to(device)
-        idx = torch.arange(seen, seen + x.shape[0])
-        mask = (idx % HOLDOUT_EVERY) == HOLDOUT_EVERY - 1
-        seen += x.shape[0]
-        held_n += int(mask.sum())
-        outs = prefix_outputs(net, x, needed)
-        for stats, m in ((fit, ~mask), (held, mask)):
-            if not m.any():
-                continue
-            rows = {}
-            for (fkey, bkey, key) in set(positions.values()):
-                spec = plan.layers[key]
-                if fkey not in rows:
-                    rows[fkey] = _rows(outs[fkey][m.to(device)], spec.in_layout)
-                if bkey not in rows:
-                    rows[bkey] = _rows(outs[bkey][m.to(device)], spec.out_layout)
-            for fkey in {p[0] for p in positions.values()}:
-                stats.add_x(fkey, rows[fkey])
-            for bkey in {p[1] for p in positions.values()}:
-                stats.add_y(bkey, rows[bkey])
-            for (fkey, bkey) in {(p[0], p[1]) for p in positions.values()}:
-                stats.add_xy((fkey, bkey), rows[fkey], rows[bkey])
-        if progress is not None:
-            progress(seen)
+    with ieee_fp32(device):
+        for x in images:
+            x = x.to(device, non_blocking=True)
+            n = x.shape[0]
+            mask = (torch.arange(seen, seen + n) % HOLDOUT_EVERY) == HOLDOUT_EVERY - 1
+            nh = int(mask.sum())
+            if 0 < nh < n:   # held-out images last: fit rows and held rows are two contiguous ranges
+                x = x[torch.cat([torch.nonzero(~mask)[:, 0], torch.nonzero(mask)[:, 0]]).to(device)]
+            with autocast(precision, device):
+                outs = prefix_outputs(net, x, needed)
+            if seen == 0:   # the fixed per-key shift: the first batch's column means (rank 0's for all ranks)
+                for k in shift:
+                    shift[k] = _as_bpc(outs[k], layout[k]).mean((0, 1), dtype=torch.float32)
+                if world > 1:
+                    _share_shift(shift)
+            for fr in fronts.values():
+                _accumulate(fr, outs, shift, layout, ws, n - nh, n, fit, held)
+            seen += n
+            held_n += nh
+            if progress is not None:
+                progress(seen)
+        if world > 1:
+            if seen == 0:           # no images here: still take part in the exchange the others made
+                _share_shift(shift)
+            seen, held_n = _reduce(seen, held_n, fit, held)
     if seen == 0:
         raise ValueError("no calibration images: the data set is empty")
-    if not fit.n:
+    in_sample = seen == held_n
+    if in_sample:
         fit = held  # a single image: fit on it (R^2 is then in-sample)
 
     by_layer = defaultdict(list)
-    for sid, (fkey, bkey, key) in positions.items():
-        by_layer[key].append((fkey, bkey))
+    for sid, (fkey, bkey, key) in sorted(positions.items()):
+        if (fkey, bkey) not in by_layer[key]:
+            by_layer[key].append((fkey, bkey))
     solutions = {}
     for key, poss in by_layer.items():
-        a = b = 0
-        for fkey, bkey in set(poss):
-            ai, bi = fit.normal_equations(fkey, (fkey, bkey))
-            a, b = a + ai, b + bi
-        theta = _solve(a, b, ridge)
-        solutions[key] = theta
+        f0, b0 = poss[0]
+        tx, ty = shift[f0].double(), shift[b0].double()   # the layer's coordinates: its first position's shifts
+        a = bb = 0
+        for fkey, bkey in poss:
+            ai, bi, _ = _equations(fit, fronts[fkey], bkey, shift, tx, ty)
+            a, bb = a + ai, bb + bi
+        theta = _solve(a, bb, ridge, tx)
+        solutions[key] = (theta, tx, ty)
         layer = net.stitch_layers[key]
-        layer.weight.copy_(theta[:-1].T.to(layer.weight.dtype))
-        layer.bias.copy_(theta[-1].to(layer.bias.dtype))
+        w = theta[:-1]                                   # (in, out) = W^T
+        layer.weight.copy_(w.T.to(layer.weight.dtype))
+        layer.bias.copy_((theta[-1] + ty - tx @ w).to(layer.bias.dtype))   # undo the shifts
 
-    stats = held if held.n else fit
-    r2 = {sid: _r2(stats, fkey, bkey, solutions[key]) for sid, (fkey, bkey, key) in positions.items()}
-    return FitReport(r2, seen, held_n if held.n else 0)
+    stats = fit if in_sample or held_n == 0 else held
+    r2 = {}
+    for sid, (fkey, bkey, key) in positions.items():
+        theta, tx, ty = solutions[key]
+        r2[sid] = _r2(*_equations(stats, fronts[fkey], bkey, shift, tx, ty), theta)
+    return FitReport(r2, seen, held_n)
 
 
-def _solve(a: torch.Tensor, b: torch.Tensor, ridge: float) -> torch.Tensor:
-    """(A + lambda I') theta = B, lambda relative to A's scale and I' sparing the bias row."""
+def _accumulate(fr: _Front, outs, shift, layout, ws: _Workspace, n_fit: int, n: int,
+                fit: _Stats, held: _Stats) -> None:
+    """Write [X-s 1 | Y_1-s_1 ...] of one batch into the workspace, then one GEMM per row range
+    (fit rows, held-out rows)."""
+    d, p, cols = fr.d, fr.p, fr.cols
+    rows = n * p
+    buf = ws.get(rows * cols)
+    if fr.channels_first:   # (columns, images, positions): a channels-first map copies in whole planes
+        view = buf.view(cols, n, p)
+        for key, lo, c in [(fr.key, 0, d)] + [(b, fr.offset[b], fr.width[b]) for b in fr.backs]:
+            # cast to float32 and shift in one pass, straight into place
+            torch.sub(_as_bpc(outs[key], layout[key]).permute(2, 0, 1), shift[key][:, None, None], out=view[lo:lo + c])
+        view[d].fill_(1.0)
+        mat = buf.view(cols, rows)
+    else:                   # (images, positions, columns): tokens copy in whole rows
+        view = buf.view(n, p, cols)
+        for key, lo, c in [(fr.key, 0, d)] + [(b, fr.offset[b], fr.width[b]) for b in fr.backs]:
+            torch.sub(_as_bpc(outs[key], layout[key]), shift[key], out=view[:, :, lo:lo + c])
+        view[:, :, d].fill_(1.0)
+        mat = buf.view(rows, cols)
+    for stats, lo, hi in ((fit, 0, n_fit * p), (held, n_fit * p, rows)):
+        if hi <= lo:
+            continue
+        if fr.channels_first:
+            part = mat[:, lo:hi]                                  # (cols, r)
+            stats.g[fr.key] += (part[:d + 1] @ part.T).double()
+        else:
+            part = mat[lo:hi]                                     # (r, cols)
+            stats.g[fr.key] += (part[:, :d + 1].T @ part).double()
+        for bk in fr.yy_backs:
+            o, c = fr.offset[bk], fr.width[bk]
+            y = part[o:o + c] if fr.channels_first else part[:, o:o + c]
+            stats.yy[bk] += torch.linalg.vector_norm(y).double().square()
+
+
+def _reshift(g: torch.Tensor, d: int, delta: torch.Tensor) -> torch.Tensor:
+    """Sums G = sum_rows u_A^T u over rows u = [x - s, 1, y - s_y, ...] (u_A: the first d + 1
+    entries, the ones column at d) re-expressed for shifts t, given delta = s - t (0 at column d):
+    u' = u + delta, so G' = G + (sum u_A) delta^T + delta_A (sum u + n delta). Exact in float64."""
+    gm = g + g[:, d:d + 1] * delta[None, :]
+    return gm + delta[:d + 1, None] * gm[d:d + 1, :]
+
+
+def _equations(stats: _Stats, fr: _Front, bkey, shift: dict, tx: torch.Tensor, ty: torch.Tensor):
+    """One position's augmented [X 1]^T [X 1], [X 1]^T Y and sum |Y|^2, shifted by (tx, ty)."""
+    d, o, c = fr.d, fr.offset[bkey], fr.width[bkey]
+    g = stats.g[fr.key]
+    g = torch.cat([g[:, :d + 1], g[:, o:o + c]], 1)
+    dy = shift[bkey].double() - ty
+    delta = torch.cat([shift[fr.key].double() - tx, dy.new_zeros(1), dy])
+    n, sum_y = g[d, d], g[d, d + 1:]
+    yy = stats.yy[bkey] + 2 * (dy * sum_y).sum() + n * (dy * dy).sum()
+    g = _reshift(g, d, delta)
+    return g[:, :d + 1], g[:, d + 1:], yy
+
+
+def _share_shift(shift: dict) -> None:
+    """Every rank takes rank 0's shifts (one all_reduce, ranks other than 0 adding zeros): with the
+    same shifts and the same batches, the ranks' float32 products are one process's, and only the
+    order of the float64 sums differs. Every rank calls this once, after its first batch (or after
+    the loop when it had none)."""
+    from composer.distributed import all_reduce_sum, rank_world
+    keys = sorted(shift)
+    flat = torch.cat([shift[k] for k in keys]).double()
+    if rank_world()[0] != 0:
+        flat.zero_()
+    all_reduce_sum(flat)
+    off = 0
+    for k in keys:
+        shift[k] = flat[off:off + shift[k].numel()].float()
+        off += shift[k].numel()
+
+
+def _reduce(seen: int, held_n: int, fit: _Stats, held: _Stats) -> tuple[int, int]:
+    """Sum every rank's float64 statistics (and image counts) with one all_reduce."""
+    from composer.distributed import all_reduce_sum
+    tensors = fit.tensors() + held.tensors()
+    flat = torch.cat([torch.tensor([seen, held_n], dtype=torch.float64, device=tensors[0].device)]
+                     + [t.reshape(-1) for t in tensors])
+    all_reduce_sum(flat)
+    off = 2
+    for stats in (fit, held):
+        for group in (stats.g, stats.yy):
+            for k in sorted(group):
+                group[k] = flat[off:off + group[k].numel()].view_as(group[k]).clone()
+                off += group[k].numel()
+    return int(flat[0]), int(flat[1])
+
+
+def _solve(a: torch.Tensor, b: torch.Tensor, ridge: float, tx: torch.Tensor) -> torch.Tensor:
+    """(A + lambda I') theta = B, I' sparing the bias row; lambda relative to the mean of the
+    unshifted diagonal sum x_i^2 (what the solution would be on raw [X 1]: the shift only moves b)."""
     d = a.shape[0] - 1
-    lam = ridge * (torch.diagonal(a)[:-1].mean().clamp_min(1e-12))
+    raw_diag = torch.diagonal(a)[:d] + 2 * tx * a[d, :d] + a[d, d] * tx * tx
+    lam = ridge * raw_diag.mean().clamp_min(1e-12)
     reg = a.clone()
     reg.diagonal()[:d] += lam
     try:
@@ -156,17 +312,18 @@ def _solve(a: torch.Tensor, b: torch.Tensor, ridge: float) -> torch.Tensor:
         return torch.linalg.lstsq(reg, b).solution
 
 
-def _r2(stats: _Stats, fkey, bkey, theta: torch.Tensor) -> float:
-    a, b = stats.normal_equations(fkey, (fkey, bkey))
-    n = stats.n[fkey]
-    yy, ys = stats.yy[bkey], stats.ys[bkey]
+def _r2(a: torch.Tensor, b: torch.Tensor, yy: torch.Tensor, theta: torch.Tensor) -> float:
+    d = a.shape[0] - 1
+    n, ys = a[d, d], b[d]
     sse = yy - 2 * (theta * b).sum() + (theta * (a @ theta)).sum()
     sst = yy - (ys * ys).sum() / n
     return float(1 - sse / sst) if sst > 0 else float("nan")
 
 
 @torch.no_grad()
-def calibrate_route_stats(net: StitchedNetwork, images: Iterable[torch.Tensor], progress=None) -> int:
+def calibrate_route_stats(net: StitchedNetwork, images: Iterable[torch.Tensor], progress=None, *,
+                          device: torch.device | str | None = None, precision: str = "fp32",
+                          distributed: bool = False) -> int:
     """Re-estimate every stitch's own BatchNorm statistics (`StitchedNetwork.route_stats`) on
     `images`, as the average of per-batch statistics over all of them (BatchNorm's cumulative mode).
 
@@ -174,10 +331,17 @@ def calibrate_route_stats(net: StitchedNetwork, images: Iterable[torch.Tensor], 
     BatchNorms behind each stitch point see batch statistics and update that stitch's buffers.
     The anchors themselves are left as they are. Returns the number of images; for networks
     without BatchNorm it is a no-op returning 0.
+    device / precision: as for `fit_stitches`. distributed: `images` is this rank's shard; the
+    per-batch averages of all ranks are averaged (weighted by their batch counts), which is one
+    process's result when every rank's shard is made of the same whole batches.
     """
+    from composer.distributed import all_reduce_sum, rank_world
     stitches = [s for s in net.plan.stitches if net.route_bn_names(s)]
     if not stitches:
         return 0
+    if device is not None:
+        net.to(device)
+    device = next(net.parameters()).device
     back_bns = {n: net.get_submodule(n) for s in stitches for n in net.route_bn_names(s)}
     needed: dict[int, set[int]] = defaultdict(set)
     for s in stitches:
@@ -185,27 +349,39 @@ def calibrate_route_stats(net: StitchedNetwork, images: Iterable[torch.Tensor], 
     was_training = net.training
     # momentum is set per batch below; the shared counters must not count this calibration
     saved = {n: (m.momentum, m.num_batches_tracked.clone()) for n, m in back_bns.items()}
-    device = next(net.parameters()).device
     net.eval()
-    seen = 0
+    seen = batches = 0
     try:
         for k, x in enumerate(images):
-            x = x.to(device)
-            outs = prefix_outputs(net, x, needed)   # all in eval mode: anchors keep their statistics
-            for s in stitches:
-                # train mode only while this route runs: an anchor behind one stitch point is the
-                # front of others, and its own statistics must not move
-                bns = [back_bns[n] for n in net.route_bn_names(s)]
-                for m in bns:   # 1/(k+1): the running average of the first k+1 batches
-                    m.momentum = 1.0 / (k + 1)
-                    m.train()
-                first = s.route[0]
-                net.run_from(s, outs[(first.anchor, first.last)], start=first.last + 1)
-                for m in bns:
-                    m.eval()
+            x = x.to(device, non_blocking=True)
+            with autocast(precision, device):
+                outs = prefix_outputs(net, x, needed)   # all in eval mode: anchors keep their statistics
+                for s in stitches:
+                    # train mode only while this route runs: an anchor behind one stitch point is the
+                    # front of others, and its own statistics must not move
+                    bns = [back_bns[n] for n in net.route_bn_names(s)]
+                    for m in bns:   # 1/(k+1): the running average of the first k+1 batches
+                        m.momentum = 1.0 / (k + 1)
+                        m.train()
+                    first = s.route[0]
+                    net.run_from(s, outs[(first.anchor, first.last)], start=first.last + 1)
+                    for m in bns:
+                        m.eval()
             seen += x.shape[0]
+            batches += 1
             if progress is not None:
                 progress(seen)
+        if distributed and rank_world()[1] > 1:
+            counts = all_reduce_sum(torch.tensor([seen, batches], dtype=torch.float64))
+            seen, total_batches = int(counts[0]), float(counts[1])
+            bufs = [b for s in stitches for b in net.route_stats[str(s.id)].buffers()]
+            flat = torch.cat([b.double().reshape(-1) * batches for b in bufs])
+            all_reduce_sum(flat)
+            flat /= max(total_batches, 1.0)
+            off = 0
+            for b in bufs:
+                b.copy_(flat[off:off + b.numel()].view_as(b))
+                off += b.numel()
     finally:
         for n, m in back_bns.items():
             m.momentum = saved[n][0]

@@ -14,6 +14,12 @@ Robust jobs:
   functions of (seed, rank, step), not of a generator that lives in memory; so a stopped and
   resumed run matches an uninterrupted one (tested bit for bit on CPU).
 - `cancel` (a threading.Event) stops within one step and writes a checkpoint.
+- Divergence (a non-finite loss, or non-finite weights at a checkpoint) stops the run with status
+  "diverged": no checkpoint is ever written with non-finite weights, so the last finite checkpoint
+  stays (or the fitted weights, before the first); the metrics logged past it are dropped, and the
+  manifest records the divergence ("train_diverged") until a later checkpoint replaces it.
+- A resumed run never repeats a record of metrics.jsonl (an evaluation at a step already logged is
+  not logged again).
 - Several processes (`torchrun --nproc_per_node N python -m composer train ...`): each rank samples
   its own stitch per step, as SN-Net does; DistributedDataParallel with find_unused_parameters
   averages the gradients (a parameter a rank's route did not use counts as zero there; one no rank
@@ -21,6 +27,7 @@ Robust jobs:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -42,14 +49,14 @@ from composer import data as data_mod
 from composer.errors import UserError
 from composer.evaluate import evaluate_all
 from composer.io import save_safetensors_atomic
-from composer.run import (CHECKPOINT, TRAINED, append_metrics, load_run, read_manifest, trim_metrics,
+from composer.run import (CHECKPOINT, TRAINED, append_metrics, load_run, read_manifest, read_metrics, trim_metrics,
                           write_evaluation, write_manifest)
 from composer.snnet import StitchedNetwork
 from zoo.sources import create_anchor, is_sourced
 
 LOG_EVERY = 10            # steps per summary line in metrics.jsonl
 SAMPLINGS = ("uniform", "macs_grouped")
-STOP_REASONS = {1: "done", 2: "budget", 3: "cancelled"}
+STOP_REASONS = {1: "done", 2: "budget", 3: "cancelled", 4: "diverged"}   # the largest wins across ranks
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -431,13 +438,16 @@ def _check_resume(saved: dict, c: TrainConfig) -> None:
 
 
 # --- the loop ------------------------------------------------------------------------------------
+# `_train`: stop, log, evaluate, checkpoint around `_step` (one optimizer step); `_setup` builds what they use.
 
 def train(run_dir, data: str, config: TrainConfig, events: Callable[[dict], None] | None = None,
           cancel: threading.Event | None = None, eval_data: str | None = None) -> dict:
     """Fine-tune the SN-Net in `run_dir` on `data`, resuming from its checkpoint if there is one.
 
-    Returns {"status": "done" | "budget" | "cancelled", "step", "total_steps", "top1", "elapsed_s",
-    "steps_per_s", "checkpoint"}; `top1` is the final evaluation on `eval_limit` held-out images.
+    Returns {"status": "done" | "budget" | "cancelled" | "diverged", "step", "total_steps", "top1",
+    "elapsed_s", "steps_per_s", "checkpoint"}; `top1` is the final evaluation on `eval_limit` held-out
+    images. "diverged": the loss (or the weights) became non-finite at step "diverged_at"; nothing was
+    saved past the checkpoint at "step" (0: none, the fitted weights) and `top1` is empty.
     """
     run_dir = Path(run_dir).expanduser()
     dist = _Dist.setup()
@@ -448,8 +458,203 @@ def train(run_dir, data: str, config: TrainConfig, events: Callable[[dict], None
 
 
 def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dict:
-    read_manifest(run_dir)   # a clear refusal when RUN is not a run folder
+    t = _setup(run_dir, data, config, eval_data, dist)
+    c, net, main = t.c, t.net, dist.rank == 0
+    step = start_step = t.step
+    history = list(t.state.get("history", [])) if t.state else []
+    # what metrics.jsonl already holds (after trimming to the checkpoint): never logged twice
+    logged = {(r.get("type"), r.get("step")) for r in read_metrics(run_dir) if isinstance(r, dict)} if main else set()
+    last_eval: tuple[int, dict] | None = None   # (step, top1) of the latest evaluation
+
+    def log(record: dict) -> None:
+        if main and (record.get("type"), record.get("step")) not in logged:
+            logged.add((record.get("type"), record.get("step")))
+            append_metrics(run_dir, record)
+
+    def checkpoint(status: str = "running") -> bool:
+        """Save weights and trainer state; False (nothing written) when a weight is not finite."""
+        if main:
+            if not _finite(net, t.opt):
+                return False
+            this_run = {"data": data, "from_step": start_step, "to_step": step, "status": status,
+                        "seconds": round(time.monotonic() - t0, 1)}
+            _save_checkpoint(run_dir, net, _trainer_state(t, step, history + [this_run]))
+            _record_in_manifest(run_dir, data, t.ev_spec, c, step, status)
+        events({"type": "checkpoint", "step": step})
+        return True
+
+    def evaluate() -> dict[int, float]:
+        nonlocal last_eval
+        if not main:
+            return {}
+        if last_eval is not None and last_eval[0] == step:   # these weights were just evaluated
+            return last_eval[1]
+        res = evaluate_all(net, data_mod.loader(t.eval_ds, c.batch_size, workers=c.workers))
+        _set_train_modes(net, c)
+        log({"type": "eval", "step": step, "images": res.images, "top1": {str(k): v for k, v in res.top1.items()}})
+        events({"type": "eval", "step": step, "top1": res.top1})
+        last_eval = (step, res.top1)
+        return res.top1
+
+    t0 = time.monotonic()
+    events({"type": "start", "step": step, "total_steps": c.steps, "time_budget_min": c.time_budget_min,
+            "stitches": len(net.plan.stitches), "device": str(t.device), "world_size": dist.world,
+            "resumed": t.state is not None, "config": asdict(c), "eval_data": t.ev_spec,
+            "after_divergence": t.diverged_before,
+            # an image folder has no validation split: without eval_data, evaluation sees training images
+            "eval_on_train_data": not eval_data and not data.startswith("starter") and Path(data).expanduser().is_dir()})
+    _set_train_modes(net, c)
+    status, window, images, diverged, bad_loss = None, [], 0, False, None
+    saved_step = step if t.state is not None else None   # the step whose checkpoint is on disk
+    it = iter(t.loader)
+    while True:
+        elapsed = time.monotonic() - t0
+        reason = (4 if diverged else
+                  1 if c.steps is not None and step >= c.steps else
+                  2 if t.budget_s is not None and elapsed >= t.budget_s else
+                  3 if cancel is not None and cancel.is_set() else 0)
+        reason = dist.max(reason)      # every rank stops at the same step
+        if reason:
+            status = STOP_REASONS[reason]
+            break
+        # cosine over the steps (total, so a resumed run continues the same curve) or the budget
+        progress = max(step / c.steps if c.steps else 0.0, elapsed / t.budget_s if t.budget_s else 0.0)
+        x, y = next(it)
+        value, sid, lr_now = _step(t, step, x, y, progress)
+        step += 1
+        images += x.shape[0] * dist.world
+        if not math.isfinite(value):     # the update that followed has spoilt the weights: stop here
+            diverged, bad_loss = True, value
+            continue
+
+        window.append(value)
+        elapsed = time.monotonic() - t0
+        events({"type": "step", "step": step, "total_steps": c.steps, "loss": value, "lr": lr_now,
+                "images_per_s": images / max(elapsed, 1e-9), "eta_s": _eta(t, start_step, step, elapsed),
+                "stitch": sid})
+        if len(window) == LOG_EVERY:
+            log({"type": "step", "step": step, "loss": sum(window) / len(window), "lr": lr_now,
+                 "images_per_s": images / max(elapsed, 1e-9), "elapsed_s": round(elapsed, 2)})
+            window = []
+        if c.eval_every and step % c.eval_every == 0 and (c.steps is None or step < c.steps):
+            evaluate()
+        if step - (start_step if saved_step is None else saved_step) >= c.checkpoint_every:
+            if checkpoint():
+                saved_step = step
+            else:
+                diverged = True
+
+    if status == "diverged":
+        return _diverged(t, run_dir, events, step, saved_step, bad_loss, main, time.monotonic() - t0, start_step)
+    if saved_step != step:
+        if not checkpoint(status):
+            return _diverged(t, run_dir, events, step, saved_step, bad_loss, main, time.monotonic() - t0, start_step)
+    elif main:      # weights already saved at this step: record how the run ended
+        _record_in_manifest(run_dir, data, t.ev_spec, c, step, status)
+    top1 = evaluate()
+    if main and top1:
+        write_evaluation(run_dir, net.plan, top1, t.ev_spec, len(t.eval_ds), step)
+    elapsed = time.monotonic() - t0
+    result = {"status": status, "step": step, "total_steps": c.steps, "top1": top1,
+              "elapsed_s": round(elapsed, 2), "steps_per_s": round((step - start_step) / max(elapsed, 1e-9), 3),
+              "checkpoint": str(run_dir / CHECKPOINT)}
+    events({"type": status, "step": step})
+    return result
+
+
+def _finite(net: nn.Module, opt: torch.optim.Optimizer) -> bool:
+    """Every weight, buffer and optimizer moment finite (a checkpoint is never written otherwise: an
+    infinite Adam moment makes the next update NaN even where the weights are still finite)."""
+    tensors = list(net.state_dict().values()) + [v for st in opt.state.values() for v in st.values()
+                                                  if torch.is_tensor(v)]
+    return all(bool(torch.isfinite(v).all()) for v in tensors if v.is_floating_point())
+
+
+def _diverged(t: "_Setup", run_dir: Path, events, step: int, saved_step: int | None, loss: float | None,
+              main: bool, elapsed: float, start_step: int) -> dict:
+    """End a diverged run: nothing is saved; the metrics logged past the checkpoint kept on disk are
+    dropped (they describe weights that are gone) and the manifest says what happened."""
+    kept = saved_step if saved_step is not None else (checkpoint_step(run_dir) or 0)
+    what = f"loss {loss}" if loss is not None else "non-finite weights or optimizer state"
+    if main:
+        trim_metrics(run_dir, kept)
+        append_metrics(run_dir, {"type": "diverged", "step": step, "checkpoint_step": kept, "reason": what,
+                                 "lr": t.c.lr})
+        manifest = read_manifest(run_dir)
+        manifest["train_diverged"] = {"at_step": step, "checkpoint_step": kept, "reason": what, "lr": t.c.lr,
+                                      "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_manifest(run_dir, manifest)
+    events({"type": "diverged", "step": step, "checkpoint_step": kept, "reason": what})
+    return {"status": "diverged", "step": kept, "diverged_at": step, "reason": what, "lr": t.c.lr, "total_steps": t.c.steps,
+            "top1": {}, "elapsed_s": round(elapsed, 2),
+            "steps_per_s": round((step - start_step) / max(elapsed, 1e-9), 3), "checkpoint": str(run_dir / CHECKPOINT)}
+
+
+def _step(t: _Setup, step: int, x: torch.Tensor, y: torch.Tensor, progress: float) -> tuple[float, int, float]:
+    """One optimizer step: the scheduled lr; each sampled stitch's share of the batch through its
+    route, cross-entropy (and KL to its teacher); one backward; one update.
+    Returns (loss, the stitch trained (the last one when several), lr)."""
+    c, rank = t.c, t.dist.rank
+    factor = lr_factor(step, t.cycle_start, c.warmup_steps, progress)
+    for g in t.opt.param_groups:
+        g["lr"] = c.lr * g["lr_scale"] * factor
+
+    x, y = x.to(t.device, non_blocking=True, memory_format=t.memory_format), y.to(t.device, non_blocking=True)
+    torch.manual_seed(int(np.random.SeedSequence([c.seed, rank, step, 4]).generate_state(1)[0]))  # dropout etc.
+    # One graph per sampled stitch, one backward for their summed loss: the memory of one batch,
+    # and each stitching layer is updated k times as often as with one stitch per step.
+    k = c.stitches_per_step
+    loss = 0.0
+    for j, (xj, yj) in enumerate(zip(x.tensor_split(k), y.tensor_split(k))):
+        if not len(yj):
+            continue
+        sid = t.sampler.pick(step, rank * k + j)   # k = 1: the one-stitch-per-step sequence
+        t.net.select(sid)
+        with t.autocast:
+            logits = t.model(xj)
+            part = F.cross_entropy(logits.float(), yj, label_smoothing=c.label_smoothing)
+            if t.teacher_of is not None:
+                with torch.no_grad():
+                    target = t.teacher_of(sid)(xj).float()
+                kd = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(target, -1),
+                              log_target=True, reduction="batchmean")
+                part = (1 - c.distill_weight) * part + c.distill_weight * kd
+        loss = loss + part * (len(yj) / len(y))
+    t.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    t.opt.step()
+    return float(loss.detach()), sid, c.lr * factor
+
+
+@dataclass
+class _Setup:
+    """What the loop needs, built once by `_setup` (from the checkpoint when resuming)."""
+    c: TrainConfig                    # resolved: every default filled in
+    dist: _Dist
+    net: StitchedNetwork
+    model: nn.Module                  # `net`, or `net` in DistributedDataParallel
+    opt: torch.optim.Optimizer
+    teacher_of: Callable[[int], nn.Module] | None   # stitch id -> its teacher; None: no distillation
+    sampler: StitchSampler
+    loader: DataLoader                # one batch per step, from `step` on
+    eval_ds: Dataset | None           # held-out images (rank 0 only)
+    ev_spec: str
+    device: torch.device
+    memory_format: torch.memory_format
+    autocast: contextlib.AbstractContextManager
+    state: dict | None                # the checkpoint's trainer state when resuming
+    step: int                         # the first step to run
+    cycle_start: int                  # the step where the lr schedule's warmup + cosine cycle starts
+    budget_s: float | None
+    diverged_before: dict | None = None   # the manifest's record of an earlier run that diverged
+
+
+def _setup(run_dir: Path, data: str, config: TrainConfig, eval_data: str | None, dist: _Dist) -> _Setup:
+    """The run's network (with its checkpoint's weights), the resolved config, data, optimizer (with
+    its saved state), teachers and sampler; the metrics a killed run logged past its checkpoint dropped."""
+    manifest = read_manifest(run_dir)   # a clear refusal when RUN is not a run folder
     main = dist.rank == 0
+    early = _training_set_of(data, manifest, config)   # a batch bigger than the data: refused before loading
     run = load_run(run_dir)                 # includes the checkpoint's weights if there is one
     net = run.net
     pretrained = run.manifest.get("pretrained")
@@ -460,19 +665,7 @@ def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dic
     step = state["step"] if state else 0
     if main and state is not None:
         trim_metrics(run_dir, step)
-
-    # Data: train-time transform on `data`, eval transform on the held-out split.
-    cfg = data_mod.data_config(net.anchors[0])
-    train_ds = data_mod.open_dataset(data, cfg, train=True)
-    train_ds.transform = train_transform(cfg, c.hflip, c.min_crop)  # timm datasets apply `.transform` per item
-    try:
-        n_train = len(train_ds)
-    except TypeError:
-        raise data_mod.DataError(f"{data}: streaming data sets cannot be fine-tuned on yet; use an image folder") from None
-    if n_train == 0:
-        raise data_mod.DataError(f"{data}: no training images")
-    ev_spec, ev_split = (eval_data, "validation") if eval_data else _eval_spec(data)
-    eval_ds = data_mod.subset(data_mod.open_dataset(ev_spec, cfg, split=ev_split), c.eval_limit, seed=c.seed) if main else None
+    train_ds, n_train, eval_ds, ev_spec = _datasets(data, eval_data, net, c, main, early)
 
     # Model, optimizer, teachers.
     device = dist.device
@@ -482,17 +675,7 @@ def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dic
     if c.stitch_layers_only:
         for p in net.anchors.parameters():
             p.requires_grad_(False)
-    groups = _param_groups(net, c)
-    opt = _make_optimizer(groups, c)
-    if state is not None:
-        try:
-            opt.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise TrainError(f"{run_dir}: the saved optimizer state does not fit this network ({e})") from None
-        fresh = {g["name"]: g for g in groups}
-        for g in opt.param_groups:     # lr, anchor_lr_scale, weight decay may change on resume
-            g.update(lr_scale=fresh[g["name"]]["lr_scale"], weight_decay=fresh[g["name"]]["weight_decay"])
-            g["lr"] = c.lr * g["lr_scale"]
+    opt = _optimizer(net, c, state, run_dir)
     teacher_of = _teachers(run, c, device, memory_format)
     model: nn.Module = net
     if dist.world > 1 and c.stitches_per_step > 1:   # DDP finds unused parameters from one forward only
@@ -507,134 +690,91 @@ def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dic
     batches = _StepBatches(n_train, c.batch_size, c.seed, step, c.steps, dist.rank, dist.world)
     loader = DataLoader(_SeededItems(train_ds), batch_sampler=batches, num_workers=c.workers,
                         pin_memory=device.type == "cuda")
-    history = list(state.get("history", [])) if state else []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     budget_s = c.time_budget_min * 60 if c.time_budget_min else None
     cycle_start = step if budget_s else 0   # a time budget is one warmup + cosine cycle per invocation
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
-
-    def trainer_state(status: str) -> dict:
-        return {"step": step, "optimizer": opt.state_dict(),
-                "schedule": {"cycle_start": cycle_start, "warmup_steps": c.warmup_steps, "lr": c.lr},
-                "sampler": {"kind": c.sampling, "groups": c.groups, "seed": c.seed, "world": dist.world},
-                "config": asdict(c), "history": history + [{"data": data, "from_step": start_step, "to_step": step,
-                                                            "status": status, "seconds": round(time.monotonic() - t0, 1)}]}
-
-    def log(record: dict) -> None:
-        if main:
-            append_metrics(run_dir, record)
-
-    def checkpoint(status: str = "running") -> None:
-        if main:
-            _save_checkpoint(run_dir, net, trainer_state(status))
-            _record_in_manifest(run_dir, data, ev_spec, c, step, status)
-        events({"type": "checkpoint", "step": step})
-
-    def evaluate() -> dict[int, float]:
-        if not main:
-            return {}
-        res = evaluate_all(net, data_mod.loader(eval_ds, c.batch_size, workers=c.workers))
-        _set_train_modes(net, c)
-        log({"type": "eval", "step": step, "images": res.images, "top1": {str(k): v for k, v in res.top1.items()}})
-        events({"type": "eval", "step": step, "top1": res.top1})
-        return res.top1
-
-    start_step = step
-    t0 = time.monotonic()
-    events({"type": "start", "step": step, "total_steps": c.steps, "time_budget_min": c.time_budget_min,
-            "stitches": len(net.plan.stitches), "device": str(device), "world_size": dist.world,
-            "resumed": state is not None, "config": asdict(c), "eval_data": ev_spec,
-            # an image folder has no validation split: without eval_data, evaluation sees training images
-            "eval_on_train_data": not eval_data and not data.startswith("starter") and Path(data).expanduser().is_dir()})
-    _set_train_modes(net, c)
-    status, window, images = None, [], 0
-    saved_step = step if state is not None else None   # the step whose checkpoint is on disk
-    it = iter(loader)
-    while True:
-        elapsed = time.monotonic() - t0
-        reason = (1 if c.steps is not None and step >= c.steps else
-                  2 if budget_s is not None and elapsed >= budget_s else
-                  3 if cancel is not None and cancel.is_set() else 0)
-        reason = dist.max(reason)      # every rank stops at the same step
-        if reason:
-            status = STOP_REASONS[reason]
-            break
-        # cosine over the steps (total, so a resumed run continues the same curve) or the budget
-        progress = max(step / c.steps if c.steps else 0.0, elapsed / budget_s if budget_s else 0.0)
-        factor = lr_factor(step, cycle_start, c.warmup_steps, progress)
-        for g in opt.param_groups:
-            g["lr"] = c.lr * g["lr_scale"] * factor
-
-        x, y = next(it)
-        x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
-        torch.manual_seed(int(np.random.SeedSequence([c.seed, dist.rank, step, 4]).generate_state(1)[0]))  # dropout etc.
-        # One graph per sampled stitch, one backward for their summed loss: the memory of one batch,
-        # and each stitching layer is updated k times as often as with one stitch per step.
-        k = c.stitches_per_step
-        loss = 0.0
-        for j, (xj, yj) in enumerate(zip(x.tensor_split(k), y.tensor_split(k))):
-            if not len(yj):
-                continue
-            sid = sampler.pick(step, dist.rank * k + j)   # k = 1: the one-stitch-per-step sequence
-            net.select(sid)
-            with autocast:
-                logits = model(xj)
-                part = F.cross_entropy(logits.float(), yj, label_smoothing=c.label_smoothing)
-                if teacher_of is not None:
-                    with torch.no_grad():
-                        target = teacher_of(sid)(xj).float()
-                    kd = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(target, -1),
-                                  log_target=True, reduction="batchmean")
-                    part = (1 - c.distill_weight) * part + c.distill_weight * kd
-            loss = loss + part * (len(yj) / len(y))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        images += x.shape[0] * dist.world
-
-        value = float(loss.detach())
-        window.append(value)
-        elapsed = time.monotonic() - t0
-        rate = (step - start_step) / max(elapsed, 1e-9)
-        eta = None
-        if c.steps is not None:
-            eta = (c.steps - step) / rate
-        if budget_s is not None:
-            eta = min(eta, budget_s - elapsed) if eta is not None else budget_s - elapsed
-        lr_now = c.lr * factor
-        events({"type": "step", "step": step, "total_steps": c.steps, "loss": value, "lr": lr_now,
-                "images_per_s": images / max(elapsed, 1e-9), "eta_s": max(0.0, eta), "stitch": sid})
-        if len(window) == LOG_EVERY:
-            log({"type": "step", "step": step, "loss": sum(window) / len(window), "lr": lr_now,
-                 "images_per_s": images / max(elapsed, 1e-9), "elapsed_s": round(elapsed, 2)})
-            window = []
-        if c.eval_every and step % c.eval_every == 0 and (c.steps is None or step < c.steps):
-            evaluate()
-        if step - (start_step if saved_step is None else saved_step) >= c.checkpoint_every:
-            checkpoint()
-            saved_step = step
-
-    if saved_step != step:
-        checkpoint(status)
-    elif main:      # weights already saved at this step: record how the run ended
-        _record_in_manifest(run_dir, data, ev_spec, c, step, status)
-    top1 = evaluate()
-    if main and top1:
-        write_evaluation(run_dir, net.plan, top1, ev_spec, len(eval_ds), step)
-    elapsed = time.monotonic() - t0
-    result = {"status": status, "step": step, "total_steps": c.steps, "top1": top1,
-              "elapsed_s": round(elapsed, 2), "steps_per_s": round((step - start_step) / max(elapsed, 1e-9), 3),
-              "checkpoint": str(run_dir / CHECKPOINT)}
-    events({"type": status, "step": step})
-    return result
+    return _Setup(c=c, dist=dist, net=net, model=model, opt=opt, teacher_of=teacher_of, sampler=sampler,
+                  loader=loader, eval_ds=eval_ds, ev_spec=ev_spec, device=device, memory_format=memory_format,
+                  autocast=autocast, state=state, step=step, cycle_start=cycle_start, budget_s=budget_s,
+                  diverged_before=manifest.get("train_diverged"))
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
+def _training_set_of(data: str, manifest: dict, config: TrainConfig) -> Dataset | None:
+    """The training set opened with the preprocessing the run's manifest records (None for runs
+    without it), and the batch size checked against it before anything else is built."""
+    recorded = manifest.get("data_config")
+    if not isinstance(recorded, dict):
+        return None
+    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items()}
+    ds = data_mod.open_dataset(data, cfg, train=True)
+    try:
+        _check_batch(config.batch_size, len(ds), data)
+    except TypeError:
+        return None   # streaming: _datasets says why
+    return ds
 
-    def __exit__(self, *exc):
-        return False
+
+def _check_batch(batch_size, n_train: int, data: str) -> None:
+    if isinstance(batch_size, int) and batch_size > n_train > 0:
+        raise TrainError(f"the batch size ({batch_size}) is larger than the training set ({n_train} images in "
+                         f"{data}): use a batch size of at most {n_train}")
+
+
+def _datasets(data: str, eval_data: str | None, net: StitchedNetwork, c: TrainConfig,
+              main: bool, train_ds: Dataset | None = None) -> tuple[Dataset, int, Dataset | None, str]:
+    """(training set, its size, held-out set (rank 0 only), its spec): train-time transform on `data`,
+    eval transform on the held-out split. `train_ds`: the training set when already opened."""
+    cfg = data_mod.data_config(net.anchors[0])
+    if train_ds is None:
+        train_ds = data_mod.open_dataset(data, cfg, train=True)
+    train_ds.transform = train_transform(cfg, c.hflip, c.min_crop)  # timm datasets apply `.transform` per item
+    try:
+        n_train = len(train_ds)
+    except TypeError:
+        raise data_mod.DataError(f"{data}: streaming data sets cannot be fine-tuned on yet; use an image folder") from None
+    if n_train == 0:
+        raise data_mod.DataError(f"{data}: no training images")
+    _check_batch(c.batch_size, n_train, data)
+    ev_spec, ev_split = (eval_data, "validation") if eval_data else _eval_spec(data)
+    eval_ds = data_mod.subset(data_mod.open_dataset(ev_spec, cfg, split=ev_split), c.eval_limit, seed=c.seed) if main else None
+    return train_ds, n_train, eval_ds, ev_spec
+
+
+def _optimizer(net: StitchedNetwork, c: TrainConfig, state: dict | None, run_dir: Path) -> torch.optim.Optimizer:
+    """The optimizer; when resuming, with its saved state but the lr, anchor_lr_scale and weight
+    decay asked now."""
+    groups = _param_groups(net, c)
+    opt = _make_optimizer(groups, c)
+    if state is not None:
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise TrainError(f"{run_dir}: the saved optimizer state does not fit this network ({e})") from None
+        fresh = {g["name"]: g for g in groups}
+        for g in opt.param_groups:     # lr, anchor_lr_scale, weight decay may change on resume
+            g.update(lr_scale=fresh[g["name"]]["lr_scale"], weight_decay=fresh[g["name"]]["weight_decay"])
+            g["lr"] = c.lr * g["lr_scale"]
+    return opt
+
+
+def _trainer_state(t: _Setup, step: int, history: list[dict]) -> dict:
+    """trainer-<step>.pt: the optimizer, the schedule, the sampler, the config, every invocation so far."""
+    c = t.c
+    return {"step": step, "optimizer": t.opt.state_dict(),
+            "schedule": {"cycle_start": t.cycle_start, "warmup_steps": c.warmup_steps, "lr": c.lr},
+            "sampler": {"kind": c.sampling, "groups": c.groups, "seed": c.seed, "world": t.dist.world},
+            "config": asdict(c), "history": history}
+
+
+def _eta(t: _Setup, start_step: int, step: int, elapsed: float) -> float:
+    """Seconds left: to the last step at this invocation's rate, or to the end of the budget, whichever first."""
+    rate = (step - start_step) / max(elapsed, 1e-9)
+    eta = None
+    if t.c.steps is not None:
+        eta = (t.c.steps - step) / rate
+    if t.budget_s is not None:
+        eta = min(eta, t.budget_s - elapsed) if eta is not None else t.budget_s - elapsed
+    return max(0.0, eta)
 
 
 def _record_in_manifest(run_dir: Path, data: str, eval_spec: str, c: TrainConfig, step: int, status: str) -> None:
@@ -643,4 +783,6 @@ def _record_in_manifest(run_dir: Path, data: str, eval_spec: str, c: TrainConfig
     manifest["train"] = {"data": data, "eval_data": eval_spec, "step": step, "status": status,
                          "config": {k.name: getattr(c, k.name) for k in fields(c)},
                          "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if step > int((manifest.get("train_diverged") or {}).get("checkpoint_step", step)):
+        manifest.pop("train_diverged")   # a finite checkpoint past the divergence replaces its record
     write_manifest(run_dir, manifest)

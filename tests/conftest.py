@@ -25,10 +25,18 @@ def need_shared() -> None:
         pytest.skip(f"needs the team's shared data at {SHARED} (absent on a fresh machine)")
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test that needs the starter family is slow: the first one of a session trains it (~1 min)."""
+    for item in items:
+        if "starter_family" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def starter_family(tmp_path_factory):
     """The built-in starter family, built once per test session into a temporary cache, which
-    also becomes ZOO_COMPOSER_CACHE so that the "starter" data spec finds the same build."""
+    also becomes ZOO_COMPOSER_CACHE so that the "starter" data spec finds the same build.
+    Tests using it are marked slow (pytest_collection_modifyitems above)."""
     from zoo.starter import ensure_starter
     cache = tmp_path_factory.mktemp("zoo_cache")
     old = os.environ.get("ZOO_COMPOSER_CACHE")
@@ -57,6 +65,35 @@ def main(capsys):
         out = capsys.readouterr()
         return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
     return run
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed every global generator a test or the library may draw from: torch (CPU and CUDA),
+    Python's random and numpy's legacy global generator."""
+    import random
+
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same generator state, whichever tests ran before it or alone
+    (pytest -k, -x, another order): a test that draws random numbers draws the same ones each run."""
+    seed_everything(0)
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """The same for shared fixtures (random-init anchors, fitted runs): a module or session fixture
+    is built from seed 0, not from whatever state the tests before it (which depend on -k) left."""
+    if fixturedef.scope != "function":
+        seed_everything(0)
+    yield
 
 
 @pytest.fixture(autouse=True)

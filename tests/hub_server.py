@@ -12,10 +12,12 @@ It speaks the part of the Hub's HTTP API that huggingface_hub 2.4 uses for
   and POST /api/models/{repo_id}/commit/{revision} (NDJSON: a header line, then one line per file with
   base64 content). Preupload answers "regular" for every file, so the client sends contents inline in
   the commit; the real Hub sends large files to LFS/Xet storage instead, which this server does not
-  speak. Committed files become downloadable like the others. `reject_writes=True` answers 403 to
-  writes, as the Hub does for a token without write access.
+  speak. A committed file must have been announced by a preupload with its size and first 512 bytes
+  (what the client sends), or the commit is refused. Committed files become downloadable like the
+  others. `reject_writes=True` answers 403 to writes, as the Hub does for a token without write access.
 
-Use: `with FakeHub(models) as hub: ... hub.url ...`; `hub.requests` records (method, path, query).
+Use: `with FakeHub(models) as hub: ... hub.url ...`; `hub.requests` records (method, path, query);
+`hub.authorizations` the Authorization header of every write.
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ class FakeHub:
         self.models = {m.id: m for m in models}
         self.reject_writes = reject_writes
         self.commits: list[dict] = []   # {"repo", "summary", "files"} per accepted commit
+        self.announced: dict[tuple[str, str], dict] = {}   # (repo, path) -> its preupload entry (size, sample)
+        self.authorizations: list[str | None] = []         # the Authorization header of every POST
         self.page_size = page_size  # the real Hub pages by 1000; tests use less to exercise paging
         self.requests: list[tuple[str, str, dict]] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -113,13 +117,23 @@ class FakeHub:
             return 404, {"error": "Repository not found"}
         if segs[4] == "preupload":
             files = json.loads(body)["files"]
+            for f in files:
+                self.announced[(model.id, f["path"])] = f
             return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         header = next(item["value"] for item in lines if item["key"] == "header")
         added = {}
         for item in lines:
             if item["key"] == "file":
-                added[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                value = item["value"]
+                if value.get("encoding") != "base64":
+                    return 400, {"error": f"{value['path']}: only base64 content is accepted"}
+                content = base64.b64decode(value["content"])
+                announced = self.announced.get((model.id, value["path"]))
+                if announced is None or announced["size"] != len(content) or \
+                        base64.b64decode(announced["sample"]) != content[:512]:
+                    return 400, {"error": f"{value['path']}: not what its preupload announced"}
+                added[value["path"]] = content
             elif item["key"] != "header":
                 return 400, {"error": f"this fake Hub only accepts inline files, not {item['key']}"}
         model.files.update(added)
@@ -174,6 +188,7 @@ class FakeHub:
                 path = urlsplit(self.path).path
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 hub.requests.append(("POST", path, {}))
+                hub.authorizations.append(self.headers.get("Authorization"))
                 status, answer = hub.write(path, body)
                 self._send(status, json.dumps(answer).encode(), {"Content-Type": "application/json"})
 

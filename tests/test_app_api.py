@@ -19,6 +19,9 @@ import torch
 from tests.conftest import need_shared
 
 gradio_client = pytest.importorskip("gradio_client")
+# Every test here drives an app on the starter family, which the first one trains (~1 min): the whole
+# module is slow (python -m pytest -m "not slow" leaves it out; the default run includes it).
+pytestmark = pytest.mark.slow
 
 NEAREST_DEFAULT = 3 + 2 * 10   # starter: 3 anchors, depth 4, kernel 2 stride 1 -> 10 stitches per pair
 
@@ -497,7 +500,7 @@ def _downloaded_candidate_equals_the_masked_anchor(client, key: str, run_dir: Pa
 @pytest.mark.slow
 def test_app_builders_on_the_real_cifar_resnets(tmp_path):
     """The app's session on the real ResNet-20/32 of ../shared: custom anchors, fit on 64 JPEGs,
-    then the shrink and fold jobs the app starts (their work functions, run here in one thread) and
+    then shrink and fold as the app's jobs run them (composer.builders.build, here in one thread) and
     the download of the shrunk network. Cross-checks: the anchors' top-1 that each builder measures
     before changing anything equals the fit's evaluation of the same 64 images; the downloaded
     network counts the candidate's MACs and measures its top-1 again."""
@@ -507,7 +510,8 @@ def test_app_builders_on_the_real_cifar_resnets(tmp_path):
     from composer.run import read_candidates
     from composer.costs import model_cost
     from composer.builders.elastic import load_subnet, top1
-    from composer.ui.session import AppConfig, Session, _fold_work, _shrink_work
+    from composer.builders import build
+    from composer.ui.session import AppConfig, Session
     before = torch.get_num_threads()
     torch.set_num_threads(1)   # a second thread only waits on a busy 2-core machine
     try:
@@ -522,18 +526,16 @@ def test_app_builders_on_the_real_cifar_resnets(tmp_path):
         s.fit("calib", 64, 64)
         anchor_top1 = {st.route[0].anchor: s.top1[st.id] for st in s.plan.stitches if st.is_anchor}
         assert min(anchor_top1.values()) > 70          # real weights (chance is 10 %)
-        (run, train_spec, eval_spec), i = s._builder_data(), 1
+        run, eval_spec, i = s.run_dir, s.data, 1   # what the app's jobs pass: the session's run and data
         full = s.plan.infos[1].total.macs
-        reports = []
-        message = _shrink_work(run, i, None, train_spec, eval_spec, 0.6 * full, 5, config.eval_limit, reports.append)(
-            lambda e: None, None)
-        assert message.startswith("shrink: ")
+        result = build("shrink", run, anchor=i, data=eval_spec, eval_data=eval_spec, target_macs=0.6 * full, steps=5,
+                       eval_limit=config.eval_limit, latency=True)
+        assert result.summary.startswith("shrink: ")
         [shrunk] = [c for c in read_candidates(run) if c.method == "shrink"]
         assert shrunk.macs <= 0.6 * full and shrunk.latency_ms > 0 and shrunk.top1 > 30
         assert shrunk.config["top1_before"] == pytest.approx(anchor_top1[1])
-        message = _fold_work(run, 0, None, eval_spec, run / "folded" / "anchor0", config.eval_limit, reports.append)(
-            lambda e: None, None)
-        assert message.startswith("fold: ")
+        result = build("fold", run, anchor=0, data=eval_spec, limit=config.eval_limit)
+        assert result.summary.startswith("fold: ") and (run / "folded" / "anchor0" / "model.safetensors").is_file()
         [folded] = [c for c in read_candidates(run) if c.method == "fold"]
         assert folded.config["source_top1"] == pytest.approx(anchor_top1[0]) and folded.config["images"] == 64
         assert abs(folded.top1 - anchor_top1[0]) <= 100 / 64 and folded.config["folds"] == 19   # conv+BN pairs

@@ -5,13 +5,12 @@ Protocol (../shared/data/README.md): calibrate on official test indices >= 5000 
 on the first 846 test images with their exact pixels. To stay near two minutes on two cores, all
 40 networks are evaluated on a seeded 128-image subset of the 846, and the anchors alone on all 846.
 """
+import contextlib
 import hashlib
+import io
 import json
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,21 +21,27 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from tests.conftest import ROOT, need_shared
+from tests.conftest import need_shared
 
 DEPTHS = (20, 32, 44, 56)
 PUBLISHED_EXACT846 = {20: 91.73, 32: 93.03, 44: 93.74, 56: 93.26}   # ../shared/zoo/README.md
 PARAMS = {20: 269_722, 32: 464_154, 44: 658_586, 56: 853_018}
 SUBSET = 128      # exact images every stitch is evaluated on
+# Fast lane (-m "not slow"): the split layout only. Everything on the fitted run (its fixture alone fits and
+# evaluates 40 networks, ~45 s here) and the 846-image anchor check (~30 s) are slow.
 
 
 def cli(*args) -> dict:
-    """The real process, `python -m composer ... --json`; returns its JSON.
+    """`python -m composer ... --json` in this process (composer.cli.main, what `python -m composer`
+    runs); returns its JSON. Usable from module fixtures, where conftest's `main` (capsys) is not.
     One torch thread: on a busy 2-core machine two threads wait on each other (measured 3x slower)."""
-    p = subprocess.run([sys.executable, "-m", "composer", *map(str, args), "--json"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout)
+    from composer.cli import main
+    torch.set_num_threads(1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main([*map(str, args), "--json"])
+    assert code == 0, out.getvalue()[-3000:]   # the error line itself is on the captured stderr
+    return json.loads(out.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -90,18 +95,32 @@ def _stitches(result: dict) -> list[dict]:
     return [r for r in result["stitches"] if len(r["route"]) > 1]
 
 
-def test_every_stitch_is_reported_with_costs_and_accuracy(fitted):
+@pytest.mark.slow
+def test_every_stitch_is_reported_with_costs_and_accuracy(fitted, cifar):
     fit, ev = fitted.fit, fitted.evaluation
     n = len(fit["stitches"])
     assert n == len(ev["stitches"]) and n > 4 + 30      # SN-Net's defaults: 36 stitches + 4 anchors
     assert [r["id"] for r in ev["stitches"]] == list(range(n))
     for r in ev["stitches"]:
         assert all(isinstance(r[k], int) and r[k] > 0 for k in ("macs", "params", "activations")), r
-        assert 0.0 <= r["top1"] <= 100.0
+        correct = r["top1"] * SUBSET / 100      # a count of images right out of SUBSET
+        assert correct == pytest.approx(round(correct), abs=1e-9), r
     assert all(isinstance(r["r2"], float) for r in _stitches(fit))
     assert ev["images"] == SUBSET
+    # the anchors' top-1 recomputed by hand: each anchor alone (plain timm model from its folder) on the
+    # same seeded SUBSET of the exact images
+    from composer import data
+    from zoo.sources import create_anchor
+    torch.set_num_threads(1)
+    for spec, row in zip(cifar.anchors, ev["stitches"]):     # anchors come first, in MACs order = depth order
+        model = create_anchor(spec).eval()
+        ds = data.subset(data.open_dataset(str(cifar.splits.exact846), data.data_config(model)), SUBSET, seed=0)
+        with torch.no_grad():
+            correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in data.loader(ds, 128))
+        assert row["top1"] == pytest.approx(100 * correct / SUBSET), (spec, row)
 
 
+@pytest.mark.slow
 def test_least_squares_alone_gives_working_stitches(fitted):
     top1 = [r["top1"] for r in _stitches(fitted.evaluation)]
     # chance is 10%; SN-Net's own random / identity init stays there (methods.md)
@@ -109,6 +128,7 @@ def test_least_squares_alone_gives_working_stitches(fitted):
     assert sum(t > 20 for t in top1) >= 0.9 * len(top1), sorted(top1)
 
 
+@pytest.mark.slow
 def test_anchors_match_published_accuracy_on_exact_images(cifar, tmp_path):
     """The anchors alone (an empty --points list) on all 846 exact images, through the CLI."""
     run = tmp_path / "anchors"
@@ -157,6 +177,7 @@ def _count(model: nn.Module, fn) -> _HookCount:
     return counter
 
 
+@pytest.mark.slow
 def test_anchor_costs_equal_an_independent_hook_count(fitted):
     for depth, row in zip(DEPTHS, fitted.fit["stitches"]):
         model = timm.create_model(f"cifar_resnet{depth}").eval()
@@ -166,6 +187,7 @@ def test_anchor_costs_equal_an_independent_hook_count(fitted):
     assert 40e6 < fitted.fit["stitches"][0]["macs"] < 42e6    # ResNet-20: 40.55 M MACs
 
 
+@pytest.mark.slow
 def test_run_folder_reloads_and_every_route_costs_what_it_runs(fitted, cifar):
     from composer import data
     from composer.evaluate import evaluate_naive
@@ -213,6 +235,7 @@ def _digest(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_bad_inputs_end_with_one_clear_line(cifar, fitted, tmp_path, main):
     good, calib = cifar.anchors[1], cifar.splits.calib
 
@@ -247,6 +270,7 @@ def test_bad_inputs_end_with_one_clear_line(cifar, fitted, tmp_path, main):
     assert _digest(existing) == before
 
 
+@pytest.mark.slow
 def test_every_builder_joins_the_stitches_on_one_curve(cifar, fitted, tmp_path, main):
     """Issue 5 on the real ResNets: elastic, shrink, fold and scale each add their points to the
     fitted run, and one curve lists them with the 40 stitches (quick settings: this checks that the

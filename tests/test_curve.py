@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,6 @@ from composer.run import read_top1
 from composer.plan import build_plan
 from composer.run import load_anchors
 
-ROOT = Path(__file__).resolve().parents[1]
 ANCHORS = ["cifar_resnet20", "cifar_resnet32"]
 
 
@@ -112,12 +109,6 @@ def _write_run(run: Path, plan, top1) -> None:
     (run / "evaluation.json").write_text(json.dumps({"data": "x", "images": 10, "stitches": rows}))
 
 
-def _cli(*args) -> subprocess.CompletedProcess:
-    """The real entry point, in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-m", "composer", "curve", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-
-
 def _main(capsys, *args) -> tuple[int, str]:
     """The same CLI in this process (a fresh interpreter per call costs seconds on 2 cores)."""
     from composer.cli import main
@@ -129,8 +120,8 @@ def test_cli_curve_json_and_offline_html(plan, tmp_path, capsys):
     top1 = _top1(plan)
     run = tmp_path / "run"
     _write_run(run, plan, top1)
-    r = _cli(run, "--out", tmp_path / "c.json")
-    assert r.returncode == 0, r.stderr
+    code, err = _main(capsys, run, "--out", tmp_path / "c.json")
+    assert code == 0, err
     data = json.loads((tmp_path / "c.json").read_text())
     assert data == json.loads(json.dumps(curve_rows(plan, top1, "macs")))
     assert {s["id"]: s["top1"] for s in data["stitches"]} == top1

@@ -57,6 +57,7 @@ def _expected_after_one_step(run: Path, train_dir: str, config: TrainConfig, wor
     return {n: p.detach().clone() for n, p in net.named_parameters()}
 
 
+@pytest.mark.slow   # torchrun starts two interpreters that import torch and train: ~50 s on 2 busy cores
 def test_two_ranks_average_two_routes(tmp_path):
     family = make_family(tmp_path, CNN)
     run = make_run(tmp_path, family)

@@ -41,11 +41,45 @@ def _batches(input_size, n_batches=2, batch=8, seed=0):
 
 # --- rank correlation and predictor -------------------------------------------------------------------
 
+def _spearman_by_hand(a, b) -> float:
+    """Pearson correlation of average ranks (tied values share the mean of their positions), numpy only."""
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            r[order[i:j + 1]] = (i + j) / 2 + 1
+            i = j + 1
+        return r
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+
+
+def _out_of_fold_rho(space, samples, kind, seed=0, folds=5) -> float:
+    """A search's reported rank correlation, recomputed from its measured samples: each one predicted by
+    a predictor fitted on the other folds (the library's seeded split), then Spearman by hand."""
+    archs = [el.Arch(tuple(s["arch"]["depth"]), tuple(s["arch"]["width"])) for s in samples]
+    x = el.encode(space, archs)
+    y = torch.tensor([s["top1"] for s in samples], dtype=torch.float64)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    pred = torch.empty(len(y), dtype=torch.float64)
+    for f in range(folds):
+        test = perm[f::folds]
+        train = torch.cat([perm[g::folds] for g in range(folds) if g != f])
+        pred[test] = el.fit_predictor(x[train], y[train], kind, seed)(x[test])
+    return _spearman_by_hand(pred.numpy(), y.numpy())
+
+
 def test_spearman_matches_known_values_and_handles_ties():
     # Wikipedia's worked example (IQ vs hours of TV): rho = -29/165
     iq = [106, 100, 86, 101, 99, 103, 97, 113, 112, 110]
     tv = [7, 27, 2, 50, 28, 29, 20, 12, 6, 17]
     assert el.spearman(iq, tv) == pytest.approx(-29 / 165, abs=1e-12)
+    assert _spearman_by_hand(iq, tv) == pytest.approx(-29 / 165, abs=1e-12)   # the helper the tests below use
+    assert _spearman_by_hand([1.0, 2.0, 2.0, 5.0], [0, 1, 2, 3]) == pytest.approx(el.spearman([1.0, 2.0, 2.0, 5.0], [0, 1, 2, 3]))
     assert el.spearman([1, 2, 3, 4], [1, 8, 27, 1000]) == pytest.approx(1.0)   # monotone, not linear
     # ties take their average rank: ranks of a are 1, 2.5, 2.5, 4, of b 1, 2, 3, 4
     a, b = [1.0, 2.0, 2.0, 5.0], [0.0, 1.0, 2.0, 3.0]
@@ -176,7 +210,8 @@ def test_search_elastic_measures_candidates_that_rebuild(vit_anchor):
     full = el.arch_cost(space, el.largest_arch(space)).macs
     res = el.search_elastic(anchor, batches, eval_batches, None, [("macs", 0.6 * full), ("macs", 0.3 * full)],
                             samples=12, population=12, generations=2)
-    assert res.rank_correlation is not None and -1 <= res.rank_correlation <= 1 and len(res.samples) == 12
+    assert len(res.samples) == 12 and len({s["top1"] for s in res.samples}) > 1
+    assert res.rank_correlation == pytest.approx(_out_of_fold_rho(space, res.samples, "mlp"), abs=1e-9)
     assert res.samples[0]["top1"] == 100.0 and res.samples[0]["macs"] == full   # the largest agrees with itself
     assert [c.method for c in res.candidates] == ["elastic"] * 2
     for c, budget in zip(res.candidates, (0.6 * full, 0.3 * full)):
@@ -245,8 +280,13 @@ def test_cli_elastic_adds_measured_candidates(vit_run, main):
     assert [c.name for c in cands] == [c["name"] for c in out["candidates"]] and len(cands) >= 1
     assert cands[0].macs <= 150_000 and cands[-1].activations <= 6000
     assert all(c.method == "elastic" and c.status == "measured" and c.config["images"] == 20 for c in cands)
-    # random weights on random images: accuracies may all be equal, leaving the correlation undefined
-    assert len(out["samples"]) == 9 and (out["rank_correlation"] is None or -1 <= out["rank_correlation"] <= 1)
+    # random weights on random images: accuracies may all be equal, leaving the correlation undefined (None)
+    assert len(out["samples"]) == 9 and out["predictor"] == "mlp"
+    if len({s["top1"] for s in out["samples"]}) == 1:
+        assert out["rank_correlation"] is None
+    else:
+        space = el.anchor_of_run(run, 0).space
+        assert out["rank_correlation"] == pytest.approx(_out_of_fold_rho(space, out["samples"], "mlp"), abs=1e-9)
     # a candidate exports from the run alone and measures the same again (images: after the 20 for BN)
     torch.manual_seed(0)
     out_dir = el.export_candidate(run, cands[0].name, run.parent / "exported", program=False)
@@ -299,6 +339,9 @@ def test_cli_exports_a_candidate_equal_to_it_run_in_the_anchor(vit_run, main, tm
     (["--anchor", 3, "--budget-macs", "0.2M"], "anchor 3 does not exist"),
     (["--anchor", 0, "--budget-macs", "1k"], "below the smallest"),
     (["--anchor", 0, "--budget-activations", "10"], "below the smallest"),
+    (["--anchor", 0, "--budget-macs", "nan"], "macs budget must be a finite number, not 'nan'"),
+    (["--anchor", 0, "--budget-macs", "1e30"], "macs budget must be at most 1e+15"),
+    (["--anchor", 0, "--budget-latency", "inf"], "latency budget (ms) must be a finite number"),
 ])
 def test_cli_elastic_bad_input_is_one_line(vit_run, main, args, message):
     run, images = vit_run
@@ -307,21 +350,22 @@ def test_cli_elastic_bad_input_is_one_line(vit_run, main, args, message):
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
 
 
-def test_app_elastic_job_re_estimates_batchnorm_and_keeps_activation_budgets(tiny_run, tmp_path):
-    """The app's elastic job on a CNN: budgets as % of the anchor's activations, every sub-network's
-    BatchNorm statistics re-estimated on the asked number of images (a CIFAR ResNet cut to a few
-    channels is useless with the full network's statistics)."""
+def test_elastic_build_re_estimates_batchnorm_and_keeps_activation_budgets(tiny_run, tmp_path):
+    """The elastic builder as the app runs it, on a CNN: budgets as % of the anchor's activations,
+    every sub-network's BatchNorm statistics re-estimated on the asked number of images (a CIFAR
+    ResNet cut to a few channels is useless with the full network's statistics)."""
     import shutil
 
-    from composer.ui.session import _elastic_work
+    from composer.builders import build
     run = tmp_path / "run"
     shutil.copytree(tiny_run[0], run)
     images = str(tiny_run[1])
-    reports, events = [], []
-    message = _elastic_work(run, 0, None, images, images, "activations", [50, 80], 8, 6, 10, 0, reports.append)(
-        events.append, None)
-    assert message.startswith("elastic: ")
-    assert "re-estimated on 10 images" in reports[0]
+    events = []
+    result = build("elastic", run, anchor=0, events=events.append, data=images, eval_data=images,
+                   budgets=[("activations", 50), ("activations", 80)], relative=True, samples=8, eval_limit=6,
+                   bn_images=10)
+    assert result.summary.startswith("elastic: ") and result.details.has_bn and result.details.bn_images == 10
+    assert result.candidates == result.details.candidates
     space = el.anchor_of_run(run, 0).space
     full = el.arch_cost(space, el.largest_arch(space))
     cands = [c for c in read_candidates(run) if c.method == "elastic"]

@@ -268,3 +268,41 @@ def test_progressive_shrinking_refuses_a_stitch(nets):
         from composer.builders.progressive import progressive_shrink
         progressive_shrink(stitch, [(_x(2), torch.tensor([0, 1]))], 2)
     assert all(torch.equal(v, stitch.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_export_refuses_an_anchor_candidate_measured_with_other_weights(cifar_run, main, tmp_path):
+    """An anchor's elastic candidate records the digest of the weights it was measured with, as a
+    stitch's does: after a fine-tune of the run changes the anchor (checkpoint/), or progressive
+    shrinking gives it other weights, export refuses it in one line; the weights put back, it exports."""
+    import shutil
+
+    from composer.builders.progressive import progressive_shrink, save_finetuned
+    from composer.io import save_safetensors_atomic
+    from composer.run import CHECKPOINT, TRAINED, load_run
+    src, images = cifar_run
+    run = shutil.copytree(src, tmp_path / "run")   # progressive weights and candidates stay out of the shared run
+    full = load_run(run).net.plan.infos[1].total.macs
+    r = main("elastic", run, "--anchor", 1, "--data", images, "--budget-macs", f"{int(0.7 * full)}", "--samples", 4,
+             "--eval-limit", 8, "--bn-images", 0, "--population", 8, "--generations", 1, "--check", 1, "--json")
+    assert r.returncode == 0, r.stderr
+    name = json.loads(r.stdout)["candidates"][0]["name"]
+    [cand] = [c for c in read_candidates(run) if c.name == name]
+    assert cand.config["anchor"] == 1 and cand.config["finetuned"] is None
+    assert cand.config["weights"] == el.weights_digest(load_run(run).net.anchors[1])   # the run's, unsorted
+    assert el.export_candidate(run, name, tmp_path / "before", program=False).is_dir()
+
+    state = load_run(run).net.state_dict()   # the run's weights as a fine-tune would leave them
+    state["anchors.1.layer1.0.conv1.weight"] = state["anchors.1.layer1.0.conv1.weight"] + 1e-3
+    save_safetensors_atomic(run / CHECKPOINT / TRAINED, state)
+    r = main("export", run, "--candidate", f"elastic:{name}", "--out", tmp_path / "stale")
+    assert r.returncode == 2 and not (tmp_path / "stale").exists()
+    assert r.stderr == (f"error: '{name}' was measured with other weights of anchor 1 than the run has now (it was "
+                        "fine-tuned since): search again, then export\n")
+    (run / CHECKPOINT / TRAINED).unlink()
+    assert el.export_candidate(run, name, tmp_path / "again", program=False).is_dir()
+
+    anchor = el.anchor_of_run(run, 1)   # progressive shrinking since: the run's anchor 1 runs other weights
+    progressive_shrink(anchor, [(_x(4), torch.tensor([0, 1, 2, 3]))], 1, lr=0.5)
+    save_finetuned(run, anchor)
+    with pytest.raises(el.ElasticError, match=r"other weights of anchor 1 .*\(progressive shrinking ran since\)"):
+        el.export_candidate(run, name, tmp_path / "after-ps", program=False)

@@ -80,7 +80,16 @@ def test_exported_stitch_matches_the_snnet(family, vit_run, cnn_run, tmp_path):
     module = load_stitched(out)
     assert sum(p.numel() for p in module.parameters()) == net.plan.cost(sid).params
     assert set(module.state_dict()) == expected        # unused units are gone, not kept with random weights
-    assert config["cost"] == net.plan.cost(sid).to_dict() and config["top1"] is not None
+    assert config["cost"] == net.plan.cost(sid).to_dict()
+    # its top-1 is the run's evaluation of this stitch, and the exported module scores it again on the
+    # same images (the trainer's final evaluation: eval_limit=8 of the held-out folder, seed 0)
+    from composer import data
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert config["top1"] == next(r["top1"] for r in evaluation["stitches"] if r["id"] == sid)
+    ds = data.subset(data.open_dataset(evaluation["data"], data.data_config(net.anchors[0]), split="validation"), 8)
+    with torch.no_grad():
+        correct = sum(int((module(x).argmax(-1) == y).sum()) for x, y in data.loader(ds, 4))
+    assert evaluation["images"] == 8 and config["top1"] == pytest.approx(100 * correct / 8)
     card = (out / "README.md").read_text()
     assert config["anchors"][0]["spec"] in card and "load_stitched" in card and "torch.export.load" in card
 
@@ -181,6 +190,10 @@ def test_push_to_hub_uploads_a_loadable_stitch(vit_run, tmp_path):
     assert {"model.safetensors", "config.json", "README.md"} <= set(local)
     assert hub.models["me/stitched"].files == local
     assert [c["repo"] for c in hub.commits] == ["me/stitched"]
+    # the client's own calls: create the repo, announce the files, one commit; every write carries the token
+    posts = [p for m, p, _ in hub.requests if m == "POST" and p != "/api/validate-yaml"]
+    assert posts == ["/api/repos/create", "/api/models/me/stitched/preupload/main", "/api/models/me/stitched/commit/main"]
+    assert set(hub.authorizations) == {"Bearer hf_fake_token_for_tests"}
     assert json.loads(r.stdout.strip().splitlines()[-1])["diff"] == 0.0
 
 

@@ -286,10 +286,11 @@ def test_annealing_blends_relu_to_identity_then_folds():
         assert torch.equal(model(x), want)                                  # lambda 0: still ReLU
         assert anneal(model, 0.5) == 2
         by_hand = nn.Sequential(*[nn.LeakyReLU(0.5) if isinstance(m, AnnealedReLU) else m for m in block])
-        assert torch.allclose(model(x), model[1](by_hand(x)))              # leaky_relu(x, lambda)
+        # leaky_relu(x, lambda): the same values by another formula, so ~1 ulp apart before the last conv
+        assert torch.allclose(model(x), model[1](by_hand(x)), rtol=1e-5, atol=1e-6)
         anneal(model, 1.0)
         linear = model(x)
-        assert torch.allclose(linear, model[1](block[4](block[3](block[1](block[0](x))))))
+        assert torch.allclose(linear, model[1](block[4](block[3](block[1](block[0](x))))), rtol=1e-5, atol=1e-6)
     folded, cert = fold_model(model, x, latency=False)
     assert ("serial", ["0.0", "0.3"]) in [(f.kind, f.where) for f in cert.applied]
     with torch.no_grad():
@@ -361,7 +362,10 @@ def test_cli_fold_anchor_and_stitch(bn_run, tmp_path, main, monkeypatch):
     assert "REFUSED stitch" in r.stdout and "shortcut" in r.stdout and "BasicBlock" in r.stdout
     cert = json.loads((tmp_path / "s" / "certificate.json").read_text())
     assert cert["within_tolerance"] and any(f["kind"] == "conv+bn" and f["exact"] for f in cert["folds"])
-    assert load_folded(tmp_path / "s") is not None
+    # the folded stitch computes what the run's stitch computes (its own BN statistics folded in)
+    net = load_run(run).net.eval()
+    with torch.no_grad():
+        assert rel_diff(load_folded(tmp_path / "s")(x), net.select(2)(x)) < 1e-5
 
     # bad input: one line, exit 2
     for args in (("--anchor", 7), ("--stitch", 999)):

@@ -79,7 +79,9 @@ def test_a_stitch_runs_on_its_own_statistics_and_the_anchors_on_theirs():
     _random_stats(net)
     sid = next(s.id for s in net.stitches if not s.is_anchor and s.route[1].first > 3)
     want, _, _ = _by_hand(net, sid, x)
-    torch.testing.assert_close(net.select(sid)(x), want)
+    # the stitching layer by einsum here, as a 1x1 conv in the library: float32 sums in another order,
+    # grown through the back blocks (as in test_stitching's CNN check), so not assert_close's 1.3e-6 default
+    torch.testing.assert_close(net.select(sid)(x), want, rtol=5e-5, atol=5e-4)
     # the anchors' outputs did not move, and statistics are back in place after the forward
     for got, s in zip(anchors_before, [s for s in net.stitches if s.is_anchor]):
         assert torch.equal(net.select(s.id)(x), got)

@@ -257,7 +257,8 @@ def test_cli_scale_factor_and_fill(plan, tmp_path, main):
 def test_cli_scale_bad_input_is_one_line(plan, tmp_path, main):
     run = _write_run(tmp_path / "run", plan)
     for args, match in [(["--factor", 0], "positive"), (["--factor", -1], "positive"),
-                        (["--factor", 2, "--alpha", 3], "alpha"), (["--factor", 2, "--anchor", 5], "does not exist")]:
+                        (["--factor", 2, "--alpha", 3], "alpha"), (["--factor", 2, "--anchor", 5], "does not exist"),
+                        (["--factor", "1e300"], "between 0.01 and 100"), (["--factor", "nan"], "finite")]:
         r = main("scale", run, *args)
         assert r.returncode == 2 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
         assert match in r.stderr

@@ -229,6 +229,7 @@ def test_cli_shrink_adds_a_measured_candidate(tiny_run, main):
     run, images = tiny_run
     full = 40_551_050    # ResNet-20 at 32x32 (composer.costs)
     target = 30_000_000
+    torch.manual_seed(0)   # a random-init anchor: the same draws for the search and for the check below
     r = main("shrink", run, "--anchor", 0, "--data", images, "--target-macs", "30M", "--steps", 6,
              "--eval-limit", 12, "--batch-size", 6, "--json")
     assert r.returncode == 0, r.stderr
@@ -245,7 +246,18 @@ def test_cli_shrink_adds_a_measured_candidate(tiny_run, main):
     from composer import data
     ds = data.subset(data.open_dataset(str(images), data.data_config(net), split="validation"), 12, seed=0)
     assert top1(net, data.loader(ds, 6)) == pytest.approx(out["top1_after"])
-    assert out["bn_images"] == 30 and out["top1_exported"] is not None
+    assert out["bn_images"] == 30
+    # top1_exported (before re-estimating BN statistics) by hand: the same anchor, permuted, its cut units
+    # and blocks masked, the anchor's own BN statistics, on the same 12 images
+    from composer.builders.subnet import config_masks, permute_
+    from composer.run import load_run
+    torch.manual_seed(0)
+    anchor = load_run(run).net.anchors[0].eval()
+    space = elastic_space(anchor)
+    permute_(anchor, space, cand[0].config["order"])
+    with torch.no_grad(), masked(anchor, space, *config_masks(space, SubnetConfig.from_dict(cand[0].config["subnet"]))):
+        correct = sum(int((anchor(x).argmax(-1) == y).sum()) for x, y in data.loader(ds, 6))
+    assert out["top1_exported"] == pytest.approx(100 * correct / 12)
     assert cand[0].latency_ms is None      # not asked for
     # re-running the same target replaces the candidate; the text output names the stages; --latency
     # times the shrunk network here (batch 1), as fold and elastic candidates are timed
@@ -294,7 +306,9 @@ def test_cli_exports_the_shrunk_network_equal_to_the_masked_anchor(tiny_run, mai
     (["--anchor", 0, "--target-macs", 0], "positive"),
     (["--anchor", 0, "--target-macs=-3M"], "positive"),
     (["--anchor", 0, "--target-macs", "1k"], "smallest network"),
-    (["--anchor", 3, "--target-macs", "30M"], "no anchor 3"),
+    (["--anchor", 3, "--target-macs", "30M"], "anchor 3 does not exist"),
+    (["--anchor", 0, "--target-macs", "30M", "--lr", "nan"], "learning rate must be a finite number, not 'nan'"),
+    (["--anchor", 0, "--target-macs", "nan"], "target MACs must be a finite number"),
 ])
 def test_cli_shrink_bad_input_is_one_line(tiny_run, main, args, message):
     run, images = tiny_run

@@ -53,7 +53,9 @@ def test_cnn_stitch_equals_blocks_run_by_hand():
         for blk in blocks(back)[b.first:]:
             h = blk(h)
         expected = back.linear(h.mean((2, 3)))
-        torch.testing.assert_close(net.select(4)(x), expected)
+        # a 1x1 conv and this einsum sum in different orders: float32 rounding grown through ~20 blocks
+        # (measured up to 3.6e-6 relative, 4.6e-5 absolute on logits ~10), so 10x that, not the default
+        torch.testing.assert_close(net.select(4)(x), expected, rtol=5e-5, atol=5e-4)
 
 
 def test_anchor_routes_are_the_anchors_and_select_switches():

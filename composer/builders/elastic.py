@@ -20,6 +20,10 @@ The pieces, in the order `search_elastic` runs them:
 7. The chosen sub-networks are measured and become Candidates (method "elastic", status
    "measured") whose `config` rebuilds them; `export_subnet` writes one as a model folder.
 
+`build_elastic` is the whole builder on an anchor or a stitch of a run (composer.builders.source),
+as `python -m composer elastic` and the app run it: progressive shrinking first if asked, budgets,
+a latency table for latency budgets, the images, the search, the candidates added to the run.
+
 Costs are exact (`subnet_cost`, MACs with 1 multiply-add = 1), never estimated.
 """
 from __future__ import annotations
@@ -34,10 +38,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from composer import checks
 from composer.candidates import Candidate
 from composer.costs import Cost, measure_latency
 from composer.errors import UserError
+from composer.evaluate import top1
 from composer.io import read_config, save_safetensors_atomic, write_json_atomic
+from composer.builders.source import BuildResult, Source, SourceError, resolve_source, source_of, weights_digest
 from composer.builders.subnet import ElasticSpace, SubnetConfig, SubnetError, elastic_space, extract, sort_by_importance_, \
     subnet_cost
 
@@ -65,7 +72,8 @@ class ElasticAnchor:
     finetuned: str | None = None   # digest of the progressive-shrinking weights it runs (composer.builders.progressive)
     stitch: int | None = None      # the stitch of a run it is (then `model` is that stitch's route, and
                                    # `entry` composer.export's description of it), None for an anchor
-    weights: str | None = None     # a stitch's: digest of its route's weights as the run had them (weights_digest)
+    weights: str | None = None     # from a run: digest of the weights it is measured with (weights_digest): the
+                                   # run's (unsorted), or an anchor's progressive-shrinking weights when it runs them
 
     @property
     def short_name(self) -> str:
@@ -92,37 +100,46 @@ def prepare_anchor(model: nn.Module, spec: str = "", index: int | None = None,
 
 def prepare_stitch(net, stitch_id: int) -> ElasticAnchor:
     """Stitch `stitch_id` of an SN-Net as an elastic base: its route as a standalone module
-    (composer.export.route_of, what `export --stitch` writes), every width sorted by importance.
+    (composer.builders.source, what `export --stitch` writes), every width sorted by importance.
     Its blocks are those of its anchors, in route order; stages and the stitching layers are as in
     composer.builders.subnet (a stitching layer maps the residual stream, which is never cut)."""
-    from composer.export import ExportError, route_of
     try:
-        route, description = route_of(net, stitch_id)
-    except ExportError as e:
+        source = source_of(net, stitch=stitch_id)
+    except SourceError as e:
         raise ElasticError(str(e)) from None
-    first = net.plan.stitches[stitch_id].route[0].anchor
-    space = elastic_space(route, tuple(net.plan.infos[first].input_size))   # the size the plan was costed at
-    weights = weights_digest(route)   # before sorting: the run's weights, whatever the sort does
-    sort_by_importance_(route, space)
-    return ElasticAnchor(route, space, f"stitch {stitch_id}: {net.plan.describe_route(stitch_id)}", None,
-                         {"stitch": stitch_id, **description}, stitch=stitch_id, weights=weights)
+    return from_source(source)
 
 
-def weights_digest(model: nn.Module) -> str:
-    """A short digest of every parameter and buffer of `model` (names, dtypes, shapes, values)."""
-    import hashlib
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+def from_source(source: Source, progressive: bool = True) -> ElasticAnchor:
+    """An anchor or a stitch of a run (composer.builders.source) as an elastic base, every width
+    sorted by importance. A stitch's route is sorted in place (it is the source's own copy); an
+    anchor is copied first, and with `progressive` it runs the progressive-shrinking weights the run
+    keeps for it (composer.builders.progressive), if any. `weights` is the digest of what it runs."""
+    weights = source.weights   # before sorting: the run's weights, whatever the sort does
+    if source.stitch is not None:
+        space = elastic_space(source.module, source.input_size)   # the size the plan was costed at
+        sort_by_importance_(source.module, space)
+        return ElasticAnchor(source.module, space, source.spec, None, dict(source.entry), stitch=source.stitch,
+                             weights=weights)
+    anchor = prepare_anchor(source.module, source.spec, source.anchor)
+    anchor.weights = weights
+    path = finetuned_path(source.run_dir, source.anchor) if source.run_dir is not None else None
+    if progressive and path is not None and path.is_file():
+        import hashlib
+        raw = path.read_bytes()
+        try:
+            anchor.model.load_state_dict(load_file(str(path)))
+        except Exception as e:   # a corrupt or foreign file: say which, never guess
+            raise ElasticError(f"{path} does not load into anchor {source.anchor} ({str(e).splitlines()[0][:200]}); "
+                               "delete it or run progressive shrinking again") from None
+        anchor.finetuned = hashlib.sha256(raw).hexdigest()[:16]
+        anchor.weights = weights_digest(anchor.model)
+    return anchor
 
 
 def stitch_of_run(run_dir, stitch_id: int) -> ElasticAnchor:
     """Stitch `stitch_id` of a run (its fitted or fine-tuned weights) as an elastic base."""
-    from composer.run import load_run
-    return prepare_stitch(load_run(Path(run_dir)).net, stitch_id)
+    return from_source(_resolve(run_dir, stitch=stitch_id))
 
 
 def finetuned_path(run_dir, index: int) -> Path:
@@ -133,25 +150,14 @@ def finetuned_path(run_dir, index: int) -> Path:
 def anchor_of_run(run_dir, index: int, progressive: bool = True) -> ElasticAnchor:
     """Anchor `index` of a run (with the run's fine-tuned weights if it was trained), with its
     progressive-shrinking weights when the run has them and `progressive` (composer.builders.progressive)."""
-    import hashlib
+    return from_source(_resolve(run_dir, anchor=index), progressive)
 
-    from composer.run import load_run
-    run = load_run(Path(run_dir))
-    n = len(run.net.anchors)
-    if not 0 <= index < n:
-        raise ElasticError(f"anchor {index} does not exist (this run has anchors 0..{n - 1}: "
-                           f"{', '.join(run.plan.anchors)})")
-    anchor = prepare_anchor(run.net.anchors[index], run.plan.anchors[index], index)
-    path = finetuned_path(run_dir, index)
-    if progressive and path.is_file():
-        raw = path.read_bytes()
-        try:
-            anchor.model.load_state_dict(load_file(str(path)))
-        except Exception as e:   # a corrupt or foreign file: say which, never guess
-            raise ElasticError(f"{path} does not load into anchor {index} ({str(e).splitlines()[0][:200]}); "
-                               "delete it or run progressive shrinking again") from None
-        anchor.finetuned = hashlib.sha256(raw).hexdigest()[:16]
-    return anchor
+
+def _resolve(run_dir, anchor: int | None = None, stitch: int | None = None) -> Source:
+    try:
+        return resolve_source(run_dir, anchor, stitch)
+    except SourceError as e:
+        raise ElasticError(str(e)) from None
 
 
 def kept_units(size: int, fraction: float) -> int:
@@ -275,20 +281,6 @@ def recalibrate_bn(model: nn.Module, images: Iterable[torch.Tensor]) -> None:
         for m, mom in zip(bns, saved):
             m.momentum = mom
         model.train(was_training)
-
-
-@torch.inference_mode()
-def top1(model: nn.Module, batches: Batches) -> float:
-    """Top-1 accuracy (%) of `model` on (images, labels) batches."""
-    model.eval()
-    device = next(model.parameters()).device
-    correct = n = 0
-    for x, y in batches:
-        correct += int((model(x.to(device)).argmax(-1).cpu() == y).sum())
-        n += len(y)
-    if n == 0:
-        raise ElasticError("no evaluation images")
-    return 100.0 * correct / n
 
 
 def build_subnet(anchor: ElasticAnchor, config: SubnetConfig, bn_images: Sequence[torch.Tensor] | None = None) -> nn.Module:
@@ -628,6 +620,13 @@ class ElasticResult:
     predictor: str
     samples: list[dict]                     # the measured sub-networks the predictor was fitted on
     latency: LatencyTable | None = None
+    # what build_elastic adds for the fronts' reports
+    progressive: dict | None = None         # this build's progressive shrinking: steps, first/last loss, path
+    finetuned: str | None = None            # digest of the progressive-shrinking weights searched (None: the run's)
+    bn_images: int = 0                      # images each sub-network's BatchNorm statistics were re-estimated on
+    has_bn: bool = False                    # whether the source has BatchNorm layers at all
+    data: str = ""                          # the images the chosen sub-networks were measured on
+    cancelled: bool = False                 # cancelled during progressive shrinking: no search, no candidates
 
 
 def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batches | None = None,
@@ -707,6 +706,105 @@ def check_budget(space: ElasticSpace, metric: str, value: float, table: LatencyT
                            f"({cost:,.6g}{unit}: depth 1 per stage, widths x{min(choices)})")
 
 
+# --- the builder on a run (composer.builders.build("elastic", ...)) ----------------------------------------
+
+BUDGET_LIMITS = {"macs": 1e15, "activations": 1e15, "latency": 1e6}   # per image; latency in ms
+
+
+def check_budgets(budgets, relative: bool = False) -> list[tuple[str, float]]:
+    """(metric, value) pairs as typed: a known metric and a finite positive value (a percentage of the
+    source's own cost up to 100 when `relative`), or a one-line ElasticError / UserError."""
+    out = []
+    for metric, value in budgets:
+        if metric not in METRICS:
+            raise ElasticError(f"unknown budget metric '{str(metric)[:20]}' (one of {', '.join(METRICS)})")
+        if relative:
+            out.append((metric, checks.number(value, f"a {metric} budget (% of its own)", hi=100, above=0)))
+        else:
+            unit = " (ms)" if metric == "latency" else ""
+            out.append((metric, checks.number(value, f"a {metric} budget{unit}", hi=BUDGET_LIMITS[metric], above=0)))
+    return out
+
+
+def build_elastic(run_dir, *, anchor: int | None = None, stitch: int | None = None, events=None, cancel=None,
+                  data: str, eval_data: str | None = None, budgets=(), relative: bool = False, samples: int = 40,
+                  eval_limit: int = 500, bn_images: int = 1024, predictor: str = "mlp", finetune_steps: int = 0,
+                  finetune_lr: float = 0.01, population: int = 64, generations: int = 20, check: int = 3,
+                  batch_size: int = 64, seed: int = 0, workers: int = 0) -> BuildResult:
+    """Once-for-All on anchor `anchor` or stitch `stitch` of a run: with `finetune_steps` (anchors only)
+    progressive shrinking on `data` first (its weights saved in the run); then `samples` sub-networks
+    measured on `eval_limit` images of `data` (after the `bn_images` each sub-network's BatchNorm
+    statistics are re-estimated on, when it has BatchNorm), the predictor, a search per budget
+    ((metric, value) pairs, values as percentages of the source's own cost when `relative`; default
+    30/50/70/90 % of its MACs; a latency budget measures a latency table here first) and the chosen
+    sub-networks measured on `eval_data` (default: `data`), added to the run as "elastic" candidates.
+    events: {"type": "progress", "phase", "done", "total"} per step of each phase (progressive shrinking's
+    also carry its "loss"); `cancel` (a threading.Event) stops progressive shrinking (its weights are saved, nothing is searched)."""
+    events = events or (lambda e: None)
+    budgets = check_budgets(budgets, relative)
+    samples = checks.whole(samples, "measured samples", 1, 100_000)
+    eval_limit = checks.whole(eval_limit, "images per measurement", 1, None)
+    bn_images = checks.whole(bn_images, "BatchNorm images", 0, None)
+    finetune_steps = checks.whole(finetune_steps, "progressive-shrinking steps", 0, 10_000_000)
+    finetune_lr = checks.number(finetune_lr, "progressive-shrinking lr", hi=10, above=0)
+    population = checks.whole(population, "population", 1, 100_000)
+    generations = checks.whole(generations, "generations", 1, 100_000)
+    check = checks.whole(check, "checked sub-networks per budget", 1, 1000)
+    batch_size = checks.whole(batch_size, "batch size", 1, 100_000)
+    if predictor not in ("mlp", "ridge"):
+        raise ElasticError(f"predictor must be 'mlp' or 'ridge', not '{str(predictor)[:20]}'")
+    if stitch is not None and finetune_steps:
+        raise ElasticError(f"progressive shrinking works on an anchor, not on a stitch yet: search stitch {stitch} "
+                           "without fine-tune steps, or choose an anchor")
+    source = resolve_source(run_dir, anchor, stitch)
+    base = from_source(source, progressive=not finetune_steps)
+    space = base.space
+
+    def progress(phase: str, done: int, total: int) -> None:
+        events({"type": "progress", "phase": phase, "done": done, "total": total})
+
+    def absolute(table: LatencyTable | None, metric: str, value: float) -> float:
+        return budget_cost(space, metric, table)(largest_arch(space)) * value / 100 if relative else value
+
+    for metric, value in budgets:   # fail before the slow part (a latency budget needs its table first)
+        if metric != "latency":
+            check_budget(space, metric, absolute(None, metric, value), None)
+    result_extra: dict = {"finetuned": base.finetuned}
+    if finetune_steps:
+        from composer import data as data_mod
+        from composer.builders.progressive import progressive_shrink, save_finetuned
+        ds = data_mod.open_dataset(data, data_mod.data_config(base.model), split="train")
+        ps = progressive_shrink(base, data_mod.loader(ds, batch_size, shuffle=True, workers=workers, seed=seed),
+                                finetune_steps, finetune_lr, seed, events=events, cancel=cancel)
+        path = save_finetuned(source.run_dir, base)
+        result_extra = {"progressive": {**ps, "path": str(path)}, "finetuned": base.finetuned}
+        if cancel is not None and cancel.is_set():
+            summary = f"elastic: cancelled after {ps['steps']} progressive-shrinking steps (saved in the run)"
+            return BuildResult("elastic", [], summary,
+                               ElasticResult([], None, predictor, [], cancelled=True, **result_extra))
+    table = None
+    if any(metric == "latency" for metric, _ in budgets):
+        table = latency_table(base, progress=lambda d, t: progress("latency", d, t))
+    budgets = [(metric, absolute(table, metric, value)) for metric, value in budgets]
+    for metric, value in budgets:
+        check_budget(space, metric, value, table)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in base.model.modules())
+    bn, batches = image_batches(data, base.model, eval_limit, seed, batch_size, bn_images=bn_images if has_bn else 0,
+                                workers=workers)
+    eval_batches = image_batches(eval_data, base.model, eval_limit, seed, batch_size, split="validation",
+                                 workers=workers)[1] if eval_data else None
+    result = search_elastic(base, batches, eval_batches, bn, budgets, samples=samples, predictor=predictor,
+                            latency=table, population=population, generations=generations, seed=seed,
+                            data=eval_data or data, bn_source={"data": data, "seed": seed, "batch_size": batch_size},
+                            check=check, progress=progress)
+    from composer.run import add_candidates
+    add_candidates(source.run_dir, result.candidates)
+    for k, v in {**result_extra, "bn_images": _count(bn), "has_bn": has_bn, "data": eval_data or data}.items():
+        setattr(result, k, v)
+    return BuildResult("elastic", result.candidates,
+                       f"elastic: {len(result.candidates)} sub-networks added to the curve", result)
+
+
 # --- export -------------------------------------------------------------------------------------------
 
 def export_subnet(anchor: ElasticAnchor, config: SubnetConfig, out_dir, bn_images: Sequence[torch.Tensor] | None = None,
@@ -781,9 +879,13 @@ def export_candidate(run_dir, ref: str, out_dir, program: bool = True) -> Path:
                                "run has now (it was fine-tuned since): search again, then export")
     else:
         anchor = anchor_of_run(run_dir, c.config["anchor"])
-    if c.config.get("finetuned") != anchor.finetuned:
-        raise ElasticError(f"'{c.name}' was measured with other weights of anchor {c.config['anchor']} than the run "
-                           "has now (progressive shrinking ran since): search again, then export")
+        # candidates stored before anchors recorded their weights carry None: only `finetuned` tells
+        stale = c.config.get("weights") is not None and c.config["weights"] != anchor.weights
+        if c.config.get("finetuned") != anchor.finetuned or stale:
+            why = ("progressive shrinking ran since" if c.config.get("finetuned") != anchor.finetuned else
+                   "it was fine-tuned since")
+            raise ElasticError(f"'{c.name}' was measured with other weights of anchor {c.config['anchor']} than the "
+                               f"run has now ({why}): search again, then export")
     bn_info = c.config.get("bn") or {}
     bn = None
     if bn_info.get("images"):

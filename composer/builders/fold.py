@@ -48,10 +48,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
+from composer import checks
 from composer.candidates import Candidate
 from composer.run import add_candidates
 from composer.costs import Cost, measure_latency, model_cost
+from composer.builders.source import BuildResult, resolve_source
 from composer.errors import UserError
+from composer.evaluate import accuracy, predictions
 from composer.io import read_config, save_safetensors_atomic, write_json_atomic
 from composer.snnet import StitchLayer
 
@@ -799,26 +802,6 @@ def load_folded(path) -> nn.Module:
     return model.eval()
 
 
-@torch.no_grad()
-def predictions(models: Sequence[nn.Module], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                progress: Callable[[int], None] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Predicted classes of each model over the same labelled batches (read once), and the labels."""
-    device = next(models[0].parameters()).device
-    preds: list[list[torch.Tensor]] = [[] for _ in models]
-    labels, n = [], 0
-    for x, y in batches:
-        x = x.to(device)
-        for m, p in zip(models, preds):
-            p.append(m.eval()(x).argmax(-1).cpu())
-        labels.append(y)
-        n += len(y)
-        if progress:
-            progress(n)
-    if not labels:
-        raise FoldError("no evaluation images")
-    return [torch.cat(p) for p in preds], torch.cat(labels)
-
-
 # --- a run's anchor or stitch, folded onto the curve -------------------------------------------------
 
 @dataclass
@@ -832,32 +815,31 @@ def fold_run(run_dir, data: str, out_dir, anchor: int | None = None, stitch: int
              images: int = 64, limit: int | None = None, tolerance: float = TOLERANCE, latency: bool = True,
              batch_size: int = 64, seed: int = 0, workers: int = 0,
              events: Callable[[dict], None] | None = None) -> FoldReport:
-    """Fold anchor `anchor` (or exported stitch `stitch`) of a run; certify it on `images` real
-    images of `data`; write OUT (see save_folded); measure top-1 of source and folded model on
+    """Fold anchor `anchor` (or stitch `stitch`) of a run (composer.builders.source); certify it on
+    `images` real images of `data`; write OUT (see save_folded; a stitch is also exported to
+    OUT/source, which `load_folded` rebuilds it from); measure top-1 of source and folded model on
     `limit` images (all by default); add a "fold" candidate to the run. `events` gets the
     fold_model events, then {"type": "evaluate", "images": n}."""
     from composer import data as data_mod
-    from composer.export import anchor_entry, export_stitch, load_stitched
-    from composer.run import check_writable, load_run
+    from composer.export import export_stitch
+    from composer.run import check_writable
 
-    if (anchor is None) == (stitch is None):
-        raise FoldError("fold either an anchor or a stitch (give exactly one)")
-    run = load_run(run_dir)
+    images = checks.whole(images, "certificate images", 1, 100_000)
+    limit = None if limit is None else checks.whole(limit, "evaluation images", 1, None)
+    tolerance = checks.number(tolerance, "the tolerance", above=0, hi=1)
+    batch_size = checks.whole(batch_size, "batch size", 1, 100_000)
+    src = resolve_source(run_dir, anchor, stitch)
     out = check_writable(Path(out_dir))
+    model = src.module
     if anchor is not None:
-        if not 0 <= anchor < len(run.plan.anchors):
-            raise FoldError(f"anchor {anchor} does not exist (this run has 0..{len(run.plan.anchors) - 1})")
-        spec = run.plan.anchors[anchor]
-        model = run.net.anchors[anchor]
-        source = {"kind": "anchor", "entry": anchor_entry(anchor, spec, model)}
-        label, name = spec, f"{Path(spec.split(':', 1)[-1]).name} folded"
+        source = {"kind": "anchor", "entry": src.entry}
+        label, name = src.spec, f"{Path(src.spec.split(':', 1)[-1]).name} folded"
     else:
-        # the exported stitch is what gets folded: a standalone module, rebuildable from its folder
-        export_stitch(run.dir, stitch, out / "source")
-        model = load_stitched(out / "source")
+        # the route is folded; its export is what `load_folded` rebuilds the structure from
+        export_stitch(src.run_dir, stitch, out / "source")
         source = {"kind": "stitch", "folder": "source", "stitch": stitch}
         label, name = f"stitch {stitch}", f"stitch {stitch} folded"
-    ds = data_mod.open_dataset(data, data_mod.data_config(run.net.anchors[0]), split="validation")
+    ds = data_mod.open_dataset(data, src.data_config, split="validation")
     inputs = torch.cat([x for x, _ in data_mod.loader(data_mod.subset(ds, images, seed), batch_size, workers=workers)])
     device = next(model.parameters()).device
     folded, cert = fold_model(model, inputs.to(device), tolerance, latency=latency, events=events)
@@ -872,13 +854,21 @@ def fold_run(run_dir, data: str, out_dir, anchor: int | None = None, stitch: int
     (p_source, p_folded), labels = predictions(
         [model, folded], data_mod.loader(eval_ds, batch_size, workers=workers),
         progress=(lambda n: events({"type": "evaluate", "images": n})) if events else None)
-    top1 = 100.0 * float((p_folded == labels).float().mean())
     candidate = Candidate(
-        "fold", name, label, cert.cost_after.macs, cert.cost_after.params, cert.cost_after.activations, top1,
-        "measured", cert.latency_after_ms,
+        "fold", name, label, cert.cost_after.macs, cert.cost_after.params, cert.cost_after.activations,
+        accuracy(p_folded, labels), "measured", cert.latency_after_ms,
         {"folder": str(out), "folds": len(cert.applied), "refused": len(cert.refused), "max_abs": cert.max_abs,
-         "max_rel": cert.max_rel, "images": len(labels), "data": data,
-         "source_top1": 100.0 * float((p_source == labels).float().mean()),
+         "max_rel": cert.max_rel, "images": len(labels), "data": data, "source_top1": accuracy(p_source, labels),
          "changed_predictions": int((p_source != p_folded).sum()), "latency_before_ms": cert.latency_before_ms})
-    add_candidates(run.dir, [candidate])
+    add_candidates(src.run_dir, [candidate])
     return FoldReport(out, cert, candidate)
+
+
+def build_fold(run_dir, *, anchor: int | None = None, stitch: int | None = None, events=None, cancel=None,
+               data: str, out=None, **options) -> BuildResult:
+    """composer.builders.build("fold", ...): `fold_run` on an anchor or a stitch of a run, written to
+    `out` (default RUN/folded/anchorI or RUN/folded/stitchID). Folding is short: `cancel` is not read."""
+    if out is None:
+        out = Path(run_dir) / "folded" / (f"anchor{anchor}" if stitch is None else f"stitch{stitch}")
+    r = fold_run(run_dir, data, out, anchor=anchor, stitch=stitch, events=events, **options)
+    return BuildResult("fold", [r.candidate], f"fold: {r.candidate.name} added to the curve", r)

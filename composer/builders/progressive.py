@@ -11,7 +11,7 @@ does.
 
 The fine-tuned, importance-sorted weights go to RUN/elastic/anchorI.safetensors; from then on
 `composer.builders.elastic.anchor_of_run` builds the run's anchor I with them, and every candidate records
-the digest of the weights it was measured with.
+the digest of the weights it was measured with (`weights`, and the file's in `finetuned`).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from composer.builders.elastic import WIDTH_CHOICES, Arch, ElasticAnchor, ElasticError, finetuned_path, smallest_arch
+from composer.builders.source import weights_digest
 from composer.io import save_safetensors_atomic
 from composer.builders.subnet import ElasticSpace, config_masks, masked
 
@@ -110,9 +111,11 @@ def _forever(batches: Iterable):
 
 
 def save_finetuned(run_dir, anchor: ElasticAnchor) -> Path:
-    """Write the fine-tuned anchor where `anchor_of_run` finds it; the anchor records its digest."""
+    """Write the fine-tuned anchor where `anchor_of_run` finds it; the anchor records the file's
+    digest and that of the weights it now runs (what its candidates are measured with)."""
     import hashlib
     path = finetuned_path(run_dir, anchor.index or 0)
     save_safetensors_atomic(path, {k: v.contiguous() for k, v in anchor.model.state_dict().items()})
     anchor.finetuned = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    anchor.weights = weights_digest(anchor.model)
     return path

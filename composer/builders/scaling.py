@@ -341,3 +341,55 @@ def scale_candidate(source: str, base: ScaleConfig, s: float, alpha: float, conf
     return Candidate("scale", f"{short} dWr x{s:.3g} (alpha {alpha:g})", source, cost.macs, cost.params,
                      cost.activations, top1=None, status="predicted",
                      config={"base": base.to_dict(), "s": s, "alpha": alpha, "scaled": config.to_dict()})
+
+
+# --- the builder on a run (composer.builders.build("scale", ...)) -----------------------------------------
+
+@dataclass
+class ScaleResult:
+    anchor: int              # the anchor scaled (with fill: the one nearer the gap's middle)
+    spec: str                # its spec
+    s: float
+    alpha: float
+    base: ScaleConfig
+    config: ScaleConfig      # the scaled configuration
+    base_cost: Cost          # the anchor's, predicted as `predict` counts configs
+    cost: Cost               # the scaled one's (predicted)
+    candidate: object        # the "scale" Candidate added to the run
+    fill: Fill | None = None
+    note: str | None = None  # with fill: where the biggest MACs gap is
+
+
+def build_scale(run_dir, *, anchor: int | None = None, stitch: int | None = None, events=None, cancel=None,
+                factor: float | None = None, alpha: float = 0.8, fill: bool = False):
+    """dWr-scale anchor `anchor` of a run by `factor` in MACs (0.01 to 100), or with `fill` the anchor
+    size that fills the biggest MACs gap between the run's anchors; adds a "scale" candidate with
+    predicted costs (nothing is built with weights, nothing trained). Returns a BuildResult whose
+    details are a ScaleResult."""
+    from composer import checks
+    from composer.builders.source import BuildResult, check_anchor
+    from composer.run import add_candidates, load_plan_of_run
+    alpha = checks.number(alpha, "alpha", 0, 1)
+    if not fill:
+        if stitch is not None or anchor is None:
+            raise ScaleError("scaling works from an anchor's configuration: choose an anchor, not a stitch")
+        dwr_factors(checks.number(factor, "the scale factor"), alpha)   # finite, then positive
+        factor = checks.number(factor, "the scale factor", 0.01, 100)
+    plan = load_plan_of_run(run_dir)
+    note, gap = None, None
+    if fill:
+        anchor_macs = [info.total.macs for info in plan.infos]
+        gap = suggest_fill([anchor_config(spec) for spec in plan.anchors], alpha, anchor_macs)
+        i, s, config, cost = gap.base, gap.s, gap.config, gap.cost
+        lo, hi = (short_name(plan.anchors[j]) for j in gap.gap)
+        note = (f"biggest MACs gap: {lo} -> {hi} ({anchor_macs[gap.gap[0]] / 1e6:.2f} -> "
+                f"{anchor_macs[gap.gap[1]] / 1e6:.2f} M), middle {gap.target_macs / 1e6:.2f} M")
+    else:
+        i, s = check_anchor(plan.anchors, anchor), factor
+        config = dwr_scale(anchor_config(plan.anchors[i]), s, alpha)
+        cost = predict(config)
+    base = anchor_config(plan.anchors[i])
+    candidate = scale_candidate(plan.anchors[i], base, s, alpha, config, cost)
+    add_candidates(run_dir, [candidate])
+    result = ScaleResult(i, plan.anchors[i], s, alpha, base, config, predict(base), cost, candidate, gap, note)
+    return BuildResult("scale", [candidate], f"scale: {candidate.name} added (predicted costs)", result)

@@ -34,13 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from composer import checks
 from composer.candidates import Candidate
 from composer.run import add_candidates
 from composer.costs import measure_latency, model_cost
 from composer.builders.elastic import FORMAT as SUBNET_FORMAT
-from composer.builders.elastic import recalibrate_bn, top1
+from composer.builders.elastic import recalibrate_bn
+from composer.builders.source import BuildResult, resolve_source
 from composer.errors import UserError
-from composer.export import anchor_entry, preprocessing_of
+from composer.evaluate import top1
 from composer.io import save_safetensors_atomic, write_json_atomic
 from composer.builders.subnet import (ElasticSpace, SubnetConfig, elastic_space, extract, masked, permute_, soft_cost,
                              subnet_cost)
@@ -410,7 +412,7 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
 
 
-def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: int = 200,
+def shrink_anchor(run_dir, anchor: int | None, data: str, target_macs: float, steps: int = 200,
                   eval_data: str | None = None, eval_limit: int | None = 1000, batch_size: int = 64,
                   lr: float = 0.01, bn_images: int = 256, seed: int = 0, workers: int = 0, latency: bool = False,
                   events: Callable[[dict], None] | None = None, cancel=None, stitch: int | None = None) -> ShrinkResult:
@@ -420,32 +422,23 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
     validation split of `data`), save RUN/shrink/<name>/ and add the candidate to the run. With
     latency=True the pruned network's batch-1 latency on this device becomes the candidate's
     latency_ms (composer.costs' timer, as elastic and fold candidates are timed). With `stitch` (and
-    anchor None) the stitch's route is shrunk instead (composer.export.route_of, as elastic does)."""
+    anchor None) the stitch's route is shrunk instead (composer.builders.source, as elastic and fold do)."""
     from composer import data as data_mod
-    from composer.run import load_run
 
     events = events or (lambda e: None)
-    if not target_macs > 0:   # before loading anything
+    target_macs = checks.number(target_macs, "the target MACs")   # before loading anything
+    if not target_macs > 0:
         raise ShrinkError(f"the target must be a positive number of MACs, got {target_macs:g}")
-    run = load_run(run_dir)
-    if stitch is not None:
-        from composer.export import ExportError, route_of
-        try:
-            model, description = route_of(run.net, stitch)
-        except ExportError as e:
-            raise ShrinkError(str(e)) from None
-        spec = f"stitch {stitch}: {run.plan.describe_route(stitch)}"
-        first = run.plan.stitches[stitch].route[0].anchor
-        space = elastic_space(model, tuple(run.plan.infos[first].input_size))
-        base, label, arch = {"stitch": {"stitch": stitch, **description}}, f"stitch{stitch}", f"stitch {stitch}"
-    else:
-        if not 0 <= anchor < len(run.net.anchors):
-            listed = ", ".join(f"{i}: {s}" for i, s in enumerate(run.plan.anchors))
-            raise ShrinkError(f"no anchor {anchor} in {run_dir} (anchors are {listed})")
-        model, spec = run.net.anchors[anchor], run.plan.anchors[anchor]
-        space = elastic_space(model)
-        base, label = {"anchor": anchor_entry(anchor, spec, model)}, f"anchor{anchor}"
-        arch = model.pretrained_cfg.get("architecture") or spec
+    steps = checks.whole(steps, "search steps", 1, 1_000_000)
+    eval_limit = None if eval_limit is None else checks.whole(eval_limit, "evaluation images", 1, None)
+    batch_size = checks.whole(batch_size, "batch size", 1, 100_000)
+    lr = checks.number(lr, "the learning rate", hi=10, above=0)
+    bn_images = checks.whole(bn_images, "BatchNorm images", 0, None)
+    source = resolve_source(run_dir, anchor, stitch)
+    model, spec = source.module, source.spec
+    space = elastic_space(model, source.input_size)
+    base, label = {"stitch" if stitch is not None else "anchor": source.entry}, source.key
+    arch = source.label
     check_target(space, target_macs)
     cfg = data_mod.data_config(model)
     train_ds = data_mod.open_dataset(data, cfg)
@@ -475,7 +468,7 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
         latency_ms = measure_latency(pruned.eval(), torch.zeros(1, *space.input_size, device=device))
 
     name = f"{arch} DMS <={target_macs / 1e6:.2f}M"
-    folder = Path(run.dir) / FOLDER / _slug(f"{label}-{int(target_macs)}")
+    folder = Path(source.run_dir) / FOLDER / _slug(f"{label}-{int(target_macs)}")
     stages = stage_summary(space, config)
     # composer.builders.elastic's format for a static sub-network of an anchor or a stitch: `elastic.load_subnet` loads it
     described = {"format": SUBNET_FORMAT, "version": 1, "method": "shrink", **base, "subnet": config.to_dict(),
@@ -483,7 +476,7 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
                  "order": {k: v.tolist() for k, v in order.items()},
                  "ratios": {t.key: float(a) for t, a in zip(result.masks.topks, result.masks.ratio.detach())},
                  "target_macs": int(target_macs), "soft_macs": result.soft_macs, "steps": result.steps,
-                 "search_data": data, "lr": lr, "preprocessing": preprocessing_of(model),
+                 "search_data": data, "lr": lr, "preprocessing": source.preprocessing,
                  "top1": after, "top1_before_bn_recalibration": after_export, "bn_images": recalibrated,
                  "eval_data": eval_data or data, "eval_images": n}
     save_shrunk(folder, pruned, described)
@@ -492,13 +485,20 @@ def shrink_anchor(run_dir, anchor: int, data: str, target_macs: float, steps: in
                                                      ("subnet", "order", "ratios", "target_macs", "soft_macs",
                                                       "steps", "eval_data", "eval_images", "bn_images",
                                                       "top1_before_bn_recalibration")}
-                          | {"anchor_index": anchor, "stitch": stitch, "folder": str(folder.relative_to(run.dir)),
-                             "top1_before": before, "stages": stages})
-    add_candidates(run.dir, [candidate])
+                          | {"anchor_index": anchor, "stitch": stitch,
+                             "folder": str(folder.relative_to(source.run_dir)), "top1_before": before, "stages": stages})
+    add_candidates(source.run_dir, [candidate])
     out = ShrinkResult(candidate, folder, result.full_macs, int(target_macs), result.soft_macs, cost.macs,
                        before, after, after_export, recalibrated, n, stages, result.seconds, result.steps)
     events({"type": "done", "counted_macs": cost.macs, "top1_before": before, "top1_after": after})
     return out
+
+
+def build_shrink(run_dir, *, anchor: int | None = None, stitch: int | None = None, events=None, cancel=None,
+                 data: str, target_macs: float, **options) -> BuildResult:
+    """composer.builders.build("shrink", ...): `shrink_anchor` on an anchor or a stitch of a run."""
+    r = shrink_anchor(run_dir, anchor, data, target_macs, events=events, cancel=cancel, stitch=stitch, **options)
+    return BuildResult("shrink", [r.candidate], f"shrink: {r.candidate.name} added to the curve", r)
 
 
 def save_shrunk(folder: Path, pruned: nn.Module, config: dict) -> None:

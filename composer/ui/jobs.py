@@ -63,9 +63,9 @@ class TrainJob:
             self._update(message=f"checkpoint saved at step {e.get('step')}")
 
     def _run(self) -> None:
-        from composer.train import train
+        from composer.pipeline import train_run
         try:
-            result = train(self.run_dir, self.data, self.config, events=self._event, cancel=self.cancel)
+            result = train_run(self.run_dir, self.data, self.config, events=self._event, cancel=self.cancel)
             status = result.get("status", "done")
             words = {"done": "finished", "cancelled": "cancelled (checkpoint saved: resume continues from it)",
                      "budget": "stopped at the time budget (checkpoint saved)"}

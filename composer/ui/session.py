@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from composer.checks import number, whole
 from composer.costs import AnchorInfo
 from composer.errors import UserError
 from composer.plan import PlanError, StitchPlan, build_plan
@@ -36,6 +37,21 @@ class AppError(UserError):
     """Bad input or an impossible action; the message is shown to the user as it is."""
 
 
+# composer.pipeline's progress events as the app's progress(fraction, text): phase -> (from, to, text)
+FIT_STEPS = {"anchors": (0.02, 0.05, "loading anchors with their weights"),
+             "fit": (0.05, 0.5, "fitting stitching layers: {done}/{total} images"),
+             "route_stats": (0.5, 0.6, "BatchNorm statistics per stitch: {done}/{total} images"),
+             "evaluate": (0.6, 1.0, "evaluating {stitches} stitches: {done}/{total} images")}
+LATENCY_STEPS = {"latency": (0.0, 1.0, "timing stitch {done}/{total}")}
+
+
+def _as_fraction(progress: Progress | None, steps: dict[str, tuple[float, float, str]]) -> Callable[[dict], None]:
+    def show(e: dict) -> None:
+        if progress is None or e.get("type") != "progress" or e.get("phase") not in steps:
+            return
+        lo, hi, text = steps[e["phase"]]
+        progress(lo + (hi - lo) * e["done"] / max(e["total"], 1), text.format(**e))
+    return show
 
 
 @dataclass
@@ -238,10 +254,7 @@ class Session:
         with self.lock:
             self._no_running_job()
             self._need_plan()
-            try:
-                kernel, stride = int(kernel), int(stride)
-            except (TypeError, ValueError):
-                raise AppError("kernel and stride must be whole numbers") from None
+            kernel, stride = whole(kernel, "kernel"), whole(stride, "stride")   # the plan checks their range
             old = dict(self.options)
             self.options = {"kernel": kernel, "stride": stride, "all_pairs": bool(all_pairs)}
             self.points = None   # the defaults depend on the options: start again from them
@@ -386,48 +399,35 @@ class Session:
 
     def fit(self, data: str, calib: int = 256, eval_images: int | None = None,
             progress: Progress | None = None) -> dict[int, float]:
-        """Build the network with weights, fit every stitching layer, save a run, evaluate all stitches."""
-        from composer import data as data_mod
-        from composer.evaluate import evaluate_all
-        from composer.run import write_evaluation
-        from composer.fit import calibrate_route_stats, fit_stitches
-        from composer.run import build_network, save_fitted
-        progress = progress or (lambda f, t: None)
+        """Build the network with weights, fit every stitching layer, save a run, evaluate all stitches
+        (composer.pipeline's fit_run and evaluate_run; the starter is evaluated on its val split)."""
+        from composer.pipeline import evaluate_run, fit_run
+        from composer.run import data_name
+        show = _as_fraction(progress, FIT_STEPS)
         with self.lock:
             self._no_running_job()
             self._need_plan()
             spec = self.resolve_data(data)
-            calib = _bounded_int(calib, "calibration images", 1, 100_000)
-            eval_images = _bounded_int(eval_images or self.config.eval_limit, "evaluation images", 1, 100_000)
-            calib_spec = "starter:train" if spec == "starter" else spec
-            eval_spec, eval_split = ("starter:val", "validation") if spec.startswith("starter") else (spec, "validation")
-            progress(0.02, "loading anchors with their weights")
-            net = build_network(self.specs, None, **self.plan_options())
-            cfg = data_mod.data_config(net.anchors[0])
-            ds = data_mod.subset(data_mod.open_dataset(calib_spec, cfg), calib, seed=0)
-            batches = (x for x, _ in data_mod.loader(ds, 64))
-            report = fit_stitches(net, batches, progress=lambda n: progress(0.05 + 0.45 * n / len(ds),
-                                                                           f"fitting stitching layers: {n}/{len(ds)} images"))
-            calibrate_route_stats(net, (x for x, _ in data_mod.loader(ds, 64)),
-                                  progress=lambda n: progress(0.5 + 0.1 * n / len(ds),
-                                                              f"BatchNorm statistics per stitch: {n}/{len(ds)} images"))
+            calib = whole(calib, "calibration images", 1, 100_000)
+            eval_images = whole(eval_images or self.config.eval_limit, "evaluation images", 1, 100_000)
+            eval_spec = "starter:val" if spec.startswith("starter") else spec
             run_dir = self._new_run_dir()
-            manifest = {"pretrained": None, "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-                        "fit": {"data": spec, "calib": report.images, "held_out": report.held_out, "ridge": 1e-4,
-                                "r2": {str(k): v for k, v in report.r2.items()}},
-                        "app": {"family": self.family.name if self.family else None}}
-            save_fitted(run_dir, net, manifest)
-            eval_ds = data_mod.subset(data_mod.open_dataset(eval_spec, cfg, split=eval_split), eval_images, seed=0)
-            res = evaluate_all(net, data_mod.loader(eval_ds, 64),
-                               progress=lambda n: progress(0.6 + 0.4 * n / len(eval_ds),
-                                                           f"evaluating {len(net.plan.stitches)} stitches: {n}/{len(eval_ds)} images"))
-            write_evaluation(run_dir, net.plan, res.top1, eval_spec, res.images)
+            try:
+                fitted = fit_run(self.specs, spec, run_dir, calib=calib, plan_options=self.plan_options(),
+                                 manifest_extra={"app": {"family": self.family.name if self.family else None}},
+                                 progress=show)
+                res = evaluate_run(run_dir, eval_spec, limit=eval_images, net=fitted.net, progress=show)
+            except BaseException:
+                if run_dir.is_dir() and not any(run_dir.iterdir()):
+                    run_dir.rmdir()   # nothing was written: the next fit takes this name again
+                raise
+            net = fitted.net
             self.plan, self.net, self.run_dir, self.data = net.plan, net, run_dir, spec
-            self.r2, self.top1 = dict(report.r2), dict(res.top1)
-            self.top1_source = f"after fitting, before fine-tuning ({res.images} images of {eval_spec})"
+            self.r2, self.top1 = dict(fitted.r2), dict(res.top1)
+            self.top1_source = f"after fitting, before fine-tuning ({res.images} images of {data_name(eval_spec)})"
             self.latency, self.selected = None, None
-            worst = min(report.r2.values()) if report.r2 else float("nan")
-            self.message = (f"fitted {len(net.plan.layers)} stitching layers on {report.images} images; "
+            worst = min(fitted.r2.values()) if fitted.r2 else float("nan")
+            self.message = (f"fitted {len(net.plan.layers)} stitching layers on {fitted.images} images; "
                             f"lowest R^2 {worst:.2f}")
             self.error = False
             return self.r2
@@ -495,10 +495,7 @@ class Session:
     def select(self, stitch_id: int) -> int:
         with self.lock:
             self._need_plan()
-            try:
-                sid = int(stitch_id)
-            except (TypeError, ValueError):
-                raise AppError(f"a stitch id is a whole number, not '{str(stitch_id)[:20]}'") from None
+            sid = whole(stitch_id, "a stitch id")
             if not 0 <= sid < len(self.plan.stitches):
                 raise AppError(f"stitch {sid} does not exist (0..{len(self.plan.stitches) - 1})")
             self.selected = sid
@@ -511,7 +508,7 @@ class Session:
             if not self.top1:
                 raise AppError("no accuracies yet: fit first")
             pts = curve_points(self.plan, self.top1, x, self.latency)
-            i = best_under([(p.x, p.top1) for p in pts], float(budget))
+            i = best_under([(p.x, p.top1) for p in pts], number(budget, "the budget"))
             if i is None:
                 cheapest = min(p.x for p in pts)
                 raise AppError(f"no stitch fits that budget: the cheapest needs {cheapest:.3g}")
@@ -519,8 +516,9 @@ class Session:
             return self.selected
 
     def measure_latency(self, progress: Progress | None = None) -> dict[int, float]:
-        from composer.evaluate import stitch_latencies
-        from composer.run import save_latency
+        """Batch-1 latency of every stitch on this server (composer.pipeline.latency_run: saved in the
+        run with the device that ran it)."""
+        from composer.pipeline import latency_run
         with self.lock:
             self._no_running_job()
             if self.run_dir is None:
@@ -528,10 +526,9 @@ class Session:
             if self.net is None:
                 from composer.run import load_run
                 self.net = load_run(self.run_dir).net
-            ms = stitch_latencies(self.net, progress=(lambda i, n: progress(i / n, f"timing stitch {i}/{n}")) if progress else None)
-            save_latency(self.run_dir, ms, str(next(self.net.parameters()).device))
-            self.latency = ms
-            return ms
+            r = latency_run(self.run_dir, net=self.net, progress=_as_fraction(progress, LATENCY_STEPS))
+            self.latency = r.ms
+            return r.ms
 
     def stitch_summary(self, sid: int | None) -> dict | None:
         if self.plan is None or sid is None:
@@ -580,7 +577,8 @@ class Session:
             if kind == "shrink":
                 pct = _bounded_float(options.get("target_pct"), "target (% of its MACs)", 1, 99)
                 steps = _bounded_int(options.get("steps") or 100, "search steps", 5, 5000)
-                work = _shrink_work(run, i, sid, train_spec, eval_spec, full * pct / 100, steps, limit, self._report)
+                args = {"data": train_spec, "eval_data": eval_spec, "target_macs": full * pct / 100, "steps": steps,
+                        "eval_limit": limit, "latency": True}
             elif kind == "elastic":
                 metric = str(options.get("metric") or "macs")
                 if metric not in ELASTIC_METRICS:
@@ -592,13 +590,14 @@ class Session:
                 if finetune and sid is not None:
                     raise AppError(f"progressive shrinking works on an anchor, not on a stitch yet: set its steps to 0 "
                                    f"to search stitch {sid} as it is, or choose an anchor")
-                work = _elastic_work(run, i, sid, train_spec, eval_spec, metric, budgets, samples, limit, bn_images,
-                                     finetune, self._report)
-            elif kind == "fold":
-                out = run / "folded" / (f"anchor{i}" if sid is None else f"stitch{sid}")
-                work = _fold_work(run, i, sid, eval_spec, out, limit, self._report)
+                args = {"data": train_spec, "eval_data": eval_spec, "budgets": [(metric, p) for p in budgets],
+                        "relative": True, "samples": samples, "eval_limit": limit, "bn_images": bn_images,
+                        "finetune_steps": finetune}
+            elif kind == "fold":   # written to RUN/folded/anchorI or RUN/folded/stitchID
+                args = {"data": eval_spec, "limit": limit}
             else:
                 raise AppError(f"unknown builder '{kind}' (elastic, shrink or fold)")
+            work = _builder_work(kind, run, i, sid, args, self._report)
             self._no_running_job()
             self.builder_result = ""
             self.builder = BuilderJob(kind, work)
@@ -618,30 +617,17 @@ class Session:
     def scale(self, anchor, factor, alpha=0.8, fill: bool = False) -> str:
         """dWr-scale an anchor (or fill the biggest MACs gap between anchors); adds a "scale" candidate
         with predicted costs. Returns a Markdown report."""
-        from composer.run import add_candidates
-        from composer.builders.scaling import anchor_config, dwr_factors, dwr_scale, predict, scale_candidate, suggest_fill
+        from composer.builders import build
         with self.lock:
             run, _, _ = self._builder_data()
-            i = None if fill else self.builder_source(anchor)[0]
-            if not fill and i is None:
-                raise AppError("scaling works from an anchor's configuration: choose an anchor, not a stitch")
+            i, sid = (None, None) if fill else self.builder_source(anchor)   # a stitch: refused by the builder
             alpha = _bounded_float(alpha, "alpha", 0, 1)
-            if fill:
-                fill_ = suggest_fill([anchor_config(spec) for spec in self.plan.anchors], alpha,
-                                     [info.total.macs for info in self.plan.infos])
-                i, s, config, cost = fill_.base, fill_.s, fill_.config, fill_.cost
-            else:
-                s = _bounded_float(factor, "scale factor", 0.01, 100)
-                dwr_factors(s, alpha)
-                config = dwr_scale(anchor_config(self.plan.anchors[i]), s, alpha)
-                cost = predict(config)
-            base = anchor_config(self.plan.anchors[i])
-            add_candidates(run, [scale_candidate(self.plan.anchors[i], base, s, alpha, config, cost)])
-            b = predict(base)
-            rows = "\n".join(f"| {w} | {getattr(b, w) / 1e6:.3f} | {getattr(cost, w) / 1e6:.3f} |"
+            s = None if fill or sid is not None else _bounded_float(factor, "scale factor", 0.01, 100)
+            r = build("scale", run, anchor=i, stitch=sid, factor=s, alpha=alpha, fill=fill).details
+            rows = "\n".join(f"| {w} | {getattr(r.base_cost, w) / 1e6:.3f} | {getattr(r.cost, w) / 1e6:.3f} |"
                               for w in ("macs", "params", "activations"))
-            return (f"**{short_name(self.plan.anchors[i])}** x {s:.3g} (alpha {alpha:g}): `{base.describe()}` -> "
-                    f"`{config.describe()}`\n\n| | anchor (M) | scaled (M, predicted) |\n|---|---:|---:|\n{rows}\n\n"
+            return (f"**{short_name(r.spec)}** x {r.s:.3g} (alpha {r.alpha:g}): `{r.base.describe()}` -> "
+                    f"`{r.config.describe()}`\n\n| | anchor (M) | scaled (M, predicted) |\n|---|---:|---:|\n{rows}\n\n"
                     "Predicted costs only (no accuracy): the point is listed, not drawn on the accuracy curve.")
 
     def candidate_md(self, key: str) -> str:
@@ -675,28 +661,24 @@ class Session:
                 raise AppError("fit (and ideally fine-tune) first: there is nothing to export yet")
             if self.job is not None and self.job.running:
                 raise AppError("a fine-tune is running: wait for it or cancel it, then export its checkpoint")
-            try:
-                from composer import export as export_mod
-            except ImportError:
-                raise AppError("exporting is not available in this build (composer.export is missing)") from None
+            from composer.pipeline import export_run
             stamp = time.strftime("%Y%m%d-%H%M%S")
             out_base = self.config.exports_dir / self.key
             if what == "stitch":
                 sid = self.select(self.selected if stitch_id is None else stitch_id)
                 name = f"stitch-{sid}-{stamp}"
-                export_mod.export_stitch(self.run_dir, sid, out_base / name)
+                export_run(self.run_dir, out_base / name, stitch=sid)
             elif what == "snnet":
                 name = f"snnet-{stamp}"
-                export_mod.export_snnet(self.run_dir, out_base / name)
+                export_run(self.run_dir, out_base / name, whole=True)
             elif what == "candidate":
                 from composer.run import find_candidate
-                from composer.builders.elastic import export_candidate
                 ref = str(candidate or "").strip()
                 if not ref:
                     raise AppError("click an elastic or shrink point on the curve first: it names the candidate to export")
                 c = find_candidate(self.run_dir, ref)
                 name = f"{c.method}-{re.sub(r'[^A-Za-z0-9._-]+', '-', c.name).strip('-')[:60]}-{stamp}"
-                export_candidate(self.run_dir, f"{c.method}:{c.name}", out_base / name)
+                export_run(self.run_dir, out_base / name, candidate=f"{c.method}:{c.name}")
             else:
                 raise AppError(f"export 'stitch', 'snnet' or 'candidate', not '{str(what)[:20]}'")
             zip_path = Path(shutil.make_archive(str(out_base / name), "zip", root_dir=out_base, base_dir=name))
@@ -705,100 +687,61 @@ class Session:
             return zip_path
 
 
-def _shrink_work(run: Path, i: int | None, sid: int | None, data: str, eval_data: str, target: float, steps: int,
-                 limit: int, report):
-    def work(events, cancel) -> str:
-        from composer.builders.shrink import shrink_anchor
-        r = shrink_anchor(run, i, data, target, steps=steps, eval_data=eval_data, eval_limit=limit, latency=True,
-                          events=events, cancel=cancel, stitch=sid)
-        stages = "\n".join(f"| {s['stage']} | {s['blocks']}/{s['of_blocks']} | {100 * s['width_keep']:.0f} % |"
-                            for s in r.stages)
-        report(f"**{r.candidate.name}**: {r.full_macs / 1e6:.2f} M -> {r.counted_macs / 1e6:.2f} M MACs counted "
-               f"(target {r.target / 1e6:.2f} M), top-1 {r.top1_before:.2f} % -> {r.top1_after:.2f} % on {r.eval_images} "
-               f"images (no fine-tune), batch-1 latency here {r.candidate.latency_ms:.3f} ms\n\n"
-               f"| stage | blocks | widths kept |\n|---|---|---|\n{stages}")
-        return f"shrink: {r.candidate.name} added to the curve"
-    return work
-
-
 ELASTIC_METRICS = ("macs", "activations", "latency")
 
 
-def _elastic_work(run: Path, i: int | None, sid: int | None, data: str, eval_data: str, metric: str, percents: list[float], samples: int,
-                  limit: int, bn_images: int, finetune_steps: int, report):
-    """Sub-networks of anchor `i` or of stitch `sid`. Budgets are percentages of its own MACs,
-    activations or latency (a latency table is measured here first: batch 1 on this server's CPU/GPU,
-    like the CLI's --budget-latency). With finetune_steps (anchors only), progressive shrinking runs
-    first (composer.builders.progressive) and its weights stay in the run."""
+def _builder_work(kind: str, run: Path, i: int | None, sid: int | None, options: dict, report):
+    """The background job of builder `kind` (composer.builders.build) on anchor `i` or stitch `sid`:
+    its Markdown report goes to `report`, its one-line summary is the job's message."""
     def work(events, cancel) -> str:
-        from torch import nn
-
-        from composer.run import add_candidates
-        from composer.builders.elastic import (anchor_of_run, budget_cost, check_budget, image_batches, largest_arch,
-                                      latency_table, search_elastic, stitch_of_run)
-
-        def progress(phase: str, done: int, total: int) -> None:
-            events({"type": "progress", "phase": phase, "done": done, "total": total})
-
-        if sid is not None:
-            anchor = stitch_of_run(run, sid)
-        else:
-            anchor = anchor_of_run(run, i, progressive=not finetune_steps)
-        if finetune_steps:
-            from composer import data as data_mod
-            from composer.builders.progressive import progressive_shrink, save_finetuned
-            ds = data_mod.open_dataset(data, data_mod.data_config(anchor.model), split="train")
-            ps = progressive_shrink(anchor, data_mod.loader(ds, 64, shuffle=True), finetune_steps, events=events,
-                                    cancel=cancel)
-            save_finetuned(run, anchor)
-            if cancel is not None and cancel.is_set():
-                return f"elastic: cancelled after {ps['steps']} progressive-shrinking steps (saved in the run)"
-        table = latency_table(anchor, progress=lambda d, t: progress("latency", d, t)) if metric == "latency" else None
-        full = budget_cost(anchor.space, metric, table)(largest_arch(anchor.space))
-        budgets = [(metric, full * p / 100) for p in percents]
-        for m, value in budgets:
-            check_budget(anchor.space, m, value, table)
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in anchor.model.modules())
-        bn, batches = image_batches(data, anchor.model, limit, bn_images=bn_images if has_bn else 0)
-        _, eval_batches = image_batches(eval_data, anchor.model, limit, split="validation")
-        result = search_elastic(anchor, batches, eval_batches, bn, budgets, samples=samples, data=eval_data,
-                                latency=table, bn_source={"data": data, "seed": 0, "batch_size": 64},
-                                progress=progress)
-        add_candidates(run, result.candidates)
-        rho = result.rank_correlation
-        unit = "ms" if metric == "latency" else "M"
-        scale = 1 if metric == "latency" else 1e6
-        rows = "\n".join(f"| {c.name} | {c.config['budget']['value'] / scale:.3g} {unit} | {c.macs / 1e6:.2f} | "
-                          f"{c.activations / 1e6:.3f} | {c.top1:.2f} | {c.config['predicted_top1']:.2f} |"
-                          for c in result.candidates)
-        ps_note = (f"progressive shrinking: {finetune_steps} steps first; " if finetune_steps else
-                   "progressive-shrinking weights of an earlier run; " if anchor.finetuned else "")
-        bn_note = ps_note + (f"BatchNorm statistics re-estimated on {sum(len(x) for x in bn)} images per sub-network"
-                   if bn else "BatchNorm statistics: the anchor's" if has_bn else "no BatchNorm layers")
-        report(f"predictor fitted on {len(result.samples)} measured sub-networks; rank correlation (Spearman, held out) "
-               f"**{'n/a' if rho is None else f'{rho:.3f}'}**; {bn_note}\n\n| sub-network | budget ({metric}) | "
-               f"MACs (M) | activations (M) | top-1 | predicted |\n|---|---:|---:|---:|---:|---:|\n{rows}")
-        return f"elastic: {len(result.candidates)} sub-networks added to the curve"
+        from composer.builders import build
+        result = build(kind, run, anchor=i, stitch=sid, events=events, cancel=cancel, **options)
+        markdown = REPORTS[kind](result.details, options)
+        if markdown:
+            report(markdown)
+        return result.summary
     return work
 
 
-def _fold_work(run: Path, i: int | None, sid: int | None, data: str, out: Path, limit: int, report):
-    def work(events, cancel) -> str:
-        from composer.builders.fold import fold_run, format_certificate
-        r = fold_run(run, data, out, anchor=i, stitch=sid, limit=limit, events=events)
-        report(f"**{r.candidate.name}**: top-1 {r.candidate.top1:.2f} %\n\n```\n{format_certificate(r.certificate)}\n```")
-        return f"fold: {r.candidate.name} added to the curve"
-    return work
+def _shrink_md(r, options: dict) -> str:
+    stages = "\n".join(f"| {s['stage']} | {s['blocks']}/{s['of_blocks']} | {100 * s['width_keep']:.0f} % |"
+                        for s in r.stages)
+    return (f"**{r.candidate.name}**: {r.full_macs / 1e6:.2f} M -> {r.counted_macs / 1e6:.2f} M MACs counted "
+            f"(target {r.target / 1e6:.2f} M), top-1 {r.top1_before:.2f} % -> {r.top1_after:.2f} % on {r.eval_images} "
+            f"images (no fine-tune), batch-1 latency here {r.candidate.latency_ms:.3f} ms\n\n"
+            f"| stage | blocks | widths kept |\n|---|---|---|\n{stages}")
+
+
+def _elastic_md(r, options: dict) -> str:
+    """Budgets are percentages of the source's own MACs, activations or latency (one metric)."""
+    if r.cancelled:   # during progressive shrinking: the job's message says so, nothing was searched
+        return ""
+    metric = options["budgets"][0][0]
+    rho = r.rank_correlation
+    unit = "ms" if metric == "latency" else "M"
+    scale = 1 if metric == "latency" else 1e6
+    rows = "\n".join(f"| {c.name} | {c.config['budget']['value'] / scale:.3g} {unit} | {c.macs / 1e6:.2f} | "
+                      f"{c.activations / 1e6:.3f} | {c.top1:.2f} | {c.config['predicted_top1']:.2f} |"
+                      for c in r.candidates)
+    ps_note = (f"progressive shrinking: {r.progressive['steps']} steps first; " if r.progressive else
+               "progressive-shrinking weights of an earlier run; " if r.finetuned else "")
+    bn_note = ps_note + (f"BatchNorm statistics re-estimated on {r.bn_images} images per sub-network"
+                         if r.bn_images else "BatchNorm statistics: the anchor's" if r.has_bn else "no BatchNorm layers")
+    return (f"predictor fitted on {len(r.samples)} measured sub-networks; rank correlation (Spearman, held out) "
+            f"**{'n/a' if rho is None else f'{rho:.3f}'}**; {bn_note}\n\n| sub-network | budget ({metric}) | "
+            f"MACs (M) | activations (M) | top-1 | predicted |\n|---|---:|---:|---:|---:|---:|\n{rows}")
+
+
+def _fold_md(r, options: dict) -> str:
+    from composer.builders.fold import format_certificate
+    return f"**{r.candidate.name}**: top-1 {r.candidate.top1:.2f} %\n\n```\n{format_certificate(r.certificate)}\n```"
+
+
+REPORTS = {"elastic": _elastic_md, "shrink": _shrink_md, "fold": _fold_md}   # builder -> its Markdown report
 
 
 def _bounded_float(v, what: str, lo: float, hi: float) -> float:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        raise AppError(f"{what} must be a number, not '{str(v)[:20]}'") from None
-    if not lo <= x <= hi:
-        raise AppError(f"{what} must be between {lo:g} and {hi:g}, got {x:g}")
-    return x
+    return number(v, what, lo, hi)   # composer.checks: finite, in [lo, hi]
 
 
 def _percentages(text: str) -> list[float]:
@@ -829,13 +772,7 @@ def _point4(v) -> tuple[int, int, int, int]:
 
 
 def _bounded_int(v, what: str, lo: int, hi: int) -> int:
-    try:
-        n = int(v)
-    except (TypeError, ValueError):
-        raise AppError(f"{what} must be a whole number, not '{str(v)[:20]}'") from None
-    if not lo <= n <= hi:
-        raise AppError(f"{what} must be between {lo} and {hi}, got {n}")
-    return n
+    return whole(v, what, lo, hi)    # composer.checks: a whole number in [lo, hi]
 
 
 class SessionStore:
