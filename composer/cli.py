@@ -16,7 +16,6 @@ from tqdm import tqdm
 from composer.checks import number, whole
 from composer.errors import UserError
 from composer.run import stitch_rows
-from zoo.sources import short_name
 
 COMMANDS = {}   # name -> (function that adds the command's arguments, function that runs it)
 
