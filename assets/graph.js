@@ -196,3 +196,20 @@ element.addEventListener("pointerup", (ev) => {
 
 watch("value", () => { pending = null; draw(); });
 draw();
+
+// One status line about the latest action: a message on the graph that the status line no longer
+// says (a newer action happened elsewhere) is cleared, so the two never disagree.
+function watchStatus(tries) {
+  const statusEl = document.getElementById("zc-status");
+  if (!statusEl) { if (tries > 0) setTimeout(() => watchStatus(tries - 1), 500); return; }
+  new MutationObserver(() => {
+    const bar = root.querySelector(".zc-graph-msg");
+    const said = bar ? bar.textContent.trim() : "";
+    const now = statusEl.innerText.replace(/^\s*⚠\s*/, "").trim();
+    if (said && now && !now.includes(said) && !said.includes(now)) {
+      bar.textContent = "";
+      bar.classList.remove("zc-error");
+    }
+  }).observe(statusEl, {childList: true, subtree: true, characterData: true});
+}
+watchStatus(20);

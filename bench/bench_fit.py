@@ -14,15 +14,21 @@ just before fitting (VmHWM reset through /proc/self/clear_refs, else the high-wa
 that baseline), and the top-1 of every stitch on a fixed subset of the eval split (official
 indices < 5000): median and worst gap to the straight line between its two anchors.
 Workers use one torch thread by default: on a shared machine two threads time erratically.
+Ours also runs its forward passes alone (`prefix_outputs` over the same batches, as whole batches
+and as the few-image passes fit_stitches runs on CPU), taking turns with fitting --repeats times,
+and prints fit / forward (medians of CPU seconds): the cost of the least squares beyond the
+forward passes.
 
     python -m bench.bench_fit                      # 64 / 256 / 1024 images, 300 eval images, 1 thread
     python -m bench.bench_fit --calib 64 --eval-images 0   # timing and memory only
+    python -m bench.bench_fit --calib 1024 --eval-images 0 --methods ours   # fit / forward passes at 1,024 images
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import math
 import re
 import statistics
 import subprocess
@@ -119,17 +125,34 @@ def worker(args) -> dict:
     out = {"method": args.method, "calib": len(calib), "fit_s": fit_s, "fit_cpu_s": fit_cpu_s, "peak_mb": peak_kib / 1024,
            "peak_exact": exact_peak, "threads": torch.get_num_threads(), "stitches": len(net.plan.stitches) - len(net.plan.anchors)}
 
-    if args.method == "ours":   # the share of the fit that is forward passes through the anchors
+    if args.method == "ours":   # fitting vs its forward passes alone, side by side, taking turns
+        import composer.fit as fit_mod
         needed = defaultdict(set)
         for s in net.plan.stitches:
             if not s.is_anchor:
                 needed[s.route[0].anchor].add(s.route[0].last)
                 needed[s.route[1].anchor].add(s.route[1].first - 1)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for x in batches:
-                prefix_outputs(net, x, needed)
-        out["forward_s"] = time.perf_counter() - t0
+        keys = {(a, u) for a, us in needed.items() for u in us}
+        image_bytes = 4 * sum(math.prod(fit_mod._key_shape(net.plan, k)) for k in keys)
+        micro = max(1, fit_mod.MICRO_BATCH_BYTES // image_bytes)    # the images per forward pass fit_stitches runs
+
+        def forward(step=None):
+            with torch.no_grad():
+                for x in batches:
+                    for j in range(0, len(x), step or len(x)):
+                        prefix_outputs(net, x[j:j + (step or len(x))], needed)
+
+        runs = {"forward": forward, "fit": lambda: fit_stitches(net, batches, ridge=args.ridge),
+                "forward_micro": lambda: forward(micro)}
+        times = defaultdict(list)
+        for _ in range(args.repeats):
+            for name, fn in runs.items():
+                c0 = time.process_time()
+                fn()
+                times[name].append(time.process_time() - c0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out.update(forward_s=med["forward"], forward_micro_s=med["forward_micro"], fit_rep_s=med["fit"], micro=micro,
+                   repeats=args.repeats)
 
     if args.eval_images:
         ev = data.subset(data.open_dataset(str(splits.eval), cfg), args.eval_images, seed=0)
@@ -162,7 +185,7 @@ def gaps(result: dict) -> list[float]:
 def run_worker(method: str, calib: int, args) -> dict:
     cmd = [sys.executable, "-m", "bench.bench_fit", "--worker", method, "--calib", str(calib),
            "--eval-images", str(args.eval_images), "--batch-size", str(args.batch_size),
-           "--ridge", str(args.ridge), "--threads", str(args.threads)]
+           "--ridge", str(args.ridge), "--threads", str(args.threads), "--repeats", str(args.repeats)]
     p = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"error: worker {method} at {calib} images failed:\n{p.stderr[-3000:]}")
@@ -186,6 +209,11 @@ def table(results: list[dict]) -> str:
             fwd = f"{r['forward_s']:.2f}" if "forward_s" in r else ""
             lines.append(f"{n:>6}  {METHODS[m]:<44} {r['fit_s']:7.2f} {r['fit_cpu_s']:6.2f} {fwd:>6} {r['peak_mb']:8.0f} {acc:>11} "
                          f"{gap:>10} {worst:>9}")
+        if "forward_s" in rs.get("ours", {}):
+            o = rs["ours"]
+            lines.append(f"{n:>6}  {'  ours: fit / forward passes alone (CPU s)':<44} {o['fit_rep_s']:6.2f}  vs {o['forward_s']:.2f} "
+                         f"= {o['fit_rep_s'] / o['forward_s']:.3f}x   (vs the same {o['micro']}-image forward passes fit runs: "
+                         f"{o['forward_micro_s']:.2f} = {o['fit_rep_s'] / o['forward_micro_s']:.3f}x; medians of {o['repeats']})")
         if {"ours", "snnet"} <= rs.keys():
             o, s = rs["ours"], rs["snnet"]
             lines.append(f"{n:>6}  {'  SN-Net / ours':<44} {s['fit_s'] / o['fit_s']:6.2f}x {s['fit_cpu_s'] / o['fit_cpu_s']:5.2f}x {'':>6} "
@@ -200,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["ours", "snnet"])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--ridge", type=float, default=1e-4)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="ours: fit and its forward passes alone, taking turns this many times (medians of CPU s)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker (0: torch's default; 1 keeps timings steady on a shared machine)")
     p.add_argument("--json", type=Path, help="also write all results here")
@@ -230,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"top-1 on {r0['eval_images']} eval-split images (indices < 5000, JPEG); anchors {' / '.join(anchors)} %")
     print(table(results))
     print(f"fit s: wall time of fitting only (images decoded beforehand); CPU s: its process CPU time; "
-          f"fwd s: of which forward passes "
-          f"(ours); peak MB: above the resident size before fitting; gap: stitch top-1 minus the line "
+          f"fwd s: forward passes alone over the same batches (ours, CPU s, median of the turns); peak MB: above the resident size before fitting; gap: stitch top-1 minus the line "
           f"between its anchors (points). Bench wall time {time.perf_counter() - t0:.0f} s.")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -55,9 +55,9 @@ from torch import nn  # noqa: E402
 
 from bench.cifar10 import cifar10_splits, cifar_anchor_specs, missing_shared_reason  # noqa: E402
 from composer import data  # noqa: E402
-from composer.evaluate import evaluate_all, write_evaluation  # noqa: E402
+from composer.evaluate import evaluate_all  # noqa: E402
 from composer.fit import calibrate_route_stats, fit_stitches  # noqa: E402
-from composer.run import build_network, load_run, save_fitted  # noqa: E402
+from composer.run import build_network, load_run, save_fitted, write_evaluation  # noqa: E402
 from composer.train import TrainConfig, train  # noqa: E402
 
 RECIPES = {

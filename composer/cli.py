@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from composer.checks import number, whole
+from composer.checks import count, number, whole
 from composer.errors import UserError
 from composer.run import stitch_rows
 
@@ -542,11 +542,10 @@ def cmd_fold(args) -> None:
 
 def _macs(text: str) -> float:
     """A MACs count: 97170000, 97.17M, 0.1G or 500k."""
-    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:].lower(), 1)
     try:
-        return float(text[:-1] if scale != 1 else text) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of MACs like 97170000 or 97.17M, got '{text}'") from None
+        return count(text, "a count", 0, 1e15)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("a count ")) from None
 
 
 def _shrink_args(sp) -> None:

@@ -171,7 +171,7 @@ def curve_figure(plan: StitchPlan, top1: dict[int, float], x: str = "macs", high
     trace([p for p in pts if not p.is_anchor], "stitches", mode="markers",
           marker=dict(color=STITCH_COLOUR, size=9, line=dict(color="white", width=1)))
     anchors = [p for p in pts if p.is_anchor]
-    trace(anchors, "anchors", mode="markers+text", textposition="top center",
+    trace(anchors, "anchors", mode="markers+text", textposition=_label_positions(anchors, pts),
           marker=dict(color=ANCHOR_COLOUR, size=13, symbol="diamond", line=dict(color="white", width=1)))
     fig.data[-1].update(text=[f"stitch {p.id}: {p.route}" for p in anchors],
                         texttemplate=[short_name(plan.anchors[p.id]) for p in anchors])
@@ -194,6 +194,22 @@ def curve_figure(plan: StitchPlan, top1: dict[int, float], x: str = "macs", high
         xaxis_title=axis_title, yaxis_title="top-1 (%)", legend=dict(orientation="h", y=-0.2),
         hovermode="closest", clickmode="event", uirevision=x)
     return fig
+
+
+def _label_positions(anchors: list[CurvePoint], pts: list[CurvePoint]) -> list[str]:
+    """Where each anchor's name goes: above it, unless an anchor close by on the x axis (latency
+    often puts them within a few percent of the range) already has that place; then below it,
+    then beside it, so that names never print over each other."""
+    span = (max(p.x for p in pts) - min(p.x for p in pts)) if pts else 0.0
+    places = ["top center", "bottom center", "middle right", "middle left"]
+    out: dict[int, str] = {}
+    last_x, used = None, 0
+    for p in sorted(anchors, key=lambda p: p.x):
+        close = last_x is not None and span > 0 and (p.x - last_x) < 0.15 * span
+        used = (used + 1) % len(places) if close else 0
+        out[p.id] = places[used]
+        last_x = p.x
+    return [out[p.id] for p in anchors]
 
 
 def _candidate_hover(c: Candidate) -> str:

@@ -9,14 +9,18 @@ real directions). Instead we stream: accumulate the normal equations
 batch by batch in float64, then solve in float64 with a small ridge on W (not b). A layer shared
 by several positions (SN-Net's sliding window) sums their equations: one joint least-squares fit.
 
-At the speed of the forward passes: per batch and per front key (anchor, unit) ONE float32 GEMM
+At the speed of the forward passes: per front key (anchor, unit) ONE GEMM
     [X-s 1]^T [X-s 1 | Y_1-s_1 ... Y_m-s_m]
 covers every back paired with that front. The rows are written straight from the features into one
-reused float32 workspace (channels-first maps stay channels-first: no transposed or float64 copy),
-shifted by a fixed per-key vector s (the first batch's column means), so float32 products lose
-nothing to large means; the products are added up across batches in float64, and the shift is
-undone exactly (in float64) when solving. The every-5th held-out images are moved to the end of
-the batch so that fit and held-out rows are two contiguous ranges of the same workspace.
+reused workspace (channels-first maps stay channels-first: no transposed or float64 copy of the
+features), shifted by a fixed per-key vector s (the first images' column means) so that float32
+products lose nothing to large means; the products of a batch are float32, added up across
+batches in float64; the shift is undone exactly (float64) when solving. On CPU a batch runs a few
+images at a time (~32 MiB of needed features) and the workspace is filled ~1 MiB at a time, so
+features and rows are still in cache when their products are taken: on the CIFAR ResNets fitting
+then costs ~1.05-1.1x the forward passes alone (bench/bench_fit.py). The every-5th held-out images
+run as their own micro-batches, their products in float64 (1/5 of the rows, ~2 % of the time), so
+that R^2 keeps float64 accuracy where it matters (R^2 -> 1 is a difference of nearly equal sums).
 
 Fit quality per stitch is R^2 on held-out calibration images (every 5th image), computed from the
 same kind of accumulated statistics, so no rows are ever stored.
@@ -28,6 +32,7 @@ layers equal one process's within float64 rounding (only the order of the float6
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable
@@ -92,15 +97,16 @@ class _Stats:
 
 
 class _Workspace:
-    """One float32 buffer reused for every front key and batch (no allocation, no page faults)."""
+    """One buffer per dtype reused for every front key and batch (no allocation, no page faults)."""
 
     def __init__(self, device):
-        self.buf = torch.empty(0, device=device)
+        self.device, self.bufs = device, {}
 
-    def get(self, n: int) -> torch.Tensor:
-        if self.buf.numel() < n:
-            self.buf = torch.empty(n, dtype=torch.float32, device=self.buf.device)
-        return self.buf[:n]
+    def get(self, n: int, dtype=torch.float32) -> torch.Tensor:
+        buf = self.bufs.get(dtype)
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[dtype] = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n]
 
 
 @torch.no_grad()
@@ -151,29 +157,43 @@ def fit_stitches(net: StitchedNetwork, images: Iterable[torch.Tensor], ridge: fl
     shift = {k: torch.zeros(width[k], device=device) for k in sorted(layout)}
     ws = _Workspace(device)
     seen = held_n = 0
+    shift_set = False
+    # On CPU a batch runs a few images at a time, so that the features of all needed units stay in
+    # cache until their products are taken (faster than whole batches for the forward passes too)
+    image_bytes = 4 * sum(math.prod(_key_shape(plan, k)) for k in layout)
+    step = None if device.type != "cpu" else max(1, MICRO_BATCH_BYTES // max(image_bytes, 1))
     with ieee_fp32(device):
-        for x in images:
-            x = x.to(device, non_blocking=True)
-            n = x.shape[0]
-            mask = (torch.arange(seen, seen + n) % HOLDOUT_EVERY) == HOLDOUT_EVERY - 1
-            nh = int(mask.sum())
-            if 0 < nh < n:   # held-out images last: fit rows and held rows are two contiguous ranges
-                x = x[torch.cat([torch.nonzero(~mask)[:, 0], torch.nonzero(mask)[:, 0]]).to(device)]
-            with autocast(precision, device):
-                outs = prefix_outputs(net, x, needed)
-            if seen == 0:   # the fixed per-key shift: the first batch's column means (rank 0's for all ranks)
-                for k in shift:
-                    shift[k] = _as_bpc(outs[k], layout[k]).mean((0, 1), dtype=torch.float32)
-                if world > 1:
-                    _share_shift(shift)
-            for fr in fronts.values():
-                _accumulate(fr, outs, shift, layout, ws, n - nh, n, fit, held)
+        for batch in images:
+            batch = batch.to(device, non_blocking=True)
+            n = batch.shape[0]
+            held_mask = ((torch.arange(seen, seen + n) % HOLDOUT_EVERY) == HOLDOUT_EVERY - 1).to(device)
+            nh = int(held_mask.sum())
+            # fit images, then held-out ones, each a few at a time on CPU
+            for stats, part in ((fit, batch[~held_mask] if nh else batch), (held, batch[held_mask] if nh else None)):
+                if part is None or part.shape[0] == 0:
+                    continue
+                for j in range(0, part.shape[0], step or part.shape[0]):
+                    x = part[j:j + step] if step else part
+                    with autocast(precision, device):
+                        outs = prefix_outputs(net, x, needed)
+                    if not shift_set:   # the fixed per-key shift: the first images' column means (rank 0's for all)
+                        for k in shift:
+                            shift[k] = _as_bpc(outs[k], layout[k]).mean((0, 1), dtype=torch.float32)
+                        if world > 1:
+                            _share_shift(shift)
+                        shift_set = True
+                    # the fit images' sum |Y-s|^2 serves R^2 only when no image is held out (< 5 images)
+                    with_yy = stats is held or seen < HOLDOUT_EVERY
+                    for fr in fronts.values():
+                        _accumulate(fr, outs, shift, layout, ws, stats, HELD_DTYPE if stats is held else torch.float32,
+                                    with_yy)
+                    del outs
             seen += n
             held_n += nh
             if progress is not None:
                 progress(seen)
         if world > 1:
-            if seen == 0:           # no images here: still take part in the exchange the others made
+            if not shift_set:       # no images here: still take part in the exchange the others made
                 _share_shift(shift)
             seen, held_n = _reduce(seen, held_n, fit, held)
     if seen == 0:
@@ -209,39 +229,59 @@ def fit_stitches(net: StitchedNetwork, images: Iterable[torch.Tensor], ridge: fl
     return FitReport(r2, seen, held_n)
 
 
-def _accumulate(fr: _Front, outs, shift, layout, ws: _Workspace, n_fit: int, n: int,
-                fit: _Stats, held: _Stats) -> None:
-    """Write [X-s 1 | Y_1-s_1 ...] of one batch into the workspace, then one GEMM per row range
-    (fit rows, held-out rows)."""
+CHUNK_BYTES = 1 << 20          # CPU: workspace per GEMM ~1 MiB, written and read while in L2
+MICRO_BATCH_BYTES = 32 << 20   # CPU: images per forward pass such that their needed features are ~32 MiB
+HELD_DTYPE = torch.float64
+
+
+def _accumulate(fr: _Front, outs, shift, layout, ws: _Workspace, stats: _Stats, dtype: torch.dtype,
+                with_yy: bool) -> None:
+    """Add [X-s 1]^T [X-s 1 | Y_1-s_1 ...] of these images to `stats` (and sum |Y-s|^2 if with_yy).
+
+    Rows are written (cast to `dtype` and shifted in one pass) into the workspace in the features'
+    own order: channels-first maps as (columns, rows), which copies whole planes, tokens and
+    channels-last maps as (rows, columns). On CPU a few images at a time, so that the workspace
+    stays in cache between its write and the GEMM that reads it; on a GPU all at once. The
+    products of the chunks add up in `dtype`, then into the float64 sums."""
     d, p, cols = fr.d, fr.p, fr.cols
-    rows = n * p
-    buf = ws.get(rows * cols)
-    if fr.channels_first:   # (columns, images, positions): a channels-first map copies in whole planes
-        view = buf.view(cols, n, p)
-        for key, lo, c in [(fr.key, 0, d)] + [(b, fr.offset[b], fr.width[b]) for b in fr.backs]:
-            # cast to float32 and shift in one pass, straight into place
-            torch.sub(_as_bpc(outs[key], layout[key]).permute(2, 0, 1), shift[key][:, None, None], out=view[lo:lo + c])
-        view[d].fill_(1.0)
-        mat = buf.view(cols, rows)
-    else:                   # (images, positions, columns): tokens copy in whole rows
-        view = buf.view(n, p, cols)
-        for key, lo, c in [(fr.key, 0, d)] + [(b, fr.offset[b], fr.width[b]) for b in fr.backs]:
-            torch.sub(_as_bpc(outs[key], layout[key]), shift[key], out=view[:, :, lo:lo + c])
-        view[:, :, d].fill_(1.0)
-        mat = buf.view(rows, cols)
-    for stats, lo, hi in ((fit, 0, n_fit * p), (held, n_fit * p, rows)):
-        if hi <= lo:
-            continue
-        if fr.channels_first:
-            part = mat[:, lo:hi]                                  # (cols, r)
-            stats.g[fr.key] += (part[:d + 1] @ part.T).double()
+    keys = [fr.key] + fr.backs
+    first = _as_bpc(outs[fr.key], layout[fr.key])
+    n = first.shape[0]
+    channels_first = first.stride(-1) != 1               # NCHW in memory (not channels_last)
+    step = n if first.device.type != "cpu" else max(1, CHUNK_BYTES // (4 * cols * p))
+    # per source: features as (C, B, P) or (B, P, C), its columns, its shift shaped to broadcast
+    if channels_first:
+        srcs = [(_as_bpc(outs[k], layout[k]).permute(2, 0, 1), fr.offset.get(k, 0), fr.width.get(k, d),
+                 shift[k].to(dtype)[:, None, None]) for k in keys]
+    else:
+        srcs = [(_as_bpc(outs[k], layout[k]), fr.offset.get(k, 0), fr.width.get(k, d), shift[k].to(dtype)) for k in keys]
+    yy_cols = [(b, fr.offset[b], fr.offset[b] + fr.width[b]) for b in fr.yy_backs] if with_yy else []
+    yy = [0.0] * len(yy_cols)
+    acc = None
+    for j in range(0, n, step):
+        k = min(step, n - j)
+        buf = ws.get(cols * k * p, dtype)
+        if channels_first:
+            view = buf.view(cols, k, p)
+            for t, lo, c, sh in srcs:
+                torch.sub(t[:, j:j + k], sh, out=view[lo:lo + c])
+            view[d].fill_(1.0)
+            mat = buf.view(cols, k * p)
+            acc = torch.mm(mat, mat[:d + 1].T) if acc is None else acc.addmm_(mat, mat[:d + 1].T)   # (cols, d+1)
+            for i, (_, lo, hi) in enumerate(yy_cols):
+                yy[i] = yy[i] + torch.linalg.vector_norm(mat[lo:hi]).square()     # contiguous rows
         else:
-            part = mat[lo:hi]                                     # (r, cols)
-            stats.g[fr.key] += (part[:, :d + 1].T @ part).double()
-        for bk in fr.yy_backs:
-            o, c = fr.offset[bk], fr.width[bk]
-            y = part[o:o + c] if fr.channels_first else part[:, o:o + c]
-            stats.yy[bk] += torch.linalg.vector_norm(y).double().square()
+            view = buf.view(k, p, cols)
+            for t, lo, c, sh in srcs:
+                torch.sub(t[j:j + k], sh, out=view[:, :, lo:lo + c])
+            view[:, :, d].fill_(1.0)
+            mat = buf.view(k * p, cols)
+            acc = torch.mm(mat[:, :d + 1].T, mat) if acc is None else acc.addmm_(mat[:, :d + 1].T, mat)   # (d+1, cols)
+            for i, (_, lo, hi) in enumerate(yy_cols):
+                yy[i] = yy[i] + torch.linalg.vector_norm(mat[:, lo:hi]).square()
+    stats.g[fr.key] += (acc.T if channels_first else acc).double()
+    for (b, _, _), v in zip(yy_cols, yy):
+        stats.yy[b] += v.double()
 
 
 def _reshift(g: torch.Tensor, d: int, delta: torch.Tensor) -> torch.Tensor:

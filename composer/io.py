@@ -125,6 +125,9 @@ def check_output_folder(out: Path, kind: str, of: str, force: bool = False, prot
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a folder: choose a folder to write")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"cannot create the folder {out}: {blocker} is a file")
     if not out.exists() or force or not any(out.iterdir()):
         return out
     found = folder_kind(out)

@@ -128,7 +128,7 @@ def resolve(config: TrainConfig, net: StitchedNetwork, data: str = "", teachers:
     if c.hflip is None:
         c.hflip = 0.0 if data.startswith("starter") else 0.5
     if c.steps is None and c.time_budget_min is None:
-        raise TrainError("give a number of steps or a time budget (or both)")
+        raise TrainError("say when to stop: --steps N (a total) or --time-budget MIN, or both")
     checks = [
         (c.steps is None or c.steps >= 0, f"steps must be >= 0, got {c.steps}"),
         (c.time_budget_min is None or c.time_budget_min > 0, f"the time budget must be positive, got {c.time_budget_min}"),

@@ -109,7 +109,7 @@ def test_every_event_has_an_explicit_api_name(app):
     for name in ("new_session", "restore", "list_families", "choose_family", "set_anchors", "set_options",
                  "reset_plan", "add_stitch", "move_stitch", "remove_stitch", "fit", "train_start", "train_poll",
                  "train_cancel", "select_stitch", "set_axis", "pick_under_budget", "measure_latency",
-                 "export_stitch", "export_snnet", "export_candidate"):
+                 "export_stitch", "export_snnet", "export_candidate", "open_starter", "open_run"):
         assert f"/{name}" in documented
 
 
@@ -172,7 +172,7 @@ def test_plan_edits_and_refusals(client):
     g = client.predict(key, ["local-dir:/etc"], api_name="/set_anchors")
     assert g["error"] and "not a member" in g["message"]
     g = client.predict(key, [], api_name="/set_anchors")
-    assert g["error"] and "at least one anchor" in g["message"]
+    assert g["error"] and "at least two anchors" in g["message"]
     specs = [a["spec"] for a in g["anchors"]]
     g = client.predict(key, specs[::2], api_name="/set_anchors")        # tiny + base: one pair
     assert not g["error"] and len(g["anchors"]) == 2 and len(g["edges"]) == 10
@@ -185,16 +185,17 @@ def test_bad_sessions_and_paths_are_refused(client, app, tmp_path):
     out = client.predict("x" * 20, "starter", api_name="/choose_family")
     assert "expired" in out[-1]
     key = _starter_session(client)
-    for bad, why in (("/etc", "must be inside"), ("../../etc", "must be inside"), ("escape", "must be inside"),
-                     ("nonexistent", "does not exist"), ("", "choose calibration data")):
+    for bad, why in (("/etc", "is outside the data folder roots"), ("../../etc", "is not a folder under"),
+                     ("escape", "is not a folder under"), ("nonexistent", "does not exist"),
+                     ("", "choose calibration data")):
         out = client.predict(key, bad, 8, 8, "macs", api_name="/fit")
         assert why in out[-1], (bad, out[-1])
     out = client.predict(key, "tiny", 6, 6, "macs", api_name="/fit")       # inside the data root: fine
     assert "fitted" in out[-1]
     out = client.predict(key, "0", api_name="/custom_family")
     assert "⚠" in out[-1]
-    out = client.predict(key, "local-dir:/etc/passwd", api_name="/custom_family")
-    assert "must be inside" in out[-1]
+    out = client.predict(key, "local-dir:/etc/passwd, local-dir:/etc", api_name="/custom_family")
+    assert "is outside the model folder roots" in out[-1] and "--model-root" in out[-1]
     # files the app did not export are never served
     manifest = next(Path(config.runs_root).rglob("manifest.json"))
     with pytest.raises(urllib.error.HTTPError) as e:
@@ -222,7 +223,8 @@ def test_full_flow_fit_finetune_select_download(client, app, tmp_path):
     g = client.predict(key, 0, 1, 1, 3, api_name="/add_stitch")
     assert not g["error"]
     added = NEAREST_DEFAULT          # the new stitch gets the next id
-    graph, curve, budget, picked, status, fit_status = client.predict(key, "starter", 64, 100, "macs", api_name="/fit")
+    graph, curve, budget, picked, runs, progress, status, fit_status = client.predict(key, "starter", 64, 100, "macs",
+                                                                                     api_name="/fit")
     assert "fitted 7 stitching layers on 64 images" in fit_status
     assert all(e["r2"] is not None and e["colour"] != "#8c96a8" for e in graph["edges"])
     ids = sorted(i for t in curve["data"] for i in (t.get("customdata") or []) if t["name"] in ("stitches", "anchors"))
@@ -245,7 +247,7 @@ def test_full_flow_fit_finetune_select_download(client, app, tmp_path):
     assert [m["step"] for m in metrics if m["type"] == "eval"] == [3, 6]
 
     # resume: two more steps continue from step 6
-    client.predict(key, 8, 0, 16, "uniform", "none", 0, "starter", api_name="/train_start")
+    client.predict(key, 2, 0, 16, "uniform", "none", 0, "starter", api_name="/train_start")
     state, step, html = _poll_until(client, key, {"done", "error"})
     assert (state, step) == ("done", 8) and "resumed from step 6" in html, html
 
@@ -291,7 +293,7 @@ def test_cancel_then_resume_and_two_sessions(client):
     assert "cancelling" in client.predict(a, api_name="/train_cancel")
     state, step, html = _poll_until(client, a, {"cancelled", "error"})
     assert state == "cancelled" and 0 < step < 100000, html
-    client.predict(a, step + 2, 0, 8, "macs_grouped", "none", 0, "starter", api_name="/train_start")
+    client.predict(a, 2, 0, 8, "macs_grouped", "none", 0, "starter", api_name="/train_start")   # 2 more steps
     state, step2, html = _poll_until(client, a, {"done", "error"})
     assert (state, step2) == ("done", step + 2), html
     assert f"resumed from step {step}" in html

@@ -1,6 +1,10 @@
-"""The app in a real browser (Debian's Chromium driven by Playwright), as a person uses it:
-pick the starter family, click two blocks to add a stitch, drag it, fit, fine-tune, watch the curve
-grow, click a point, download the stitch and load it. Screenshots of each stage go to artifacts/.
+"""The app in a real browser (Debian's Chromium driven by Playwright), as the README promises it to
+a newcomer: it opens on the starter family (no click needed), click two blocks to add a stitch,
+drag it, fit, fine-tune, watch the curve grow, click a point, download the stitch and load it; then
+a plan edit keeps the trained run, which reopens from "earlier runs", and a reload shows the
+server's state. Along the way: the members table fits a 1400 px window, a typed 2.5 is refused (not
+rounded), and the graph's banner never contradicts the status line. Screenshots of each stage go
+to artifacts/browser/.
 
 Needs `apt-get install -y chromium` and `pip install playwright` (never `playwright install`).
 """
@@ -36,7 +40,7 @@ def browser_page(starter, tmp_path_factory):  # noqa: F811
     with sync_api.sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(
             str(tmp / "profile"), executable_path=CHROMIUM, headless=True, accept_downloads=True,
-            viewport={"width": 1500, "height": 1000},
+            viewport={"width": 1400, "height": 1000},
             args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
         page = ctx.new_page()
@@ -63,17 +67,31 @@ def graph_message(page) -> str:
     return page.locator("#zc-graph .zc-graph-msg").inner_text()
 
 
+def status_text(page) -> str:
+    return page.locator("#zc-status").inner_text()
+
+
 def test_stitch_fit_finetune_pick_download(browser_page, tmp_path):
     page, demo, config, errors, requests = browser_page
     page.wait_for_selector("#zc-graph .zc-graph-msg", timeout=60_000)
     page.wait_for_url("**/?session=*", timeout=30_000)   # a reload finds this session again
     shot(page, "0-start")
 
-    # 1. browse: the starter family
-    page.get_by_role("combobox", name="family").click()
-    page.get_by_role("option", name="Starter").click()
+    # 1. the page opens on the starter family by itself (building it on first use, with progress)
     page.wait_for_selector("#zc-graph .zc-unit", timeout=180_000)
     assert page.locator("#zc-graph .zc-edge").count() == 20
+    assert "Starter" in page.get_by_role("combobox", name="family").input_value()
+    assert "23 stitches" in status_text(page)
+    # the members table fits its column in a 1400 px window: every column visible, nothing cut off
+    fits = page.evaluate("""() => {
+        const t = document.querySelector('#zc-members table');
+        let box = t.parentElement;
+        while (box && box.scrollWidth <= box.clientWidth + 1 && box.id !== 'zc-members') box = box.parentElement;
+        const last = [...t.querySelectorAll('th')].pop().getBoundingClientRect();
+        const col = document.querySelector('#zc-members').getBoundingClientRect();
+        return {overflow: box && box.id !== 'zc-members', lastRight: last.right, colRight: col.right};
+    }""")
+    assert not fits["overflow"] and fits["lastRight"] <= fits["colRight"] + 1, fits
     shot(page, "1-family")
 
     # 2. stitch by hand: a click on a larger anchor first is refused with the reason on the graph
@@ -83,6 +101,12 @@ def test_stitch_fit_finetune_pick_download(browser_page, tmp_path):
     page.wait_for_function("document.querySelector('#zc-graph .zc-graph-msg').textContent.includes('wrong way')")
     assert page.locator("#zc-graph .zc-graph-msg.zc-error").count() == 1
     shot(page, "2-refused")
+    # a newer action elsewhere (export before any fit): its refusal is the one line shown, and
+    # the graph no longer repeats the older one
+    page.get_by_role("button", name="Export whole SN-Net (zip)").click()
+    page.wait_for_function("document.querySelector('#zc-status').innerText.includes('fit (and ideally fine-tune) first')")
+    page.wait_for_function("!document.querySelector('#zc-graph .zc-graph-msg').textContent.includes('wrong way')")
+    shot(page, "2b-newer-refusal")
     unit(0, 0).click()
     unit(1, 3).click()
     page.wait_for_selector('#zc-graph .zc-edge[data-point="0,0,1,3"]')
@@ -114,8 +138,13 @@ def test_stitch_fit_finetune_pick_download(browser_page, tmp_path):
     assert n_points >= 24                                  # 24 stitches (+ the selected ring, if any)
     shot(page, "5-fitted")
 
-    # 4. fine-tune: progress bar moves, the curve is redrawn from the evaluations as they come
-    page.get_by_label("steps", exact=True).fill("12")
+    # 4. fine-tune: a typed 2.5 is refused, not rounded; then 12 steps to add
+    page.get_by_label("steps to add").fill("2.5")
+    page.get_by_role("button", name="Start / resume").click()
+    page.wait_for_function("document.querySelector('#zc-status').innerText.includes('whole number')")
+    assert "2.5" in status_text(page)
+    # progress bar moves, the curve is redrawn from the evaluations as they come
+    page.get_by_label("steps to add").fill("12")
     page.get_by_label("batch", exact=True).fill("16")
     page.get_by_label("evaluate every (steps)").fill("4")
     page.get_by_role("button", name="Start / resume").click()
@@ -131,12 +160,23 @@ def test_stitch_fit_finetune_pick_download(browser_page, tmp_path):
     shot(page, "7-trained")
 
     # 5. click a point: the stitch it stands for is selected and its route lit on the graph
+    # the stitch point furthest from every other marker, so that the click cannot land on a neighbour
     target = page.evaluate("""() => {
         const gd = document.querySelector('#zc-curve .zc-curve-plot');
         const t = gd._fullData.findIndex(d => d.name === 'stitches');
-        return {trace: t, id: gd._fullData[t].customdata[2]};
+        const traces = [...gd.querySelectorAll('.scatterlayer .trace')];
+        const centre = (e) => { const b = e.getBoundingClientRect(); return [b.x + b.width / 2, b.y + b.height / 2]; };
+        const all = traces.flatMap(tr => [...tr.querySelectorAll('.point')].map(centre));
+        const mine = [...traces[t].querySelectorAll('.point')].map(centre);
+        let best = 0, room = -1;
+        mine.forEach((c, i) => {
+            const d = Math.min(...all.filter(o => o !== c && (o[0] !== c[0] || o[1] !== c[1]))
+                                     .map(o => Math.hypot(o[0] - c[0], o[1] - c[1])));
+            if (d > room) { room = d; best = i; }
+        });
+        return {trace: t, index: best, id: gd._fullData[t].customdata[best]};
     }""")
-    point = page.locator("#zc-curve .scatterlayer .trace").nth(target["trace"]).locator(".point").nth(2)
+    point = page.locator("#zc-curve .scatterlayer .trace").nth(target["trace"]).locator(".point").nth(target["index"])
     px, py = center(point)
     page.mouse.move(px, py)          # plotly picks the clicked point from the last hover
     page.wait_for_timeout(300)
@@ -168,6 +208,30 @@ def test_stitch_fit_finetune_pick_download(browser_page, tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(x), load_run(run_dir).net.eval().select(target["id"])(x))
+
+    # 7. a plan edit keeps the trained run (the status says so); "earlier runs" reopens it as it was
+    unit(0, 1).click()
+    unit(1, 3).click()
+    page.wait_for_function("document.querySelector('#zc-status').innerText.includes('is kept')")
+    assert "run-1 (fine-tuned to step 12) is kept" in status_text(page)
+    page.wait_for_selector("#zc-curve .zc-curve-empty", state="visible")
+    shot(page, "10-edited")
+    page.get_by_role("combobox", name="earlier runs of this session (choose one to reopen it)").click()
+    page.get_by_role("option", name="run-1").click()
+    page.wait_for_function("document.querySelector('#zc-status').innerText.includes('reopened run-1')")
+    page.wait_for_selector("#zc-curve .zc-curve-plot .scatterlayer .point", timeout=30_000)
+    page.wait_for_function("document.querySelector('#zc-curve .gtitle').textContent.includes('after 12 steps')")
+    assert f"Selected stitch {target['id']}" in page.locator("body").inner_text()
+    shot(page, "11-reopened")
+
+    # 8. a reload shows what the server holds: the run, its fine-tune, the form as started, the exports
+    page.reload()
+    page.wait_for_selector("#zc-curve .zc-curve-plot .scatterlayer .point", timeout=60_000)
+    page.wait_for_selector(".zc-progress[data-state='done'][data-step='12']", timeout=30_000)
+    assert page.get_by_label("steps to add").input_value() == "12"
+    assert page.get_by_label("batch", exact=True).input_value() == "16"
+    assert page.locator(f"a[data-testid=download-link][href*='/stitch-{target['id']}-']").count() == 1
+    shot(page, "12-reloaded")
 
     assert not errors, errors
     external = [u for u in requests if not u.startswith(("http://127.0.0.1", "data:", "blob:"))]

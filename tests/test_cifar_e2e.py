@@ -27,8 +27,8 @@ DEPTHS = (20, 32, 44, 56)
 PUBLISHED_EXACT846 = {20: 91.73, 32: 93.03, 44: 93.74, 56: 93.26}   # ../shared/zoo/README.md
 PARAMS = {20: 269_722, 32: 464_154, 44: 658_586, 56: 853_018}
 SUBSET = 128      # exact images every stitch is evaluated on
-# Fast lane (-m "not slow"): the split layout only. Everything on the fitted run (its fixture alone fits and
-# evaluates 40 networks, ~45 s here) and the 846-image anchor check (~30 s) are slow.
+# Every test here is slow (python -m pytest -m "not slow" skips the module): writing the splits takes ~7 s,
+# the fitted run's fixture fits and evaluates 40 networks (~45 s), the 846-image anchor check ~30 s.
 
 
 def cli(*args) -> dict:
@@ -63,6 +63,7 @@ def fitted(cifar, tmp_path_factory):
 
 # --- the data layout ---------------------------------------------------------------------------
 
+@pytest.mark.slow   # writes the CIFAR-10 splits from ../shared: ~7 s
 def test_splits_follow_official_test_indices(cifar):
     from bench.cifar10 import CLASSES, EXACT_NPZ, cifar10_splits
     exact = np.load(EXACT_NPZ)

@@ -134,7 +134,7 @@ def test_bad_inputs_end_with_one_clear_line(tiny_zoo, tmp_path, main):
     assert "no class subfolders" in _one_error_line(cli("fit", *specs, "--data", tmp_path / "empty", "--out", tmp_path / "r"))
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert "cannot create run folder" in _one_error_line(cli("fit", *specs, "--data", data, "--out", blocker / "run"))
+    assert f"{blocker} is a file" in _one_error_line(cli("fit", *specs, "--data", data, "--out", blocker / "run"))
     assert "not a run folder" in _one_error_line(cli("evaluate", tmp_path, "--data", data))
     assert "--points" in _one_error_line(cli("plan", "deit_tiny_patch16_224", "--points", "[[oops"))
     assert "wrong way" in _one_error_line(cli("plan", "deit_tiny_patch16_224", "deit_small_patch16_224",

@@ -61,6 +61,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow   # two gloo processes start torch and train: ~40 s
+@pytest.mark.slow   # two spawned interpreters (torch + timm imports) fit and evaluate: ~30 s on 2 cores
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     torch.set_num_threads(1)        # the ranks' float32 products must be one process's: same kernels
     out = str(tmp_path / "rank")

@@ -88,7 +88,7 @@ def test_spearman_matches_known_values_and_handles_ties():
     assert np.isnan(el.spearman([1, 1, 1], [1, 2, 3]))
 
 
-@pytest.mark.parametrize("kind", ["ridge", "mlp"])
+@pytest.mark.parametrize("kind", ["ridge", pytest.param("mlp", marks=pytest.mark.slow)])   # mlp: 500 Adam steps per fold, ~7 s
 def test_predictor_ranks_held_out_points_of_a_learnable_function(kind):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(60, 8, generator=g, dtype=torch.float64)
@@ -203,6 +203,7 @@ def _agreement(model, batches):
         return [(x, model(x).argmax(-1)) for x, _ in batches]
 
 
+@pytest.mark.slow   # ~10 s
 def test_search_elastic_measures_candidates_that_rebuild(vit_anchor):
     anchor, space = vit_anchor, vit_anchor.space
     batches = _agreement(anchor.model, _batches(space.input_size, 1, 32, seed=1))
@@ -227,6 +228,7 @@ def test_search_elastic_measures_candidates_that_rebuild(vit_anchor):
         el.search_elastic(anchor, batches, budgets=[("macs", 1000)], samples=4)
 
 
+@pytest.mark.slow   # torch.export of a sub-network: ~5 s
 def test_export_subnet_loads_back_equal_with_its_costs(vit_anchor, tmp_path):
     cfg = SubnetConfig([2], {"blocks.0.heads": 1, "blocks.1.hidden": 200})
     out = el.export_subnet(vit_anchor, cfg, tmp_path / "sub", top1=12.5)
@@ -269,6 +271,7 @@ def vit_run(tmp_path_factory):
     return root / "run", root / "images"
 
 
+@pytest.mark.slow   # ~10 s
 def test_cli_elastic_adds_measured_candidates(vit_run, main):
     run, images = vit_run
     torch.manual_seed(0)   # the run's anchor is a random-init timm name: each load draws its weights anew
@@ -302,6 +305,7 @@ def test_cli_elastic_adds_measured_candidates(vit_run, main):
     assert "rank correlation" in r.stdout and "MACs (M)" in r.stdout and "elastic' candidates added" in r.stdout
 
 
+@pytest.mark.slow   # ~4 s
 def test_cli_exports_a_candidate_equal_to_it_run_in_the_anchor(vit_run, main, tmp_path):
     """`export RUN --candidate METHOD:NAME` writes the sub-network; its logits equal the run's anchor
     computing the same configuration with masks (no extraction), and an unknown name is one line."""
@@ -350,6 +354,7 @@ def test_cli_elastic_bad_input_is_one_line(vit_run, main, args, message):
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
 
 
+@pytest.mark.slow   # ~7 s
 def test_elastic_build_re_estimates_batchnorm_and_keeps_activation_budgets(tiny_run, tmp_path):
     """The elastic builder as the app runs it, on a CNN: budgets as % of the anchor's activations,
     every sub-network's BatchNorm statistics re-estimated on the asked number of images (a CIFAR

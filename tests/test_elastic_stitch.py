@@ -138,6 +138,7 @@ def cifar_run(tmp_path_factory):
     return make_run(tmp, (specs, image_folder(tmp / "train", 16, 32), val)), val
 
 
+@pytest.mark.slow   # ~12 s
 def test_cli_elastic_from_a_stitch_adds_candidates_that_export(cifar_run, main, tmp_path):
     run, images = cifar_run
     from composer.run import load_run
@@ -174,6 +175,7 @@ def test_cli_elastic_from_a_stitch_adds_candidates_that_export(cifar_run, main, 
     _close(program(x), want)
 
 
+@pytest.mark.slow   # ~6 s
 def test_cli_shrink_from_a_stitch_exports_equal_to_the_masked_route(cifar_run, main, tmp_path):
     """DMS on a stitch: the exported network equals the run's stitch route with the candidate's
     permutation and masks, and costs what the candidate says (at most the target)."""
@@ -217,6 +219,7 @@ def test_cli_elastic_bad_stitch_is_one_line(cifar_run, main, args, message):
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
 
 
+@pytest.mark.slow   # ~15 s
 def test_export_refuses_a_stitch_candidate_measured_with_other_weights(cifar_run, main, tmp_path):
     """A stitch's elastic candidate records the digest of the route's weights it was measured with:
     after the run's weights change on the route (as a fine-tune does, through checkpoint/), export
@@ -270,6 +273,7 @@ def test_progressive_shrinking_refuses_a_stitch(nets):
     assert all(torch.equal(v, stitch.model.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.slow   # ~7 s, and the stitch case covers the same check
 def test_export_refuses_an_anchor_candidate_measured_with_other_weights(cifar_run, main, tmp_path):
     """An anchor's elastic candidate records the digest of the weights it was measured with, as a
     stitch's does: after a fine-tune of the run changes the anchor (checkpoint/), or progressive

@@ -53,9 +53,9 @@ def _cross_stitch(plan) -> int:
     return next(s.id for s in plan.stitches if not s.is_anchor and s.route[1].first > 1)
 
 
-@pytest.mark.parametrize("family", ["vit", "cnn"])
-def test_exported_stitch_matches_the_snnet(family, vit_run, cnn_run, tmp_path):
-    run_dir = vit_run if family == "vit" else cnn_run
+@pytest.mark.parametrize("family", ["vit", pytest.param("cnn", marks=pytest.mark.slow)])   # cnn: ~5 s more
+def test_exported_stitch_matches_the_snnet(family, request, tmp_path):
+    run_dir = request.getfixturevalue(f"{family}_run")   # only the run this case needs
     net = load_run(run_dir).net.eval()
     sid = _cross_stitch(net.plan)
     if family == "cnn":   # the stitch runs its own BatchNorm statistics, not its back anchor's
@@ -177,6 +177,7 @@ def _push(run_dir: Path, tmp_path: Path, hub) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
+@pytest.mark.slow   # a fresh interpreter exports and pushes: ~14 s
 def test_push_to_hub_uploads_a_loadable_stitch(vit_run, tmp_path):
     """Against the local fake Hub: the repo is created, every exported file arrives byte for byte,
     and the files downloaded back load into the same model."""
@@ -197,6 +198,7 @@ def test_push_to_hub_uploads_a_loadable_stitch(vit_run, tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["diff"] == 0.0
 
 
+@pytest.mark.slow   # a fresh interpreter exports and pushes: ~13 s
 def test_push_to_hub_refused_is_one_line_error(vit_run, tmp_path):
     from tests.hub_server import FakeHub
     with FakeHub([], reject_writes=True) as hub:

@@ -118,12 +118,14 @@ def _centred_condition(reg: torch.Tensor) -> float:
     return float(torch.linalg.cond(c))
 
 
-def _offset_features(net, offset: float) -> None:
-    """Shift every anchor's features by `offset` from the stem on (a bias), so that their means sit
-    far above their spread: float32 products of unshifted rows would lose ~(mean/spread)^2 ulps."""
+def _offset_tokens(net, offset: float) -> None:
+    """Add `offset` to every token of every anchor from the embedding on (patch bias and class token):
+    the residual stream then carries it through every block, so the features' means sit ~`offset`
+    above their spread (~1), where float32 products of unshifted rows would lose ~offset^2 ulps."""
     with torch.no_grad():
         for a in net.anchors:
-            (a.patch_embed.proj.bias if hasattr(a, "patch_embed") else a.bn1.bias).add_(offset)
+            a.patch_embed.proj.bias.add_(offset)
+            a.cls_token.add_(offset)
 
 
 def _centred_backward_error(reg, theta_ref, weight, bias) -> tuple[float, float]:
@@ -143,11 +145,13 @@ def _centred_backward_error(reg, theta_ref, weight, bias) -> tuple[float, float]
     return eta_w, eta_b
 
 
-@pytest.mark.parametrize("make", [vit_family, cifar_family], ids=["tokens", "nchw"])
-@pytest.mark.parametrize("kernel,offset", [(1, 0.0), (2, 1000.0)], ids=["own-layers", "shared-layers-offset"])
+@pytest.mark.parametrize("make,kernel,offset", [(vit_family, 1, 0.0), (vit_family, 2, 1000.0), (cifar_family, 1, 0.0),
+                                               (cifar_family, 2, 0.0)],
+                         ids=["tokens-own-layers", "tokens-shared-layers-mean-1000", "nchw-own-layers", "nchw-shared-layers"])
 def test_fused_fit_equals_float64_reference(make, kernel, offset):
     net = make(kernel=kernel)
-    _offset_features(net, offset)
+    if offset:
+        _offset_tokens(net, offset)
     torch.manual_seed(0)
     images = [torch.randn(5, 3, 32, 32) for _ in range(3)] + [torch.randn(2, 3, 32, 32)]
     ridge = 1e-4

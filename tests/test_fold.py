@@ -333,6 +333,7 @@ def bn_run(tmp_path_factory):
     return make_run(tmp, (specs, image_folder(tmp / "train", 16, 32), val)), val
 
 
+@pytest.mark.slow   # fits a CIFAR-ResNet run first: ~5 s
 def test_cli_fold_anchor_and_stitch(bn_run, tmp_path, main, monkeypatch):
     run, val = bn_run
     # the exported stitch's torch.export program (most of an export's time) plays no part in folding

@@ -183,10 +183,12 @@ def hub_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow   # a fresh interpreter lists and downloads from the fake Hub (module fixture): ~15 s
 def test_hub_reachable(hub_run):
     assert hub_run["status"] is None
 
 
+@pytest.mark.slow   # a fresh interpreter lists and downloads from the fake Hub (module fixture): ~15 s
 def test_hub_families_grouped_from_server_answers(hub_run):
     fams = hub_run["lists"]["all"]
     assert [f["name"] for f in fams] == [
@@ -195,6 +197,7 @@ def test_hub_families_grouped_from_server_answers(hub_run):
     assert {f["source"] for f in fams} == {"hub"}
 
 
+@pytest.mark.slow   # a fresh interpreter lists and downloads from the fake Hub (module fixture): ~15 s
 def test_hub_search_author_tags_limit_honoured(hub_run):
     names = lambda key: [f["name"] for f in hub_run["lists"][key]]
     assert names("search") == ["deit_*_patch16_224.fb_in1k"]
@@ -203,12 +206,14 @@ def test_hub_search_author_tags_limit_honoured(hub_run):
     assert names("limited") == ["cifar_resnet*.fake_c10"]  # first 3 ids (2 cifar + 1 deit): one family
 
 
+@pytest.mark.slow   # a fresh interpreter lists and downloads from the fake Hub (module fixture): ~15 s
 def test_client_sent_library_filter_and_followed_pages(hub_run):
     listing = [q for m, p, q in hub_run["requests"] if p == "/api/models" and q.get("limit") != ["1"]]
     assert any(q.get("filter") == ["timm"] and q.get("author") == ["timm"] for q in listing)
     assert any("cursor" in q for q in listing)  # page 2+ requested via the Link header
 
 
+@pytest.mark.slow   # a fresh interpreter lists and downloads from the fake Hub (module fixture): ~15 s
 def test_timm_downloads_from_server_and_cache_lists_family(hub_run):
     import safetensors.torch
     for d in (20, 32):  # the weights timm loaded are the ones the server sent

@@ -54,6 +54,7 @@ def test_masks_run_exactly_the_extracted_sub_network(anchor, kind):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow   # ~5 s
 def test_fine_tune_lowers_the_loss_and_changes_only_weights(anchor):
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)]
@@ -78,6 +79,7 @@ def test_cancel_before_a_step_is_an_error_and_keeps_the_weights(anchor):
     assert all(torch.equal(v, anchor.model.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.slow   # ~19 s
 def test_cli_fine_tunes_then_searches_with_the_saved_weights(tiny_run, tmp_path, main):
     run = tmp_path / "run"
     shutil.copytree(tiny_run[0], run)

@@ -155,6 +155,7 @@ def test_family_that_cannot_be_built_from_a_config():
 
 # --- filling the biggest gap -----------------------------------------------------------------
 
+@pytest.mark.slow   # ~13 s
 def test_suggest_fill_on_the_cifar_resnets():
     with torch.device("meta"):   # architecture only; counts equal the real models' (tested above)
         bases = [base_config(timm.create_model(f"cifar_resnet{d}")) for d in (20, 32, 44, 56)]

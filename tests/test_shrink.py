@@ -269,6 +269,7 @@ def test_cli_shrink_adds_a_measured_candidate(tiny_run, main):
     assert 0 < cand.latency_ms < 1000 and f"latency (batch 1, this device): {cand.latency_ms:.3f} ms" in r.stdout
 
 
+@pytest.mark.slow   # ~4 s
 def test_cli_exports_the_shrunk_network_equal_to_the_masked_anchor(tiny_run, main, tmp_path):
     """`export RUN --candidate NAME` of a shrink candidate: its logits equal the run's anchor with
     the candidate's permutation applied and its cut units and blocks masked (no extraction)."""

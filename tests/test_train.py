@@ -280,6 +280,7 @@ def test_stitch_layers_only_keeps_anchors(tmp_path, cnn_family):
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("stitch_layers."))
 
 
+@pytest.mark.slow   # two CNN runs fitted and trained: ~5 s
 def test_freeze_bn_keeps_statistics(tmp_path, cnn_family):
     run = make_run(tmp_path, cnn_family)
     before = load_run(run).net.state_dict()

@@ -11,6 +11,7 @@ edits, in the status line otherwise), and a running fine-tune is never touched b
 """
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
@@ -20,15 +21,19 @@ from pathlib import Path
 
 import gradio as gr
 
-from composer.ui import views
+from composer.checks import number, whole
 from composer.errors import UserError
-from composer.ui.session import AppConfig, AppError, Session, SessionStore
+from composer.ui import views
+from composer.ui.session import DEFAULT_OPTIONS, AppConfig, AppError, Session, SessionStore
 
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 AXES = [("MACs", "macs"), ("params", "params"), ("activations", "activations"), ("latency (measure first)", "latency")]
-DISTILL = [("none", "none"), ("largest anchor", "largest"), ("each route's own anchor", "anchors")]
+DISTILL = [("family default", "default"), ("none", "none"),
+           ("largest anchor", "largest"), ("each route's own anchor", "anchors")]
+# the form's choice -> composer.train.TrainConfig.distill (None: the family default, resolved by the trainer)
+DISTILL_CONFIG = {"default": None, "none": "off", "off": "off", "largest": "largest", "anchors": "anchors"}
 SAMPLING = [("uniform (SN-Net)", "uniform"), ("grouped by MACs (SN-Netv2)", "macs_grouped")]
 
 
@@ -56,7 +61,8 @@ def _message(e: Exception) -> str:
 
 
 def _status(text: str, error: bool = False) -> str:
-    return f"<span style='color:#a8201a;font-weight:600'>⚠ {text}</span>" if error else text
+    return (f"<span style='color:#a8201a;font-weight:600'>⚠ {html.escape(text, quote=False)}</span>" if error
+            else html.escape(text, quote=False))
 
 
 # --- what the sections share -------------------------------------------------------------------
@@ -69,7 +75,7 @@ class Page:
     store: SessionStore
     config: AppConfig
     session: gr.Textbox      # hidden: the session key, the first input of every event
-    status: gr.HTML          # one line: what happened, or ⚠ why not
+    status: gr.HTML          # one line about the latest action: what happened, or ⚠ why not and what to do
     count: gr.Markdown       # 2 · how many stitches the plan has
     graph: gr.HTML           # the block graphs
     axis: gr.Radio           # 5 · the curve's x axis
@@ -77,6 +83,13 @@ class Page:
     budget: gr.Slider
     picked: gr.Markdown      # the selected stitch
     candidate: gr.Textbox    # 6 · an elastic / shrink candidate to export ("METHOD:NAME")
+    anchors: gr.CheckboxGroup   # 1 · the members stitched
+    kernel: gr.Number        # 2 · the plan's options, always as the plan uses them
+    stride: gr.Number
+    all_pairs: gr.Checkbox
+    runs: gr.Dropdown        # 3 · earlier runs of this session (choose one to reopen it)
+    progress: gr.HTML        # 4 · the fine-tune of the run shown
+    download: gr.File        # 6 · the zips this session exported
 
     def session_of(self, key: str) -> Session:
         return self.store.get(key)
@@ -84,7 +97,8 @@ class Page:
     @property
     def plan_outputs(self) -> list:
         """What a plan edit redraws (see `plan_views`)."""
-        return [self.graph, self.count, self.curve, self.budget, self.picked, self.status]
+        return [self.graph, self.count, self.curve, self.budget, self.picked, self.kernel, self.stride,
+                self.all_pairs, self.anchors, self.runs, self.progress, self.status]
 
     @property
     def selection_outputs(self) -> list:
@@ -108,7 +122,16 @@ def make_page(store: SessionStore, config: AppConfig, session: gr.Textbox, statu
         budget=gr.Slider(0, 1, value=1, label="budget (fit first)", interactive=False, render=False),
         picked=gr.Markdown(views.stitch_md(None), render=False),
         candidate=gr.Textbox(label="elastic / shrink candidate (click its point on the curve)",
-                             placeholder="METHOD:NAME", scale=3, render=False))
+                             placeholder="METHOD:NAME", scale=3, render=False),
+        anchors=gr.CheckboxGroup(label="anchors to stitch (at least two)", choices=[], render=False),
+        # precision=None everywhere: a typed 2.5 reaches the checks (and is refused), never rounded on the way
+        kernel=gr.Number(value=DEFAULT_OPTIONS["kernel"], label="kernel", min_width=80, render=False),
+        stride=gr.Number(value=DEFAULT_OPTIONS["stride"], label="stride", min_width=80, render=False),
+        all_pairs=gr.Checkbox(value=DEFAULT_OPTIONS["all_pairs"], label="all pairs (not only neighbours)", render=False),
+        runs=gr.Dropdown(label="earlier runs of this session (choose one to reopen it)", choices=[], value=None,
+                         interactive=True, render=False, elem_id="zc-runs"),
+        progress=gr.HTML(views.progress_html(None), js_on_load=None, render=False, elem_id="zc-progress"),
+        download=gr.File(label="exported files", interactive=False, file_count="multiple", render=False))
 
 
 # --- view helpers: what each widget shows for a session ----------------------------------------
@@ -125,6 +148,9 @@ def curve_view(s: Session, x: str = "macs") -> dict:
     except UserError as e:
         return {"message": str(e)}
     if fig is None:
+        if s.plan is not None and s.run_dir is None and s.runs():
+            return {"message": "The curve appears after fitting (step 3): one point per stitch. Earlier runs of "
+                               "this session can be reopened there too."}
         return {"message": "The curve appears after fitting (step 3): one point per stitch."}
     return json.loads(fig.to_json())
 
@@ -171,18 +197,42 @@ def family_md(s: Session) -> str:
         f" · {s.family.note}" if s.family.note else "")
 
 
+def plan_form(s: Session) -> list:
+    """The plan option boxes as the plan uses them (after a refusal or a reset too)."""
+    return [s.options["kernel"], s.options["stride"], s.options["all_pairs"]]
+
+
+def runs_view(s: Session):
+    return gr.Dropdown(choices=s.runs(), value=s.run_dir.name if s.run_dir is not None else None)
+
+
 def progress_view(s: Session) -> str:
-    return views.progress_html(s.job.snapshot() if s.job else None)
+    return views.progress_html(s.training_snapshot())
 
 
 def timer_view(s: Session):
     return gr.Timer(active=bool(s.job and s.job.running))
 
 
-def plan_views(s: Session, text: str) -> list:
-    """Values for Page.plan_outputs after a plan change."""
+def exports_view(s: Session):
+    return [str(p) for p in sorted(s.exports)] or None
+
+
+def train_form(s: Session, config: AppConfig) -> list:
+    """The fine-tune form as last started in this session (the defaults before that)."""
+    f = {"steps": 100, "lr": 0, "batch": 64, "sampling": "uniform", "distill": "default", "eval_every": 25,
+         **s.train_form}
+    return [f["steps"], f["lr"], f["batch"], f["sampling"], f["distill"], f["eval_every"]]
+
+
+def plan_views(s: Session, text: str, refused: bool = False) -> list:
+    """Values for Page.plan_outputs after a plan change, or after a refused one (the graph says why;
+    the option boxes and anchor ticks go back to what the plan uses)."""
+    if refused:
+        return ([graph_view(s, text, True)] + [gr.skip()] * 4 + plan_form(s) + [anchor_choices(s)]
+                + [gr.skip()] * 2 + [_status(text, True)])
     return [graph_view(s, text), views.plan_count_md(s.plan), curve_view(s), budget_view(s, "macs"),
-            views.stitch_md(None), _status(text)]
+            selection_view(s), *plan_form(s), anchor_choices(s), runs_view(s), progress_view(s), _status(text)]
 
 
 def selected_views(s: Session, x: str, text: str = "") -> list:
@@ -195,7 +245,7 @@ def select_stitch(page: Page, key: str, stitch_id, x: str) -> list:
     try:
         s = page.session_of(key)
         s.select(stitch_id)
-        return selected_views(s, x, f"selected stitch {s.selected}")
+        return selected_views(s, x, f"selected stitch {s.selected}: export it in section 6")
     except Exception as e:
         return [gr.skip()] * 3 + [_status(_message(e), True)]
 
@@ -211,10 +261,9 @@ def plan_action(page: Page, method):
             return plan_views(s, s.message)
         except Exception as e:
             msg = _message(e)
-            n = len(page.plan_outputs)
             if s is None:
-                return [gr.skip()] * (n - 1) + [_status(msg, True)]
-            return [graph_view(s, msg, True)] + [gr.skip()] * (n - 2) + [_status(msg, True)]
+                return [gr.skip()] * (len(page.plan_outputs) - 1) + [_status(msg, True)]
+            return plan_views(s, msg, refused=True)
     return handler
 
 
@@ -232,40 +281,74 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
         status = gr.HTML("", elem_id="zc-status", elem_classes="zc-status", js_on_load=None)
         page = make_page(store, config, session, status)
         with gr.Row(equal_height=False):
-            with gr.Column(scale=1, min_width=320):
+            with gr.Column(scale=2, min_width=400):
                 family = family_section(page)                  # 1
                 plan_section(page)                             # 2
                 data = fit_section(page)                       # 3
                 train_widgets = finetune_section(page, data)   # 4
-            with gr.Column(scale=2, min_width=560):
+            with gr.Column(scale=3, min_width=560):
                 graph_section(page)
                 curve_section(page)                            # 5
                 export_section(page)                           # 6
                 builders_section(page)                         # 7
         script_endpoints(page)
-        session_events(page, demo, family, train_widgets, data)
+        outputs = everything(page, family, train_widgets, data)
+        family_events(page, family, outputs)
+        fit_events(page, data, outputs)
+        session_events(page, demo, outputs)
     demo.store = store          # tests and the benchmark look sessions up
     demo.zc_config = config
     return demo
 
 
-def session_events(page: Page, demo: gr.Blocks, family: FamilyWidgets, train_widgets: tuple, data: gr.Dropdown) -> None:
-    """On load: a new session (or the one named in ?session=), then everything it shows."""
-    train_progress, timer = train_widgets
-    everything = [family.family, family.info, family.members, family.anchors, page.graph, page.count, page.curve,
-                  page.budget, page.picked, train_progress, timer, data, family.hub_line]
+@dataclass
+class TrainWidgets:
+    timer: gr.Timer
+    form: list               # steps to add, learning rate, batch, sampling, distillation, evaluate every
+
+
+def everything(page: Page, family: "FamilyWidgets", train: TrainWidgets, data: gr.Dropdown) -> list:
+    """Every widget that shows the session's state, in the order of `everything_views` (and of the
+    outputs of /restore, /choose_family, /custom_family, /open_run, /open_starter), the status last."""
+    return [family.family, family.info, family.members, page.anchors, page.graph, page.count, page.curve,
+            page.budget, page.picked, page.progress, train.timer, data, family.hub_line, page.kernel, page.stride,
+            page.all_pairs, page.runs, page.download, *train.form, page.status]
+
+
+def everything_views(s: Session, page: Page, status: str, error: bool = False, graph_message: str | None = None,
+                     hub_line=None, form: bool = True) -> list:
+    """Values for `everything`: the session as the server holds it (after a reload too)."""
+    return [family_choices(s), family_md(s), members_table(s), anchor_choices(s),
+            graph_view(s, graph_message, error) if graph_message is not None else graph_view(s),
+            views.plan_count_md(s.plan), curve_view(s), budget_view(s, "macs"), selection_view(s),
+            progress_view(s), timer_view(s), gr.Dropdown(choices=s.data_choices(), value=s.data or "starter"),
+            gr.skip() if hub_line is None else hub_line, *plan_form(s), runs_view(s), exports_view(s),
+            *(train_form(s, page.config) if form else [gr.skip()] * 6), _status(status, error)]
+
+
+def session_events(page: Page, demo: gr.Blocks, outputs: list) -> None:
+    """On load: a new session (or the one named in ?session=), everything it shows (`outputs`, see
+    `everything`), then the starter family when no family is chosen yet (built with visible
+    progress on first use)."""
 
     def restore(key: str):
         """Everything a tab shows for a session (used on load, also after a reload)."""
         try:
             s = page.session_of(key)
         except AppError as e:
-            return [gr.skip()] * len(everything) + [_status(str(e), True)]
+            return [gr.skip()] * (len(outputs) - 1) + [_status(str(e), True)]
         entries, line = s.list_families("")
-        return [family_choices(s), family_md(s), members_table(s), anchor_choices(s), graph_view(s),
-                views.plan_count_md(s.plan), curve_view(s), budget_view(s, "macs"), selection_view(s),
-                progress_view(s), timer_view(s), gr.Dropdown(choices=s.data_choices(), value=s.data or "starter"), line,
-                "Ready." if not (s.job and s.job.running) else "Reattached to the running fine-tune."]
+        if s.job is not None and s.job.running:
+            text = f"reattached to the running fine-tune of {s.run_dir.name if s.run_dir else 'this session'}"
+        elif s.family is None:
+            text = "opening the starter family…"
+        else:
+            text = f"{s.family.name}: {len(s.plan.stitches) if s.plan else 0} stitches" + (
+                f"; showing {s.run_dir.name} ({s._run_state(s.run_dir)})" if s.run_dir else "")
+        graph_message = (None if s.family is not None else
+                         "Opening the starter family: three tiny ViTs trained on digits (its first use trains them, "
+                         "about a minute; the status line shows the progress)")
+        return everything_views(s, page, text, graph_message=graph_message, hub_line=line)
 
     def new_session(request: gr.Request | None = None) -> str:
         key = None
@@ -273,11 +356,29 @@ def session_events(page: Page, demo: gr.Blocks, family: FamilyWidgets, train_wid
             key = request.query_params.get("session")
         return key if page.store.find(key) is not None else page.store.new().key
 
+    def open_starter(key: str, prog=gr.Progress(track_tqdm=True)):
+        """The starter family, unless the session already shows one (what the page opens on)."""
+        s = page.store.find(key)
+        if s is None:
+            return [gr.skip()] * len(outputs)
+        if s.family is not None:
+            return [gr.skip()] * len(outputs)
+        try:
+            s.choose_family("starter", progress=lambda f, t: prog(f, desc=t))
+        except Exception as e:
+            msg = _message(e)
+            return everything_views(s, page, f"the starter family could not be opened: {msg}", True, msg, form=False)
+        return everything_views(s, page, f"{s.family.name}: {len(s.specs)} anchors, {len(s.plan.stitches)} stitches. "
+                                "Click a block, then a block of a larger anchor, to add a stitch; or fit (step 3)",
+                                form=False)
+
     demo.load(new_session, outputs=page.session, api_name="new_session").then(
-        restore, inputs=page.session, outputs=everything + [page.status], api_name="restore").then(
+        restore, inputs=page.session, outputs=outputs, api_name="restore").then(
         None, inputs=page.session, js="(k) => { const u = new URL(window.location); "
                                       "if (k && u.searchParams.get('session') !== k) { u.searchParams.set('session', k); "
-                                      "window.history.replaceState(null, '', u); } }")
+                                      "window.history.replaceState(null, '', u); } }").then(
+        open_starter, inputs=page.session, outputs=outputs, api_name="open_starter",
+        concurrency_id="compute", concurrency_limit=2, show_progress_on=[page.status])
 
 
 # --- 1 · family ------------------------------------------------------------------------------------
@@ -287,8 +388,9 @@ class FamilyWidgets:
     family: gr.Dropdown
     info: gr.Markdown
     members: gr.Dataframe
-    anchors: gr.CheckboxGroup
     hub_line: gr.Markdown
+    custom: gr.Textbox
+    custom_go: gr.Button
 
 
 def family_section(page: Page) -> FamilyWidgets:
@@ -303,17 +405,19 @@ def family_section(page: Page) -> FamilyWidgets:
         family = gr.Dropdown(label="family", choices=[], interactive=True, allow_custom_value=True)
         family_info = gr.Markdown("")
         with gr.Accordion("custom anchors", open=False):
-            custom = gr.Textbox(label="timm names or hf-hub:org/repo, comma separated", lines=2)
+            custom = gr.Textbox(label="timm names or hf-hub:org/repo, comma separated (at least two)", lines=2)
             custom_go = gr.Button("Use these anchors")
         members = gr.Dataframe(headers=["member", "params (M)", "MACs (M)", "resolution", "blocks", "pretrained on"],
-                               interactive=False, wrap=True, label="members (MACs: 1 multiply-add = 1)")
-        anchors = gr.CheckboxGroup(label="anchors to stitch", choices=[])
+                               interactive=False, wrap=True, label="members (MACs: 1 multiply-add = 1)",
+                               elem_id="zc-members", column_widths=["28%", "13%", "13%", "14%", "11%", "21%"])
+        page.anchors.render()
+    widgets = FamilyWidgets(family, family_info, members, hub_line, custom, custom_go)
 
     def list_families(key: str, text: str):
         try:
             s = page.session_of(key)
             entries, line = s.list_families(text)
-            return family_choices(s), line, _status(f"{len(entries)} families")
+            return family_choices(s), line, _status(f"{len(entries)} families: choose one in the list")
         except Exception as e:
             return gr.skip(), gr.skip(), _status(_message(e), True)
 
@@ -321,38 +425,41 @@ def family_section(page: Page) -> FamilyWidgets:
         ev(list_families, [page.session, query], [family, hub_line, page.status],
            api_name="list_families" if ev == search.click else "search_submit")
 
-    outputs = [family, family_info, members, anchors, page.graph, page.count, page.curve, page.budget, page.picked,
-               page.status]
+    return widgets
 
-    def after_family(s: Session, text: str):
-        return [family_choices(s), family_md(s), members_table(s), anchor_choices(s), graph_view(s),
-                views.plan_count_md(s.plan), curve_view(s), budget_view(s, "macs"), views.stitch_md(None), _status(text)]
+
+def family_events(page: Page, widgets: FamilyWidgets, outputs: list) -> None:
+    """Choosing a family (or custom anchors) redraws everything (`outputs`, see `everything`); a
+    refusal leaves the family shown as it was, and the dropdown names it again."""
+    def open_family(key: str, choose) -> list:
+        s = page.store.find(key)
+        try:
+            if s is None:
+                page.session_of(key)
+            choose(s)
+        except Exception as e:
+            msg = _message(e)
+            if s is None:
+                return [gr.skip()] * (len(outputs) - 1) + [_status(msg, True)]
+            shown = f"; still showing {s.family.name}" if s.family else ""
+            return [family_choices(s)] + [gr.skip()] * (len(outputs) - 2) + [_status(msg + shown, True)]
+        return everything_views(s, page, s.message, form=False)
 
     def choose_family(key: str, family_id: str, prog=gr.Progress(track_tqdm=True)):
-        try:
-            s = page.session_of(key)
-            s.choose_family(family_id, progress=lambda f, t: prog(f, desc=t))
-            return after_family(s, f"{s.family.name}: {len(s.specs)} anchors, {len(s.plan.stitches)} stitches")
-        except Exception as e:
-            return [gr.skip()] * (len(outputs) - 1) + [_status(_message(e), True)]
-
-    family.input(choose_family, [page.session, family], outputs, api_name="choose_family",
-                 concurrency_id="compute", concurrency_limit=2, show_progress_on=[page.status])
+        return open_family(key, lambda s: s.choose_family(family_id, progress=lambda f, t: prog(f, desc=t)))
 
     def use_custom(key: str, text: str, prog=gr.Progress()):
-        try:
-            s = page.session_of(key)
+        def choose(s):
             entry = s.custom_family(text)
             s.choose_family(entry.id, progress=lambda f, t: prog(f, desc=t))
-            return after_family(s, f"custom anchors: {len(s.plan.stitches)} stitches")
-        except Exception as e:
-            return [gr.skip()] * (len(outputs) - 1) + [_status(_message(e), True)]
+        return open_family(key, choose)
 
-    custom_go.click(use_custom, [page.session, custom], outputs, api_name="custom_family",
+    widgets.family.input(choose_family, [page.session, widgets.family], outputs, api_name="choose_family",
+                         concurrency_id="compute", concurrency_limit=2, show_progress_on=[page.status])
+    widgets.custom_go.click(use_custom, [page.session, widgets.custom], outputs, api_name="custom_family",
                     concurrency_id="compute", concurrency_limit=2, show_progress_on=[page.status])
-    anchors.input(plan_action(page, Session.set_anchors), [page.session, anchors], page.plan_outputs,
-                  api_name="anchors_input", api_visibility="undocumented")
-    return FamilyWidgets(family, family_info, members, anchors, hub_line)
+    page.anchors.input(plan_action(page, Session.set_anchors), [page.session, page.anchors], page.plan_outputs,
+                       api_name="anchors_input", api_visibility="undocumented")
 
 
 # --- 2 · stitch plan -------------------------------------------------------------------------------
@@ -362,15 +469,15 @@ def plan_section(page: Page) -> None:
     with gr.Group():
         gr.Markdown("### 2 · Stitch plan")
         with gr.Row():
-            kernel = gr.Number(value=2, precision=0, label="kernel", min_width=80)
-            stride = gr.Number(value=1, precision=0, label="stride", min_width=80)
-            all_pairs = gr.Checkbox(value=False, label="all pairs (not only neighbours)")
+            page.kernel.render()
+            page.stride.render()
+            page.all_pairs.render()
         with gr.Row():
             apply_opts = gr.Button("Apply options", size="sm")
             reset = gr.Button("Reset to SN-Net defaults", size="sm")
         page.count.render()
 
-    apply_opts.click(plan_action(page, Session.set_options), [page.session, kernel, stride, all_pairs],
+    apply_opts.click(plan_action(page, Session.set_options), [page.session, page.kernel, page.stride, page.all_pairs],
                      page.plan_outputs, api_name="set_options")
     reset.click(plan_action(page, Session.reset_plan), [page.session], page.plan_outputs, api_name="reset_plan")
 
@@ -378,55 +485,78 @@ def plan_section(page: Page) -> None:
 # --- 3 · fit -------------------------------------------------------------------------------------------
 
 def fit_section(page: Page) -> gr.Dropdown:
-    """Least squares for every stitching layer, then top-1 of every stitch. Returns the data dropdown
-    (the fine-tune trains on it)."""
+    """Least squares for every stitching layer, then top-1 of every stitch; earlier runs to reopen.
+    Returns the data dropdown (the fine-tune trains on it)."""
     with gr.Group():
         gr.Markdown("### 3 · Fit stitching layers")
         data = gr.Dropdown(label="calibration data (a folder under the data roots, or a data set)",
                            choices=["starter"], value="starter", allow_custom_value=True)
         with gr.Row():
-            calib = gr.Number(value=256, precision=0, label="calibration images")
-            eval_n = gr.Number(value=page.config.eval_limit, precision=0, label="evaluation images")
+            calib = gr.Number(value=256, label="calibration images")
+            eval_n = gr.Number(value=page.config.eval_limit, label="evaluation images")
         fit_btn = gr.Button("Fit and evaluate", variant="primary")
         fit_status = gr.Markdown("")
+        page.runs.render()
 
-    def fit(key: str, data_spec: str, n_calib: int, n_eval: int, x: str, prog=gr.Progress()):
+    def fit(key: str, data_spec: str, n_calib, n_eval, x: str, prog=gr.Progress()):
         s = page.store.find(key)
         try:
             if s is None:
                 page.session_of(key)
             s.fit(data_spec, n_calib, n_eval, progress=lambda f, t: prog(f, desc=t))
-            return [graph_view(s), curve_view(s, x), budget_view(s, x), views.stitch_md(None),
-                    _status(s.message), s.message]
+            return [graph_view(s), curve_view(s, x), budget_view(s, x), views.stitch_md(None), runs_view(s),
+                    progress_view(s), _status(s.message), s.message]
         except Exception as e:
             msg = _message(e)
-            return [gr.skip()] * 4 + [_status(msg, True), _status(msg, True)]
+            return [gr.skip()] * 6 + [_status(msg, True), _status(msg, True)]
 
     fit_btn.click(fit, [page.session, data, calib, eval_n, page.axis],
-                  [page.graph, page.curve, page.budget, page.picked, page.status, fit_status], api_name="fit",
-                  concurrency_id="compute", concurrency_limit=2, show_progress_on=[fit_status])
+                  [page.graph, page.curve, page.budget, page.picked, page.runs, page.progress, page.status, fit_status],
+                  api_name="fit", concurrency_id="compute", concurrency_limit=2, show_progress_on=[fit_status])
     return data
+
+
+def fit_events(page: Page, data: gr.Dropdown, outputs: list) -> None:
+    """Reopening an earlier run redraws everything (`outputs`, see `everything`)."""
+    def open_run(key: str, name: str):
+        s = page.store.find(key)
+        try:
+            if s is None:
+                page.session_of(key)
+            s.open_run(name)
+            return everything_views(s, page, s.message + (": pick a stitch on the curve, fine-tune or export it"
+                                                          if s.top1 else ""), form=False)
+        except Exception as e:
+            msg = _message(e)
+            if s is None:
+                return [gr.skip()] * (len(outputs) - 1) + [_status(msg, True)]
+            return [gr.skip()] * 16 + [runs_view(s)] + [gr.skip()] * (len(outputs) - 18) + [_status(msg, True)]
+
+    page.runs.input(open_run, [page.session, page.runs], outputs, api_name="open_run",
+                    concurrency_id="compute", concurrency_limit=2, show_progress_on=[page.status])
 
 
 # --- 4 · fine-tune -----------------------------------------------------------------------------------
 
-def finetune_section(page: Page, data: gr.Dropdown) -> tuple[gr.HTML, gr.Timer]:
-    """Start, poll and cancel a background fine-tune; returns its progress widget and timer."""
+def finetune_section(page: Page, data: gr.Dropdown) -> TrainWidgets:
+    """Start, poll and cancel a background fine-tune of N more steps; returns its timer and form."""
     with gr.Group():
         gr.Markdown("### 4 · Fine-tune")
         with gr.Row():
-            steps = gr.Number(value=100, precision=0, label="steps")
-            lr = gr.Number(value=0, label="learning rate (0: family default)")
-            batch = gr.Number(value=64, precision=0, label="batch")
+            steps = gr.Number(value=100, label="steps to add", info="more steps from where the run is")
+            lr = gr.Number(value=0, label="learning rate", info="0: the family default")
+            batch = gr.Number(value=64, label="batch")
         with gr.Row():
             sampling = gr.Dropdown(SAMPLING, value="uniform", label="stitch sampling")
-            distill = gr.Dropdown(DISTILL, value="none", label="distillation")
-            eval_every = gr.Number(value=25, precision=0, label="evaluate every (steps)")
+            distill = gr.Dropdown(DISTILL, value="default", label="distillation",
+                                  info="default: each route's own anchor (pretrained anchors)")
+            eval_every = gr.Number(value=25, label="evaluate every (steps)", info="0: only at the end")
         with gr.Row():
             train_btn = gr.Button("Start / resume", variant="primary")
             cancel_btn = gr.Button("Cancel", variant="stop")
-        train_progress = gr.HTML(views.progress_html(None), js_on_load=None)
+        page.progress.render()
         timer = gr.Timer(0.5, active=False)
+    form = [steps, lr, batch, sampling, distill, eval_every]
 
     def train_start(key: str, n_steps, rate, batch_size, sampling_kind, distill_kind, every, data_spec):
         try:
@@ -435,19 +565,29 @@ def finetune_section(page: Page, data: gr.Dropdown) -> tuple[gr.HTML, gr.Timer]:
             return gr.skip(), gr.skip(), _status("fine-tuning is not available in this build", True)
         try:
             s = page.session_of(key)
+            add = whole(n_steps, "steps to add", 1, 1_000_000)
+            rate = number(rate, "learning rate (0: the family default)", 0)
+            if str(distill_kind) not in DISTILL_CONFIG:
+                raise AppError(f"distillation must be one of {', '.join(DISTILL_CONFIG)}, not '{str(distill_kind)[:20]}'")
+            if str(sampling_kind) not in dict((v, k) for k, v in SAMPLING):
+                raise AppError(f"stitch sampling must be one of {', '.join(v for _, v in SAMPLING)}, "
+                               f"not '{str(sampling_kind)[:20]}'")
             cfg = TrainConfig(
-                steps=_whole(n_steps, "steps", 1), lr=float(rate) if rate else None,
-                batch_size=_whole(batch_size, "batch", 1), sampling=str(sampling_kind),
-                distill=None if distill_kind in (None, "", "none") else str(distill_kind),
-                eval_every=_whole(every or 0, "evaluate every", 0), eval_limit=page.config.eval_limit,
-                checkpoint_every=25)
-            s.start_training(cfg, data_spec)
-            return progress_view(s), gr.Timer(active=True), _status("fine-tuning started")
+                lr=rate or None, batch_size=whole(batch_size, "batch", 1, 4096), sampling=str(sampling_kind),
+                distill=DISTILL_CONFIG[str(distill_kind)], eval_every=whole(every, "evaluate every (steps)", 0),
+                eval_limit=page.config.eval_limit, checkpoint_every=25)
+            form_values = {"lr": rate, "batch": cfg.batch_size, "sampling": cfg.sampling, "distill": str(distill_kind),
+                           "eval_every": cfg.eval_every}
+            job = s.start_training(add, cfg, data_spec, form=form_values)
+            first = job.config.steps - add
+            return progress_view(s), gr.Timer(active=True), _status(
+                f"fine-tune started on {s.run_dir.name}: {add} steps, step {first} → {job.config.steps}"
+                + (" (resuming from its checkpoint)" if first else ""))
         except Exception as e:
             return gr.skip(), gr.skip(), _status(_message(e), True)
 
-    train_btn.click(train_start, [page.session, steps, lr, batch, sampling, distill, eval_every, data],
-                    [train_progress, timer, page.status], api_name="train_start")
+    train_btn.click(train_start, [page.session, *form, data], [page.progress, timer, page.status],
+                    api_name="train_start")
 
     def train_cancel(key: str):
         try:
@@ -461,22 +601,28 @@ def finetune_section(page: Page, data: gr.Dropdown) -> tuple[gr.HTML, gr.Timer]:
     cancel_btn.click(train_cancel, [page.session], [page.status], api_name="train_cancel")
 
     def train_poll(key: str, x: str):
-        """Progress of this session's fine-tune; the curve only when a new evaluation arrived."""
+        """Progress of this session's fine-tune; the curve only when a new evaluation arrived (or the
+        job ended); the status line once, when the job has ended."""
         s = page.store.find(key)
         if s is None or s.job is None:
             return gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False), gr.skip()
-        snap = s.job.snapshot()
-        new_curve = snap["evals"] != getattr(s, "_shown_evals", None)
-        s._shown_evals = snap["evals"]
-        running = s.job.running
-        # the status line said "fine-tuning started": say how it ended once it has
-        ended = gr.skip() if running else _status(f"fine-tune {snap.get('state')} at step {snap.get('step')}")
+        job = s.job
+        snap = job.snapshot()
+        running = job.running
+        seen = (snap["evals"], running)
+        new_curve = seen != getattr(s, "_shown_evals", None)
+        s._shown_evals = seen
+        ended = gr.skip()
+        if not running and getattr(s, "_reported_job", None) is not job:
+            s._reported_job = job   # said once: the status line is about the latest action
+            state = snap.get("state")
+            ended = _status(f"fine-tune {state}: {snap.get('message')}", state in ("error", "diverged"))
         return (views.progress_html(snap), curve_view(s, x) if new_curve else gr.skip(),
                 budget_view(s, x) if new_curve else gr.skip(), gr.Timer(active=running), ended)
 
-    timer.tick(train_poll, [page.session, page.axis], [train_progress, page.curve, page.budget, timer, page.status],
+    timer.tick(train_poll, [page.session, page.axis], [page.progress, page.curve, page.budget, timer, page.status],
                api_name="train_poll", show_progress="hidden")
-    return train_progress, timer
+    return TrainWidgets(timer, form)
 
 
 # --- the block graphs ----------------------------------------------------------------------------------
@@ -545,7 +691,7 @@ def script_endpoints(page: Page) -> None:
     def select_by_id(key: str, stitch_id, x: str):
         return select_stitch(page, key, stitch_id, x)
 
-    select_box = gr.Number(visible=False, precision=0)
+    select_box = gr.Number(visible=False)
     select_box.change(select_by_id, [page.session, select_box, page.axis], page.selection_outputs,
                       api_name="select_stitch")
 
@@ -566,7 +712,8 @@ def curve_section(page: Page) -> None:
         point = getattr(evt, "id", None)
         if isinstance(point, str) and ":" in point:   # another builder's candidate: describe it, select nothing
             try:   # and name it in the download section, ready to export
-                return [gr.skip()] * 2 + [page.session_of(key).candidate_md(point), _status(""), point]
+                return [gr.skip()] * 2 + [views.md_safe(page.session_of(key).candidate_md(point)),
+                                          _status(f"{point}: export it with 'Export candidate' (section 6)"), point]
             except Exception as e:
                 return [gr.skip()] * 3 + [_status(_message(e), True), gr.skip()]
         return select_stitch(page, key, point, x) + [gr.skip()]
@@ -619,14 +766,15 @@ def export_section(page: Page) -> None:
     with gr.Row():
         page.candidate.render()
         export_candidate_btn = gr.Button("Export candidate (zip)", scale=1)
-    download = gr.File(label="exported files", interactive=False, file_count="multiple")
+    page.download.render()
+    download = page.download
 
     def export(what: str):
         def handler(key: str, candidate: str | None = None):
             try:
                 s = page.session_of(key)
                 path = s.export(what, candidate=candidate)
-                return [str(p) for p in sorted(s.exports)], _status(f"exported {path.name}")
+                return exports_view(s), _status(f"exported {path.name}: download it below")
             except Exception as e:
                 return gr.skip(), _status(_message(e), True)
         return handler
@@ -660,7 +808,7 @@ def builders_section(page: Page) -> None:
             try:
                 s = page.session_of(key)
                 s.start_builder(kind, source, **dict(zip(names, values)))
-                return gr.Timer(active=True), views.builder_md(s.builder.snapshot()), _status(f"{kind} started")
+                return gr.Timer(active=True), views.md_safe(views.builder_md(s.builder.snapshot())), _status(f"{kind} started")
             except Exception as e:
                 return gr.skip(), gr.skip(), _status(_message(e), True)
         return handler
@@ -676,7 +824,7 @@ def builders_section(page: Page) -> None:
         snap = s.builder.snapshot()
         running = s.builder.running
         plot = views.shrink_figure(snap) if s.builder.kind == "shrink" else gr.skip()
-        return (views.builder_md(snap), s.builder_result, plot, curve_view(s, x) if not running else gr.skip(),
+        return (views.md_safe(views.builder_md(snap)), views.md_safe(s.builder_result), plot, curve_view(s, x) if not running else gr.skip(),
                 gr.Timer(active=running))
 
     timer.tick(builder_poll, [page.session, page.axis], [line, result, shrink_plot, page.curve, timer],
@@ -718,10 +866,10 @@ def builder_tabs(page: Page, builder_anchor: gr.Dropdown, result: gr.Markdown) -
                                               ("latency, measured on this server", "latency")],
                                              value="macs", label="budget on")
                 elastic_budgets = gr.Textbox("30, 50, 70, 90", label="budgets (% of its own)")
-                elastic_samples = gr.Number(24, precision=0, label="measured samples")
-                elastic_bn = gr.Number(512, precision=0, label="BatchNorm re-estimation images",
+                elastic_samples = gr.Number(24, label="measured samples")
+                elastic_bn = gr.Number(512, label="BatchNorm re-estimation images",
                                        info="per sub-network, CNNs only; 0 keeps the anchor's statistics")
-                elastic_ft = gr.Number(0, precision=0, label="progressive-shrinking steps",
+                elastic_ft = gr.Number(0, label="progressive-shrinking steps",
                                        info="fine-tune the anchor's shared weights first (0: as they are; anchors only)")
             elastic_btn = gr.Button("Search sub-networks", variant="primary")
         with gr.Tab("Shrink (DMS)"):
@@ -729,7 +877,7 @@ def builder_tabs(page: Page, builder_anchor: gr.Dropdown, result: gr.Markdown) -
                         "static pruned network (no fine-tune).")
             with gr.Row():
                 shrink_target = gr.Slider(5, 95, value=60, step=1, label="target (% of its MACs)")
-                shrink_steps = gr.Number(100, precision=0, label="search steps")
+                shrink_steps = gr.Number(100, label="search steps")
             shrink_btn = gr.Button("Shrink", variant="primary")
             shrink_plot = gr.Plot(label="soft MACs vs target · keep ratios")
         with gr.Tab("Fold"):
@@ -762,7 +910,8 @@ def scale_tab(page: Page, builder_anchor: gr.Dropdown, result: gr.Markdown) -> N
         def handler(key: str, anchor, factor, alpha, x: str):
             try:
                 s = page.session_of(key)
-                return s.scale(anchor, factor, alpha, fill=fill), curve_view(s, x), _status("scale candidate added")
+                return (views.md_safe(s.scale(anchor, factor, alpha, fill=fill)), curve_view(s, x),
+                        _status("scale candidate added (predicted costs: listed, not drawn)"))
             except Exception as e:
                 return gr.skip(), gr.skip(), _status(_message(e), True)
         return handler
@@ -773,7 +922,7 @@ def scale_tab(page: Page, builder_anchor: gr.Dropdown, result: gr.Markdown) -> N
 
     def r2_click(key: str):
         try:
-            return page.session_of(key).latency_fit_md(), _status("")
+            return views.md_safe(page.session_of(key).latency_fit_md()), _status("latency fit: R² below")
         except Exception as e:
             return gr.skip(), _status(_message(e), True)
 
@@ -782,16 +931,6 @@ def scale_tab(page: Page, builder_anchor: gr.Dropdown, result: gr.Markdown) -> N
 
 def _short_spec(spec: str) -> str:
     return spec.rstrip("/").rsplit("/", 1)[-1].split(":")[-1]
-
-
-def _whole(v, what: str, lo: int) -> int:
-    try:
-        n = int(v)
-    except (TypeError, ValueError):
-        raise AppError(f"{what} must be a whole number, not '{str(v)[:20]}'") from None
-    if n < lo:
-        raise AppError(f"{what} must be at least {lo}, got {n}")
-    return n
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, max_upload: str = "20mb",

@@ -20,9 +20,11 @@ log = logging.getLogger(__name__)
 
 
 class TrainJob:
-    def __init__(self, run_dir: Path, data: str, config, on_eval: Callable[[int, dict], None] | None = None):
+    def __init__(self, run_dir: Path, data: str, config, on_eval: Callable[[int, dict], None] | None = None,
+                 on_end: Callable[[Path, str], None] | None = None):
         self.run_dir, self.data, self.config = Path(run_dir), data, config
-        self.on_eval = on_eval
+        self.on_eval, self.on_end = on_eval, on_end
+        self.recipe = ""          # what the trainer resolved (lr, optimizer, distillation), once started
         self.cancel = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"train:{self.run_dir.name}", daemon=True)
@@ -49,8 +51,14 @@ class TrainJob:
         kind = e.get("type")
         if kind == "start":
             resumed = e.get("step", 0) if e.get("resumed") else None
+            self.recipe = recipe_text(e.get("config") or {})
+            before = e.get("after_divergence")
+            after = (f" (the previous fine-tune diverged at step {before.get('at_step')} with lr {before.get('lr')})"
+                     if before else "")
+            where = (f"resumed from the checkpoint at step {resumed}" if resumed is not None else
+                     "started from the fitted run") + after
             self._update(state="running", step=e.get("step", 0), total_steps=e.get("total_steps"), resumed_from=resumed,
-                         message=f"resumed from the checkpoint at step {resumed}" if resumed is not None else "started")
+                         started_at=e.get("step", 0), recipe=self.recipe, message=where, after_divergence=before)
         elif kind == "step":
             self._update(state="running", **{k: e.get(k) for k in ("step", "total_steps", "loss", "lr", "images_per_s", "eta_s")})
         elif kind == "eval":
@@ -64,20 +72,55 @@ class TrainJob:
 
     def _run(self) -> None:
         from composer.pipeline import train_run
+        state = "error"
         try:
             result = train_run(self.run_dir, self.data, self.config, events=self._event, cancel=self.cancel)
-            status = result.get("status", "done")
-            words = {"done": "finished", "cancelled": "cancelled (checkpoint saved: resume continues from it)",
-                     "budget": "stopped at the time budget (checkpoint saved)"}
-            resumed = self.snapshot().get("resumed_from")
-            self._update(state=status, result=result, eta_s=0 if status == "done" else None,
-                         message=f"{words.get(status, status)} at step {result.get('step')}"
-                                 + (f" (resumed from step {resumed})" if resumed is not None else ""))
+            state = status = result.get("status", "done")
+            snap = self.snapshot()
+            resumed, first = snap.get("resumed_from"), snap.get("started_at") or 0
+            trained = result.get("step", 0) - first
+            if status == "diverged":
+                kept = (f"the checkpoint at step {result['step']} is kept" if result.get("step") else
+                        "no checkpoint was written (the fitted weights are kept)")
+                message = (f"diverged at step {result.get('diverged_at')} ({result.get('reason')}) with lr "
+                           f"{result.get('lr'):g}: stopped; {kept}. Lower the learning rate, then Start / resume "
+                           "continues from it")
+                self._update(state=status, result=result, eta_s=None, step=result.get("step", 0), message=message,
+                             loss=None)
+            else:
+                words = {"done": "finished", "cancelled": "cancelled (checkpoint saved: resume continues from it)",
+                         "budget": "stopped at the time budget (checkpoint saved)"}
+                before = snap.get("after_divergence")
+                notes = ([f"resumed from step {resumed}"] if resumed is not None else []) + (
+                    [f"the previous fine-tune diverged at step {before.get('at_step')}"] if before else [])
+                self._update(state=status, result=result, eta_s=0 if status == "done" else None,
+                             message=f"{words.get(status, status)} at step {result.get('step')}: {trained} steps trained"
+                                     + (f" ({'; '.join(notes)})" if notes else ""))
         except UserError as e:
             self._update(state="error", message=str(e))
         except Exception as e:  # a bug in training must end this job, not the server
             log.exception("fine-tune in %s failed", self.run_dir)
             self._update(state="error", message=f"fine-tuning failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        finally:
+            if self.on_end is not None:
+                try:
+                    self.on_end(self.run_dir, state)
+                except Exception:   # the job has ended either way
+                    log.exception("after the fine-tune in %s", self.run_dir)
+
+
+DISTILL_WORDS = {"off": "no distillation", "anchors": "distillation from each route's own anchor",
+                 "largest": "distillation from the largest anchor",
+                 "live": "distillation from each route's anchor as fine-tuned so far"}
+
+
+def recipe_text(config: dict) -> str:
+    """The recipe the trainer resolved (family defaults filled in), in words: what is run and recorded."""
+    if not config:
+        return ""
+    distill = str(config.get("distill"))
+    return (f"lr {config.get('lr'):g} ({config.get('optimizer')}), batch {config.get('batch_size')}, "
+            f"{config.get('sampling')} sampling, {DISTILL_WORDS.get(distill, 'distillation from ' + distill)}")
 
 
 class BuilderJob:

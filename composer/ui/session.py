@@ -10,7 +10,9 @@ this session exported can be handed out for download.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -29,6 +31,9 @@ from zoo.sources import short_name
 log = logging.getLogger(__name__)
 
 SESSION_KEY = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+RUN_NAME = re.compile(r"^run-\d{1,6}$")
+DEFAULT_OPTIONS = {"kernel": 2, "stride": 1, "all_pairs": False}   # SN-Net's sliding window
+_STARTER_BUILD = threading.Lock()   # one build of the starter family, whichever tabs ask for it
 DATASET_SCHEMES = ("torch/", "hfds/", "hfids/", "tfds/", "wds/")
 Progress = Callable[[float, str], None]
 
@@ -102,6 +107,32 @@ def _entry_from(family, source: str, index: int) -> FamilyEntry:
     return FamilyEntry(f"{source}:{index}", str(name), source, [str(s) for s in specs], str(tag))
 
 
+def _hub_reachable_for(entry: FamilyEntry) -> None:
+    """Refuse at once (not after the Hub client's retries) a family whose hf-hub: members are not in
+    the local Hub cache while the Hub cannot be reached."""
+    missing = []
+    for spec in entry.specs:
+        if spec.startswith("hf-hub:"):
+            try:
+                from huggingface_hub import try_to_load_from_cache
+                cached = try_to_load_from_cache(spec[len("hf-hub:"):].split("@")[0], "config.json")
+            except Exception:   # a malformed id: timm's own error names it later
+                cached = None
+            if not isinstance(cached, str):
+                missing.append(spec)
+    if not missing:
+        return
+    hub = _hub()
+    try:
+        status = hub.hub_status() if hub is not None else None
+    except Exception as e:
+        status = f"Hub status unknown ({type(e).__name__})."
+    if status:
+        raise AppError(f"{entry.name} needs the Hugging Face Hub: {len(missing)} of its members (e.g. "
+                       f"{short_name(missing[0])}) are not downloaded yet. {status.rstrip('.')}. Choose the starter, "
+                       "a cached or a local family, or try again when online.")
+
+
 def hub_status_line() -> str:
     hub = _hub()
     if hub is None:
@@ -127,7 +158,7 @@ class Session:
         self.member_infos: dict[str, AnchorInfo] = {}
         self.specs: list[str] = []
         self.infos: list[AnchorInfo] = []          # chosen anchors, sorted by MACs
-        self.options = {"kernel": 2, "stride": 1, "all_pairs": False}
+        self.options = dict(DEFAULT_OPTIONS)
         self.points: list[tuple[int, int, int, int]] | None = None   # None: SN-Net's defaults
         self.plan: StitchPlan | None = None
         self.run_dir: Path | None = None
@@ -143,6 +174,7 @@ class Session:
         self.builder_result = ""                   # the last builder's report (Markdown)
         self.exports: set[Path] = set()
         self.message, self.error = "", False       # the latest message drawn on the graph
+        self.train_form: dict = {}                 # the fine-tune form as last started (shown again after a reload)
 
     # --- browse ----------------------------------------------------------------------------------
 
@@ -181,6 +213,9 @@ class Session:
         specs = [s.strip() for s in re.split(r"[,\n]", text or "") if s.strip()]
         if not specs:
             raise AppError("type at least one anchor: timm names or hf-hub:org/repo, separated by commas")
+        if len(specs) < 2:
+            raise AppError(f"a family needs at least two anchors to stitch, got {len(specs)}: add a larger "
+                           "(or smaller) one, separated by a comma")
         if len(specs) > 8:
             raise AppError(f"at most 8 anchors at once, got {len(specs)}")
         for s in specs:
@@ -203,14 +238,16 @@ class Session:
             if entry.source == "starter":
                 from zoo.starter import ensure_starter
                 if progress:
-                    progress(0.0, "building the starter family (first use: about a minute)")
-                fam = ensure_starter(self.config.starter_cache)
+                    progress(0.0, "opening the starter family (its first use trains it: about a minute)")
+                with _STARTER_BUILD:   # other tabs wait for this build instead of training their own
+                    fam = ensure_starter(self.config.starter_cache)
                 entry = FamilyEntry(STARTER.id, STARTER.name, "starter", list(fam.anchors), STARTER.tag,
                                     "top-1 on its val split: " + ", ".join(
                                         f"{short_name(a)} {acc:.1f}%" for a, acc in fam.accuracies.items()))
                 self.families[entry.id] = entry
-            if not entry.specs:
-                raise AppError(f"family {entry.name} has no members")
+            if len(entry.specs) < 2:
+                raise AppError(f"family {entry.name} has {len(entry.specs)} member(s): stitching needs at least two")
+            _hub_reachable_for(entry)
             if progress:
                 progress(0.5, "measuring members (shapes and MACs, no weights)")
             from composer.run import load_anchors
@@ -238,8 +275,9 @@ class Session:
             unknown = [s for s in specs if s not in self.member_infos]
             if unknown:
                 raise AppError(f"not a member of {self.family.name}: {unknown[0][:80]}")
-            if not specs:
-                raise AppError("choose at least one anchor")
+            if len(specs) < 2:
+                raise AppError(f"choose at least two anchors (got {len(specs)}): a stitch joins a smaller anchor "
+                               "to a larger one")
             return self._set_anchors(specs)
 
     def _set_anchors(self, specs: list[str]) -> StitchPlan:
@@ -268,8 +306,14 @@ class Session:
         with self.lock:
             self._no_running_job()
             self._need_plan()
+            old = dict(self.options)
+            self.options = dict(DEFAULT_OPTIONS)   # kernel 2, stride 1, neighbours: all of SN-Net's defaults
             self.points = None
-            return self._replan("back to SN-Net's default stitches")
+            try:
+                return self._replan("back to SN-Net's defaults: kernel 2, stride 1, neighbours only, default stitches")
+            except PlanError:
+                self.options = old
+                raise
 
     def current_points(self) -> list[tuple[int, int, int, int]]:
         """(front anchor, front block, back anchor, back block) of every stitch of the plan."""
@@ -339,12 +383,22 @@ class Session:
             for info in sorted(self.infos, key=lambda i: -len(i.name)):
                 text = text.replace(info.name, short_name(info.name))
             raise PlanError(text) from None
+        kept = self._kept_note()
         self.plan = plan
-        # A different plan needs a new fit: the old run stays on disk but is no longer shown.
+        # A different plan needs a new fit: the old run stays on disk (listed under "earlier runs",
+        # `open_run` restores it) and a new plan starts beside it.
         self.run_dir, self.net, self.r2, self.top1, self.top1_source = None, None, {}, {}, ""
         self.latency, self.selected = None, None
-        self.message, self.error = message, False
+        self.job = None    # never running here (_no_running_job): its run is an earlier run now
+        self.message, self.error = message + kept, False
         return plan
+
+    def _kept_note(self) -> str:
+        """What a plan change leaves behind, said after the change ("" when nothing was fitted)."""
+        if self.run_dir is None:
+            return ""
+        return (f" · {self.run_dir.name} ({self._run_state(self.run_dir)}) is kept: reopen it from "
+                "'earlier runs' (section 3)")
 
     def _point_text(self, p) -> str:
         f, j, b, k = p
@@ -370,17 +424,32 @@ class Session:
         return str(folder)
 
     def _inside(self, path: Path, roots: list[Path], what: str, relative_ok: bool = False) -> Path:
+        """`path` (relative ones: under a root) resolved, links included, and inside one of `roots`;
+        refused otherwise with what to do about it."""
+        data = what.startswith("data")
+        flag = "--data-root" if data else "--model-root"
+        fill = ("put an ImageFolder there (one subfolder per class) or choose a folder from the list" if data else
+                "put a timm model folder there (config.json + model.safetensors)")
         if not roots:
-            raise AppError(f"{what} are disabled: no roots are configured (start the app with the matching --*-root)")
+            raise AppError(f"{what} are disabled: the app was started without {flag}; restart it with "
+                           f"{flag} /path/to/your/folders")
         candidates = [path] if path.is_absolute() else ([r / path for r in roots] if relative_ok else [])
         for c in candidates:
             real = c.expanduser().resolve()
             for r in roots:
                 if real == r.resolve() or real.is_relative_to(r.resolve()):
                     if not real.exists():
-                        raise AppError(f"{c} does not exist")
+                        raise AppError(f"{c} does not exist: {fill}")
                     return real
-        raise AppError(f"{what} must be inside: {', '.join(str(r) for r in roots)}")
+        places = ", ".join(str(r) + ("" if r.is_dir() else " (not created yet)") for r in roots)
+        if not path.is_absolute():
+            raise AppError(f"'{str(path)[:80]}' is not a folder under the {what[:-1]} root ({places}): give a "
+                           f"folder inside it, or restart the app with {flag} pointing where your folders are")
+        if not path.expanduser().exists():
+            raise AppError(f"{str(path)[:120]} does not exist; {what} must also be inside {places} (restart the app "
+                           f"with {flag} to add a folder)")
+        raise AppError(f"{str(path)[:120]} is outside the {what[:-1]} roots ({places}): restart the app with "
+                       f"{flag} {str(path)[:120]} (or a folder above it) to use it, or move it into {roots[0]}")
 
     def data_choices(self) -> list[str]:
         """'starter' and the ImageFolders (folders of class folders) found in the data roots."""
@@ -409,26 +478,31 @@ class Session:
             self._need_plan()
             spec = self.resolve_data(data)
             calib = whole(calib, "calibration images", 1, 100_000)
-            eval_images = whole(eval_images or self.config.eval_limit, "evaluation images", 1, 100_000)
+            eval_images = whole(self.config.eval_limit if eval_images is None else eval_images,
+                                "evaluation images", 1, 100_000)
             eval_spec = "starter:val" if spec.startswith("starter") else spec
             run_dir = self._new_run_dir()
             try:
                 fitted = fit_run(self.specs, spec, run_dir, calib=calib, plan_options=self.plan_options(),
-                                 manifest_extra={"app": {"family": self.family.name if self.family else None}},
+                                 manifest_extra={"app": {"family": self.family.name if self.family else None,
+                                                         "family_tag": self.family.tag if self.family else ""}},
                                  progress=show)
                 res = evaluate_run(run_dir, eval_spec, limit=eval_images, net=fitted.net, progress=show)
-            except BaseException:
+            except BaseException as e:
                 if run_dir.is_dir() and not any(run_dir.iterdir()):
                     run_dir.rmdir()   # nothing was written: the next fit takes this name again
+                if isinstance(e, UserError) and "download=True" in str(e):   # torchvision's advice: not ours to give
+                    raise AppError(_not_downloaded(spec)) from None
                 raise
+            kept = self._kept_note()
             net = fitted.net
             self.plan, self.net, self.run_dir, self.data = net.plan, net, run_dir, spec
             self.r2, self.top1 = dict(fitted.r2), dict(res.top1)
             self.top1_source = f"after fitting, before fine-tuning ({res.images} images of {data_name(eval_spec)})"
-            self.latency, self.selected = None, None
+            self.latency, self.selected, self.job = None, None, None   # a new run: no fine-tune yet
             worst = min(fitted.r2.values()) if fitted.r2 else float("nan")
             self.message = (f"fitted {len(net.plan.layers)} stitching layers on {fitted.images} images; "
-                            f"lowest R^2 {worst:.2f}")
+                            f"lowest R^2 {worst:.2f}" + kept)
             self.error = False
             return self.r2
 
@@ -438,28 +512,168 @@ class Session:
         n = 1 + max([int(p.name[4:]) for p in base.glob("run-*") if p.name[4:].isdigit()] or [0])
         return base / f"run-{n}"
 
+    # --- earlier runs: every fitted run of this session stays on disk and can be reopened ----------
+
+    def _runs_dir(self) -> Path:
+        return self.config.runs_root / self.key
+
+    def runs(self) -> list[tuple[str, str]]:
+        """(label, name) of this session's fitted runs, newest first: what 'earlier runs' offers."""
+        from composer.run import MANIFEST, PLAN
+        base = self._runs_dir()
+        if not base.is_dir():
+            return []
+        found = [p for p in base.iterdir() if RUN_NAME.match(p.name) and (p / MANIFEST).is_file() and (p / PLAN).is_file()]
+        out = []
+        for p in sorted(found, key=lambda p: -int(p.name[4:])):
+            try:
+                n = len(json.loads((p / PLAN).read_text()).get("stitches", []))
+                what = f"{n} stitches · {self._run_state(p)}"
+            except (OSError, ValueError, UserError):
+                what = "unreadable"
+            out.append((f"{p.name} · {what}" + (" · shown" if p == self.run_dir else ""), p.name))
+        return out
+
+    @staticmethod
+    def _run_state(run_dir: Path) -> str:
+        """'fitted', 'fine-tuned to step N' or 'diverged at step N (step K kept)', from the run's manifest."""
+        from composer.run import read_manifest
+        try:
+            m = read_manifest(run_dir)
+        except UserError:
+            return "unreadable"
+        tr, bad = m.get("train") or {}, m.get("train_diverged")
+        if bad:
+            return f"diverged at step {bad.get('at_step')} (step {bad.get('checkpoint_step', 0)} kept)"
+        return f"fine-tuned to step {tr['step']}" if tr.get("step") else "fitted"
+
+    def open_run(self, name: str) -> StitchPlan:
+        """Show an earlier run of this session again as it was left: its anchors, plan and options, fit
+        quality, accuracies (the latest measurement), latency, selected stitch and fine-tune state."""
+        from composer.run import read_latency, read_manifest, read_top1
+        with self.lock:
+            self._no_running_job()
+            name = str(name or "").strip()
+            if not RUN_NAME.match(name) or not (self._runs_dir() / name).is_dir():
+                raise AppError(f"no run '{name[:40]}' in this session: choose one from 'earlier runs'")
+            run_dir = self._runs_dir() / name
+            if run_dir == self.run_dir:
+                self.message, self.error = f"{name} is the run shown", False
+                return self.plan
+            from composer.run import load_plan_of_run
+            manifest = read_manifest(run_dir)
+            plan = load_plan_of_run(run_dir)
+            kept = self._kept_note()
+            if self.family is None or not all(a in self.member_infos for a in plan.anchors):
+                app = manifest.get("app") or {}
+                self.family = FamilyEntry(f"run:{name}", str(app.get("family") or "anchors of " + name), "run",
+                                          list(plan.anchors), str(app.get("family_tag") or ""))
+                self.families[self.family.id] = self.family
+                self.member_infos = dict(zip(plan.anchors, plan.infos))
+            self.specs, self.infos, self.plan = list(plan.anchors), list(plan.infos), plan
+            self.options = {k: plan.options.get(k, v) for k, v in DEFAULT_OPTIONS.items()}
+            self.points = ([(s.route[0].anchor, s.route[0].last, s.route[1].anchor, s.route[1].first)
+                            for s in plan.stitches if not s.is_anchor] if plan.options.get("custom_points") else None)
+            fit = manifest.get("fit") or {}
+            self.run_dir, self.net, self.job = run_dir, None, None
+            self.data = str(fit.get("data") or "starter")
+            self.r2 = {int(k): float(v) for k, v in (fit.get("r2") or {}).items()}
+            try:
+                self.top1, self.top1_source = read_top1(run_dir)
+            except UserError:
+                self.top1, self.top1_source = {}, ""
+            self.latency = read_latency(run_dir)
+            sid = self._selections().get(name)
+            self.selected = sid if isinstance(sid, int) and 0 <= sid < len(plan.stitches) else None
+            self.message, self.error = f"reopened {name} ({self._run_state(run_dir)})" + kept, False
+            return plan
+
+    def _selections(self) -> dict:
+        f = self._runs_dir() / "selections.json"
+        try:
+            data = json.loads(f.read_text()) if f.is_file() else {}
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _remember_selection(self) -> None:
+        """The selected stitch of the shown run, kept beside the runs so that reopening it selects it again."""
+        if self.run_dir is None or self.selected is None:
+            return
+        from composer.io import write_json_atomic
+        try:
+            write_json_atomic(self._runs_dir() / "selections.json", {**self._selections(), self.run_dir.name: self.selected})
+        except (OSError, UserError):
+            log.warning("could not remember the selection of %s", self.run_dir)
+
     # --- fine-tune -------------------------------------------------------------------------------
 
-    def start_training(self, config, data: str | None = None):
-        """Start (or resume: the trainer continues from the run's checkpoint) a fine-tune in the background."""
+    def start_training(self, add_steps, config, data: str | None = None, form: dict | None = None):
+        """Start (or resume from the run's checkpoint) a fine-tune of `add_steps` more steps in the
+        background. The trainer's `config.steps` is a total across resumes: it is set here, to the
+        checkpoint's step + add_steps. `form`: the fine-tune form as the user set it (shown again
+        after a reload)."""
+        from dataclasses import replace
+
+        from composer.train import checkpoint_step
         from composer.ui.jobs import TrainJob
         with self.lock:
             self._no_running_job()
             if self.run_dir is None:
-                raise AppError("fit the stitching layers first (step 3): fine-tuning starts from a fitted run")
+                raise AppError("fit the stitching layers first (step 3), or reopen an earlier run: fine-tuning "
+                               "starts from a fitted run")
+            add = whole(add_steps, "steps to add", 1, 1_000_000)
             spec = self.resolve_data(data or self.data or "")
             if spec == "starter:val":
-                raise AppError("fine-tune on training data, not on the validation split")
-            self.job = TrainJob(self.run_dir, "starter" if spec == "starter:train" else spec, config,
-                                on_eval=self._on_eval)
+                raise AppError("fine-tune on training data, not on the validation split: choose 'starter'")
+            done = checkpoint_step(self.run_dir) or 0
+            self.net = None   # the weights will change: what needs them loads them again
+            self.job = TrainJob(self.run_dir, "starter" if spec == "starter:train" else spec,
+                                replace(config, steps=done + add), on_eval=self._on_eval, on_end=self._on_train_end)
             self.job.start()
-            self.message, self.error = "fine-tuning started", False
+            self.train_form = {**(form or {}), "steps": add}
             return self.job
 
     def _on_eval(self, step: int, top1: dict[int, float]) -> None:
         # Called from the training thread: replace the dict (readers never see it half-built).
         self.top1 = dict(top1)
         self.top1_source = f"fine-tuning, step {step}"
+
+    def _on_train_end(self, run_dir: Path, state: str) -> None:
+        """Called from the training thread when a job ends. After a divergence the curve shows again
+        what was measured of the weights kept on disk (the last finite checkpoint, or the fit)."""
+        if state != "diverged" or run_dir != self.run_dir:
+            return
+        from composer.run import read_top1
+        try:
+            top1, source = read_top1(run_dir)
+        except UserError:
+            return
+        self.top1, self.top1_source = dict(top1), f"{source} (kept after the divergence)"
+
+    def training_snapshot(self) -> dict | None:
+        """The fine-tune of the run shown: its job while it lives, else what the run holds on disk."""
+        job = self.job
+        if job is not None and self.run_dir is not None and job.run_dir == self.run_dir:
+            return job.snapshot()
+        if self.run_dir is None:
+            return None
+        from composer.run import read_manifest
+        try:
+            manifest = read_manifest(self.run_dir)
+        except UserError:
+            return None
+        tr, bad = manifest.get("train") or {}, manifest.get("train_diverged")
+        if bad:
+            return {"state": "diverged", "step": bad.get("checkpoint_step", 0), "total_steps": None,
+                    "message": f"the last fine-tune diverged at step {bad.get('at_step')} ({bad.get('reason')}, lr "
+                               f"{bad.get('lr')}); the checkpoint at step {bad.get('checkpoint_step', 0)} is kept: "
+                               "lower the learning rate, then Start / resume"}
+        if not tr:
+            return None
+        return {"state": tr.get("status", "done"), "step": tr.get("step", 0),
+                "total_steps": (tr.get("config") or {}).get("steps"),
+                "message": f"fine-tuned to step {tr.get('step', 0)} (saved in {self.run_dir.name})"}
 
     def cancel_training(self) -> bool:
         job = self.job
@@ -499,6 +713,7 @@ class Session:
             if not 0 <= sid < len(self.plan.stitches):
                 raise AppError(f"stitch {sid} does not exist (0..{len(self.plan.stitches) - 1})")
             self.selected = sid
+            self._remember_selection()
             return sid
 
     def pick_under_budget(self, x: str, budget: float) -> int:
@@ -513,6 +728,7 @@ class Session:
                 cheapest = min(p.x for p in pts)
                 raise AppError(f"no stitch fits that budget: the cheapest needs {cheapest:.3g}")
             self.selected = pts[i].id
+            self._remember_selection()
             return self.selected
 
     def measure_latency(self, progress: Progress | None = None) -> dict[int, float]:
@@ -658,13 +874,17 @@ class Session:
         candidate of the run ("candidate": "METHOD:NAME", as its point's customdata) and zip it."""
         with self.lock:
             if self.run_dir is None:
-                raise AppError("fit (and ideally fine-tune) first: there is nothing to export yet")
+                earlier = " or reopen an earlier run (section 3)" if self.runs() else ""
+                raise AppError(f"fit (and ideally fine-tune) first{earlier}: this plan has no fitted run to export yet")
             if self.job is not None and self.job.running:
                 raise AppError("a fine-tune is running: wait for it or cancel it, then export its checkpoint")
             from composer.pipeline import export_run
             stamp = time.strftime("%Y%m%d-%H%M%S")
             out_base = self.config.exports_dir / self.key
             if what == "stitch":
+                if stitch_id is None and self.selected is None:
+                    raise AppError("pick a stitch first: click a point on the curve (or use the budget slider), "
+                                   "then export it; 'Export whole SN-Net' needs no pick")
                 sid = self.select(self.selected if stitch_id is None else stitch_id)
                 name = f"stitch-{sid}-{stamp}"
                 export_run(self.run_dir, out_base / name, stitch=sid)
@@ -738,6 +958,15 @@ def _fold_md(r, options: dict) -> str:
 
 
 REPORTS = {"elastic": _elastic_md, "shrink": _shrink_md, "fold": _fold_md}   # builder -> its Markdown report
+
+
+def _not_downloaded(spec: str) -> str:
+    """What to do when a data set named by scheme (torch/..., hfds/...) is not on this machine."""
+    root = os.environ.get("ZOO_COMPOSER_DATA", str(Path.home() / ".cache" / "zoo-composer" / "data"))
+    example = (f" (for torch/cifar10: python -c \"import torchvision; torchvision.datasets.CIFAR10('{root}', "
+               "download=True)\")" if spec.lower() == "torch/cifar10" else "")
+    return (f"data set '{spec[:60]}' is not downloaded in {root}, and the app never downloads: download it there "
+            f"once{example}, or choose 'starter' or an ImageFolder under a data root")
 
 
 def _bounded_float(v, what: str, lo: float, hi: float) -> float:

@@ -103,14 +103,25 @@ def progress_html(snap: dict | None) -> str:
         bits.append(f"{snap['images_per_s']:.0f} images/s")
     if state == "running":
         bits.append(f"ETA {_duration(snap.get('eta_s'))}")
-    if snap.get("loss") is not None:
+    if snap.get("loss") is not None and state != "diverged":
         bits.append(f"loss {snap['loss']:.3f}")
     text = " · ".join(bits)
-    msg = html.escape(snap.get("message") or "")
+    msg = html.escape(snap.get("message") or "", quote=False)      # text, never inside an attribute
+    recipe = html.escape(snap.get("recipe") or "", quote=False)
     return (f"<div class='zc-progress {html.escape(state)}' data-state='{html.escape(state)}' data-step='{step}'>"
             f"<div class='zc-progress-track'><div class='zc-progress-fill' style='width:{100 * min(1.0, frac):.1f}%'></div></div>"
-            f"<div class='zc-progress-text'><b>{html.escape(state)}</b> · {html.escape(text)}"
-            f"{' · ' + msg if msg else ''}</div></div>")
+            f"<div class='zc-progress-text'><b>{html.escape(state)}</b> · {html.escape(text, quote=False)}"
+            f"{' · ' + msg if msg else ''}</div>"
+            f"{f'<div class=zc-progress-recipe>recipe: {recipe}</div>' if recipe else ''}</div>")
+
+
+def md_safe(text: str | None) -> str:
+    """Markdown as Gradio should show it: a '<' outside code (as in 'DMS <=1.79M: ... -> ...') is
+    escaped, or the renderer's sanitiser takes '<...>' for a tag and shows the '**' around it literally."""
+    if not text:
+        return text or ""
+    parts = str(text).split("```")
+    return "```".join(p.replace("<", "&lt;") if i % 2 == 0 else p for i, p in enumerate(parts))
 
 
 def stitch_md(summary: dict | None) -> str:
