@@ -288,6 +288,23 @@ def two_way_plan(infos: list[AnchorInfo]) -> StitchPlan:
     return StitchPlan([a.name for a in infos], list(infos), stitches, layers, {"two_way": True})
 
 
+def macs_step_groups(macs: list[float], step: float) -> list[list[int]]:
+    """SN-Netv2's FLOPs groups (its `group_subnets_by_flops`): walk the stitches in increasing MACs;
+    a stitch more than `step` MACs above the first of the current group starts a new group.
+    Returns groups of indices into `macs`, cheapest group first; training samples a group, then a
+    stitch in it, so sparse ends of the curve get as many steps as its crowded middle."""
+    if not step > 0:
+        raise PlanError(f"the MACs step between groups must be positive, got {step}")
+    groups: list[list[int]] = []
+    start = None
+    for i in sorted(range(len(macs)), key=lambda i: (macs[i], i)):
+        if start is None or macs[i] - start > step:
+            groups.append([])
+            start = macs[i]
+        groups[-1].append(i)
+    return groups
+
+
 def _default_positions(infos, f, b, kernel, stride):
     """(front unit, back unit, layer key) of SN-Net's default stitches between anchors f and b."""
     front, back = infos[f], infos[b]

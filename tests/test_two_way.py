@@ -102,3 +102,29 @@ def test_cifar_resnets_two_way_stitch_inside_stages_only():
     with torch.no_grad():
         for s in net.stitches:   # every route runs and keeps the batch and class shape
             assert net.select(s.id)(x).shape == (2, 10)
+
+
+def test_macs_step_groups_match_snnetv2s_grouping():
+    from composer.plan import macs_step_groups
+
+    def snnetv2(flops: dict, step: float):   # its group_subnets_by_flops, as it reads
+        groups, current, last = [], [], 0
+        for cfg, f in sorted(flops.items(), key=lambda kv: kv[1]):
+            if abs(last - f) > step:
+                if current:
+                    groups.append(current)
+                current, last = [cfg], f
+            else:
+                current.append(cfg)
+        return groups + ([current] if current else [])
+
+    rng = torch.Generator().manual_seed(3)
+    macs = (torch.rand(60, generator=rng) * 100).tolist()
+    for step in (5.0, 10.0, 33.0):
+        # SN-Netv2 starts its walk from 0: the first group holds what lies within `step` of 0 or of
+        # the cheapest stitch; ours starts at the cheapest stitch. Shifted so the cheapest is 0, the two agree.
+        low = min(macs)
+        shifted = [m - low for m in macs]
+        assert macs_step_groups(macs, step) == snnetv2(dict(enumerate(shifted)), step)
+    assert macs_step_groups([5, 1, 3], 100) == [[1, 2, 0]]
+    assert macs_step_groups([1, 2, 30, 31, 90], 10) == [[0, 1], [2, 3], [4]]
