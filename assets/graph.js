@@ -205,7 +205,8 @@ function watchStatus(tries) {
   new MutationObserver(() => {
     const bar = root.querySelector(".zc-graph-msg");
     const said = bar ? bar.textContent.trim() : "";
-    const now = statusEl.innerText.replace(/^\s*⚠\s*/, "").trim();
+    const text = statusEl.querySelector(".html-container") || statusEl;   // not the progress overlay's text
+    const now = text.innerText.replace(/^\s*⚠\s*/, "").trim();
     if (said && now && !now.includes(said) && !said.includes(now)) {
       bar.textContent = "";
       bar.classList.remove("zc-error");

@@ -4,19 +4,28 @@ Nothing happens at import. `cifar10_splits()` materialises, once, in the cache f
 ($ZOO_COMPOSER_CACHE, default ~/.cache/zoo-composer):
 
   cifar10-test/
-    jpg/test/<class>/<k>.jpg      the shared JPEG (q75) copy, extracted
+    jpg/test/<class>/<k>.jpg      the shared JPEG (q75) copy, extracted: all 10,000 test images (`.test`)
     calib/<class>/<index>.jpg     official test indices >= 5000 (symlinks into jpg/)
     eval/<class>/<index>.jpg      official test indices <  5000 (symlinks into jpg/)
     exact846/<class>/<index>.png  the first 846 test images, exact pixels, lossless
     COMPLETE
 
-`<k>` is the k-th image of its class in official order, so with the official label list
-(`all_labels`) every JPEG gets its official index. Splitting by index is the team's fair protocol
-with only the test set: calibrate / fine-tune on >= 5000, evaluate on < 5000 (see
-../shared/data/README.md). Class folders are named alike in every split, and sorted they are
-CIFAR-10's label order, so ImageFolder labels agree with the models' outputs 0..9.
+and `cifar10_train()`, once, the training set:
 
-The whole folder is built under a temporary name and renamed into place, so a reader never sees a
+  cifar10-train/
+    jpg/train/<class>/<k>.jpg     the shared JPEG copy of the 50,000 training images, extracted
+    COMPLETE
+
+`<k>` is the k-th image of its class in official order, so with the official label list
+(`all_labels`) every test JPEG gets its official index. The protocol (../shared/data/README.md):
+calibrate and fine-tune on the training set (`cifar10_train()`), evaluate on all 10,000 test JPEGs
+(`.test`, or a seeded subset) and report the 846 exact images (`.exact846`) beside. The calib / eval
+halves of the test set are the earlier protocol (calibrate on official test indices >= 5000,
+evaluate on < 5000), kept for the benches that still use it. Class folders are named alike
+everywhere, and sorted they are CIFAR-10's label order, so ImageFolder labels agree with the models'
+outputs 0..9.
+
+Each folder is built under a temporary name and renamed into place, so a reader never sees a
 half-built one and a second call only checks for COMPLETE.
 
 `cifar_anchor_specs()` gives "local-dir:" specs for the real ResNet-20/32/44/56 weights.
@@ -36,6 +45,8 @@ SHARED_ZOO = SHARED / "zoo" / "cifar10-resnet"
 SHARED_DATA = SHARED / "data" / "cifar10-test"
 JPEG_TAR = SHARED_DATA / "test_jpg_q75.tar.gz"
 EXACT_NPZ = SHARED_DATA / "test_first846_exact.npz"
+TRAIN_TAR = SHARED / "data" / "cifar10-train" / "train_jpg.tar.gz"
+TRAIN_PER_CLASS = 5000
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DEPTHS = (20, 32, 44, 56)
@@ -58,19 +69,25 @@ class CifarSplits:
     eval: Path        # ImageFolder, 5000 JPEGs, official indices < 5000
     exact846: Path    # ImageFolder, 846 lossless PNGs, official indices 0..845
 
+    @property
+    def test(self) -> Path:
+        """ImageFolder, all 10,000 test JPEGs (q75), `<class>/<k>.jpg`."""
+        return self.root / "jpg" / "test"
 
-def missing_shared_reason() -> str | None:
-    """Why the shared CIFAR files cannot be used here, or None if they can."""
-    needed = [JPEG_TAR, EXACT_NPZ] + [SHARED_ZOO / f"resnet{d}.safetensors" for d in DEPTHS]
+
+def missing_shared_reason(train: bool = False) -> str | None:
+    """Why the shared CIFAR files cannot be used here, or None if they can (train=True: the
+    training-set protocol, which also needs ../shared/data/cifar10-train)."""
+    needed = [JPEG_TAR, EXACT_NPZ] + [SHARED_ZOO / f"resnet{d}.safetensors" for d in DEPTHS] + ([TRAIN_TAR] if train else [])
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         return f"needs the team's shared CIFAR-10 files (absent on a fresh machine): {', '.join(missing[:2])}"
     return None
 
 
-def need_cifar() -> None:
+def need_cifar(train: bool = False) -> None:
     """Raise SharedDataMissing (with the reason) where ../shared is absent."""
-    reason = missing_shared_reason()
+    reason = missing_shared_reason(train)
     if reason:
         raise SharedDataMissing(reason)
 
@@ -89,12 +106,30 @@ def cifar10_splits(cache_dir: Path | str | None = None) -> CifarSplits:
     marker = target / "COMPLETE"
     if marker.is_file() and marker.read_text().strip() == LAYOUT_VERSION:
         return splits
+    _build_into(target, _build)
+    return splits
+
+
+def cifar10_train(cache_dir: Path | str | None = None) -> Path:
+    """The ImageFolder of the 50,000 training JPEGs, extracted on first use (~10 s): calibration and
+    fine-tuning images of the training-set protocol."""
+    need_cifar(train=True)
+    target = cache_root(cache_dir) / "cifar10-train"
+    folder = target / "jpg" / "train"
+    marker = target / "COMPLETE"
+    if not (marker.is_file() and marker.read_text().strip() == LAYOUT_VERSION):
+        _build_into(target, _build_train)
+    return folder
+
+
+def _build_into(target: Path, build) -> None:
+    """build(tmp) into a temporary sibling of `target`, then renamed into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():   # an older layout (or a hand-edited folder): build it afresh
         shutil.rmtree(target)
-    tmp = Path(tempfile.mkdtemp(prefix=".cifar10-test.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _build(tmp)
+        build(tmp)
         try:
             os.replace(tmp, target)
         except OSError:
@@ -103,7 +138,6 @@ def cifar10_splits(cache_dir: Path | str | None = None) -> CifarSplits:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return splits
 
 
 def cifar_anchor_specs(cache_dir: Path | str | None = None) -> list[str]:
@@ -146,6 +180,20 @@ def _build(root: Path) -> None:
             # relative, so the links survive renaming the temporary folder into place
             os.symlink(os.path.relpath(jpg, link.parent), link)
     _write_exact(root / "exact846", exact["images"], exact["labels"])
+    (root / "COMPLETE").write_text(LAYOUT_VERSION + "\n")
+
+
+def _build_train(root: Path) -> None:
+    _extract_safely(TRAIN_TAR, root / "jpg")
+    top = root / "jpg"
+    if sorted(p.name for p in top.iterdir()) != ["train"]:
+        raise CifarDataError(f"{TRAIN_TAR}: expected one folder 'train' at the top")
+    if sorted(p.name for p in (top / "train").iterdir()) != list(CLASSES):
+        raise CifarDataError(f"{TRAIN_TAR}: expected the class folders {', '.join(CLASSES)}")
+    for name in CLASSES:
+        n = sum(1 for _ in (top / "train" / name).glob("*.jpg"))
+        if n != TRAIN_PER_CLASS:
+            raise CifarDataError(f"{TRAIN_TAR}: class {name} holds {n} images, expected {TRAIN_PER_CLASS}")
     (root / "COMPLETE").write_text(LAYOUT_VERSION + "\n")
 
 

@@ -54,11 +54,11 @@ class _Bars:
     NAMES = {"fit": "fit", "route_stats": "BatchNorm statistics per stitch", "evaluate": "evaluate",
              "latency": "latency"}
 
-    def __init__(self):
-        self.phase, self.bar = None, None
+    def __init__(self, show: bool = True):
+        self.phase, self.bar, self.show = None, None, show   # show=False: torchrun's other ranks draw nothing
 
     def __call__(self, e: dict) -> None:
-        if e.get("type") != "progress" or e["phase"] not in self.NAMES:
+        if not self.show or e.get("type") != "progress" or e["phase"] not in self.NAMES:
             return
         if e["phase"] != self.phase:
             self.close()
@@ -87,6 +87,9 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--points", help="JSON list of [[front_anchor, block], [back_anchor, block]]: exactly these stitches")
     p.add_argument("--two-way", action="store_true",
                    help="SN-Netv2's routes between two anchors: both ways and there and back (134 for DeiT3-S + DeiT3-L)")
+    p.add_argument("--resolution", type=_checked(whole, 8, 4096), metavar="N",
+                   help="run every anchor at N x N pixels, costs counted there (members trained at different sizes, "
+                        "e.g. EfficientNet-B0/B1); `fit` keeps it in the run for every later command")
 
 
 def _pretrained(p: argparse.ArgumentParser) -> None:
@@ -180,14 +183,19 @@ def cmd_plan(args) -> None:
     from composer.plan import build_plan
     from composer.run import load_anchors
     # Planning needs shapes and counts only: build on the meta device unless weights are asked for.
-    _, infos = load_anchors(resolve_anchors(args.anchors), bool(args.pretrained), None if args.pretrained else "meta")
+    _, infos = load_anchors(resolve_anchors(args.anchors), bool(args.pretrained), None if args.pretrained else "meta",
+                            resolution=args.resolution)
     plan = build_plan(infos, **_plan_kwargs(args))
     rows = stitch_rows(plan)
+    size = "x".join(str(d) for d in infos[0].input_size[1:])
     if args.json:
-        print(json.dumps({"anchors": plan.anchors, "stitches": rows}))
+        print(json.dumps({"anchors": plan.anchors, "resolution": args.resolution, "input_size": list(infos[0].input_size),
+                          "stitches": rows}))
     else:
         print(_table(plan, rows, []))
-        print(f"{len(plan.stitches)} stitches ({len(plan.anchors)} anchors), {len(plan.layers)} stitching layers")
+        at = (f" all at {size} px with the first anchor's normalisation (--resolution)" if args.resolution
+              else f" at {size} px")
+        print(f"{len(plan.stitches)} stitches ({len(plan.anchors)} anchors{at}), {len(plan.layers)} stitching layers")
 
 
 def _fit_args(sp) -> None:
@@ -199,6 +207,7 @@ def _fit_args(sp) -> None:
     sp.add_argument("--ridge", type=_nonnegative, default=1e-4, help="ridge of the least squares (default 1e-4)")
     _plan_options(sp)
     _pretrained(sp)
+    _where(sp)
     _common(sp)
 
 
@@ -206,17 +215,22 @@ def _fit_args(sp) -> None:
 def cmd_fit(args) -> None:
     """Fit every stitching layer by least squares on calibration images; write RUN/."""
     from composer.pipeline import fit_run
-    with _Bars() as bars:
+    with _Bars(show=_rank0()) as bars:
         r = fit_run(args.anchors, args.data, args.out, calib=args.calib, ridge=args.ridge,
                     plan_options=_plan_kwargs(args), pretrained=args.pretrained, batch_size=args.batch_size,
-                    workers=args.workers, seed=args.seed, force=args.force, progress=bars)
+                    workers=args.workers, seed=args.seed, force=args.force, device=args.device,
+                    precision=args.precision, resolution=args.resolution, progress=bars)
+    if not _rank0():   # torchrun: rank 0 wrote the run and reports it
+        return
     rows = stitch_rows(r.plan, {k: {"r2": v} for k, v in r.r2.items()})
     if args.json:
         print(json.dumps({"run": str(r.run), "anchors": r.plan.anchors, "stitches": rows}))
     else:
         print(_table(r.plan, rows, ["r2"]))
+        fit = r.manifest["fit"]
+        ranks = f", {fit['processes']} processes" if fit["processes"] > 1 else ""
         print(f"fitted {len(r.plan.layers)} stitching layers on {r.images} images "
-              f"(R^2 on {r.held_out} held out); wrote {r.run}")
+              f"(R^2 on {r.held_out} held out; {fit['device']}, {fit['precision']}{ranks}); wrote {r.run}")
 
 
 def _evaluate_args(sp) -> None:
@@ -224,6 +238,10 @@ def _evaluate_args(sp) -> None:
     sp.add_argument("--data", required=True)
     sp.add_argument("--limit", type=_positive, default=None, help="evaluate on a seeded random subset of N images")
     sp.add_argument("--latency", action="store_true", help="also measure each stitch's latency (ms, batch 1, this device)")
+    sp.add_argument("--reference", type=Path, metavar="FILE",
+                    help="an evaluation.json (or run folder) measured before fine-tuning on the same images: judge "
+                         "every stitch against the line between those original anchors (composer.judge)")
+    _where(sp)
     _common(sp)
 
 
@@ -231,14 +249,26 @@ def _evaluate_args(sp) -> None:
 def cmd_evaluate(args) -> None:
     """Top-1 of every stitch (shared-prefix evaluation); also saved as RUN/evaluation.json."""
     from composer.pipeline import evaluate_run
-    with _Bars() as bars:
+    from composer.judge import read_reference
+    # read (and checked) before evaluating, which may overwrite it (RUN/evaluation.json)
+    reference = read_reference(args.reference, data=args.data) if args.reference else None
+    with _Bars(show=_rank0()) as bars:
         r = evaluate_run(args.run, args.data, limit=args.limit, latency=args.latency, batch_size=args.batch_size,
-                         workers=args.workers, seed=args.seed, progress=bars)
+                         workers=args.workers, seed=args.seed, device=args.device, precision=args.precision,
+                         progress=bars)
+    if not _rank0():   # torchrun: rank 0 reports the summed result
+        return
+    judged = reference.judge(r.plan, r.top1, r.images) if reference else None
     if args.json:
-        print(json.dumps({"images": r.images, "stitches": r.rows}))
+        print(json.dumps({"images": r.images, "stitches": r.rows, "device": r.ran_on, "precision": r.precision,
+                          "processes": r.processes, **({"latency_device": r.device} if r.device else {}),
+                          **({"judgement": judged.to_dict()} if judged else {})}))
     else:
         print(_table(r.plan, r.rows, ["top1"] + (["latency_ms"] if args.latency else [])))
-        print(f"top-1 (%) on {r.images} images of {args.data}")
+        ranks = f", {r.processes} processes" if r.processes > 1 else ""
+        print(f"top-1 (%) on {r.images} images of {args.data} ({r.ran_on}, {r.precision}{ranks})")
+        if judged:
+            print("\n".join(judged.lines()))
 
 
 def _curve_args(sp) -> None:
@@ -297,6 +327,7 @@ def _train_args(sp) -> None:
     sp.add_argument("--eval-every", type=_natural, default=0, help="evaluate every N steps (0: only at the end)")
     sp.add_argument("--eval-limit", type=_positive, default=500, help="held-out images per evaluation")
     sp.add_argument("--checkpoint-every", type=_positive, default=50, help="steps between checkpoints")
+    _where(sp)
     _common(sp)
 
 
@@ -349,7 +380,8 @@ def cmd_train(args) -> None:
             bar.write(f"step {e['step']}: evaluated {len(e['top1'])} stitches, best top-1 {best:.2f} %", file=sys.stderr)
 
     try:
-        result = train_run(args.run, args.data, config, eval_data=args.eval_data, events=show, cancel=cancel)
+        result = train_run(args.run, args.data, config, eval_data=args.eval_data, events=show, cancel=cancel,
+                           device=args.device, precision=args.precision)
     finally:
         bar.close()
         for s, handler in previous.items():
@@ -379,6 +411,7 @@ def _export_args(sp) -> None:
     sp.add_argument("--out", required=True, type=Path, help="folder to write (new, empty, or an earlier export of the same)")
     sp.add_argument("--force", action="store_true", help="replace whatever --out holds")
     sp.add_argument("--latency", action="store_true", help="with --all: measure each stitch's batch-1 latency here")
+    _where(sp)
     sp.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this Hugging Face Hub repo")
     sp.add_argument("--json", action="store_true")
 
@@ -389,7 +422,8 @@ def cmd_export(args) -> None:
     optionally push it to the Hub."""
     from composer.pipeline import export_run
     r = export_run(args.run, args.out, stitch=args.stitch, whole=args.all, candidate=args.candidate,
-                   latency=args.latency and args.all, push_to_hub=args.push_to_hub, force=args.force)
+                   latency=args.latency and args.all, push_to_hub=args.push_to_hub, force=args.force,
+                   device=args.device, precision=args.precision)
     if args.json:
         print(json.dumps({"out": str(r.out), "files": r.files, "hub": r.hub}))
     else:
@@ -462,28 +496,25 @@ def _latency_fit_args(sp) -> None:
     sp.add_argument("run", type=Path)
     sp.add_argument("--remeasure", action="store_true", help="time every stitch again even if the run has latencies")
     sp.add_argument("--repeats", type=_positive, default=10, help="timed runs per stitch (median kept)")
+    _where(sp)
     sp.add_argument("--json", action="store_true")
 
 
 @command("latency-fit", _latency_fit_args)
 def cmd_latency_fit(args) -> None:
     """How well MACs and activations each predict this device's batch-1 latency (R^2), measuring it if needed."""
-    from composer.run import read_candidates
-    from composer.evaluate import stitch_latencies
-    from composer.run import load_plan_of_run, read_latency, save_latency
     from composer.builders.scaling import latency_fit, latency_points
+    from composer.pipeline import latency_run, resolve_where
+    from composer.run import load_plan_of_run, read_candidates, read_latency
     plan = load_plan_of_run(args.run)
+    resolve_where(args.device, args.precision)   # a device this machine lacks: refused before anything is timed
     latency = None if args.remeasure else read_latency(args.run)
     if not latency:
-        import torch
-
-        from composer.run import load_run
-        net = load_run(args.run).net
-        bar = tqdm(total=len(plan.stitches), desc="latency", file=sys.stderr, disable=None)
-        latency = stitch_latencies(net, repeats=args.repeats, progress=lambda n, _: bar.update(n - bar.n))
-        bar.close()
-        save_latency(args.run, latency, str(next(net.parameters()).device))
-        print(f"measured batch-1 latency of {len(latency)} stitches ({torch.get_num_threads()} threads); "
+        with _Bars() as bars:
+            r = latency_run(args.run, repeats=args.repeats, device=args.device, precision=args.precision,
+                            progress=bars)
+        latency = r.ms
+        print(f"measured batch-1 latency of {len(latency)} stitches on {r.device} ({r.threads} CPU threads); "
               f"saved in {args.run / 'latency.json'}", file=sys.stderr)
     fit = latency_fit(latency_points(plan, latency, read_candidates(args.run)))
     if args.json:
@@ -506,6 +537,7 @@ def _fold_args(sp) -> None:
     sp.add_argument("--limit", type=_positive, help="top-1 on a seeded random subset of N images (default: all)")
     sp.add_argument("--tolerance", type=float, default=1e-4, help="largest relative difference a fold may make")
     sp.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency before/after")
+    _where(sp)
     _common(sp)
 
 
@@ -528,7 +560,7 @@ def cmd_fold(args) -> None:
         report = build("fold", args.run, anchor=args.anchor, stitch=args.stitch, events=show, data=args.data,
                        out=args.out, images=args.images, limit=args.limit, tolerance=args.tolerance,
                        latency=not args.no_latency, batch_size=args.batch_size, seed=args.seed,
-                       workers=args.workers).details
+                       workers=args.workers, device=args.device, precision=args.precision).details
     finally:
         bar.close()
     c = report.candidate
@@ -564,6 +596,7 @@ def _shrink_args(sp) -> None:
                     help="re-estimate the shrunk network's BatchNorm statistics on N images of --data (0: off)")
     sp.add_argument("--latency", action="store_true",
                     help="also measure the shrunk network's batch-1 latency here (the candidate's latency_ms)")
+    _where(sp)
     _common(sp)
 
 
@@ -590,7 +623,8 @@ def cmd_shrink(args) -> None:
         r = build("shrink", args.run, anchor=args.anchor, stitch=args.stitch, events=show, data=args.data,
                   target_macs=args.target_macs, steps=args.steps, eval_data=args.eval_data,
                   eval_limit=args.eval_limit, batch_size=args.batch_size, lr=args.lr, bn_images=args.bn_images,
-                  seed=args.seed, workers=args.workers, latency=args.latency).details
+                  seed=args.seed, workers=args.workers, latency=args.latency, device=args.device,
+                  precision=args.precision).details
     finally:
         bar.close()
     if args.json:
@@ -645,6 +679,7 @@ def _elastic_args(sp) -> None:
     sp.add_argument("--generations", type=_positive, default=20)
     sp.add_argument("--check", type=_positive, default=3,
                     help="measure this many predicted-best per budget on --data and keep the best measured (default 3)")
+    _where(sp)
     _common(sp)
 
 
@@ -673,7 +708,8 @@ def cmd_elastic(args) -> None:
                        eval_data=args.eval_data, budgets=budgets, samples=args.samples, eval_limit=args.eval_limit,
                        bn_images=args.bn_images, predictor=args.predictor, finetune_steps=args.finetune_steps,
                        finetune_lr=args.finetune_lr, population=args.population, generations=args.generations,
-                       check=args.check, batch_size=args.batch_size, seed=args.seed, workers=args.workers).details
+                       check=args.check, batch_size=args.batch_size, seed=args.seed, workers=args.workers,
+                       device=args.device, precision=args.precision).details
     finally:
         bar.close()
     if result.progressive:
@@ -698,6 +734,23 @@ def cmd_elastic(args) -> None:
           f"predictor ({result.predictor}) fitted on {len(result.samples)} measured sub-networks, rank correlation "
           f"(Spearman, 5-fold out-of-fold predictions) {'n/a' if rho is None else f'{rho:.3f}'}")
     print(f"{len(result.candidates)} 'elastic' candidates added to {args.run}. MACs: one multiply-add = 1, per image.")
+
+
+def _where(sp, precision: bool = True) -> None:
+    """--device and --precision, the same words for every command that runs networks (resolved once,
+    in composer.pipeline.resolve_where / composer.device)."""
+    sp.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                    help="where networks run (default auto: the GPU when there is one, else the CPU); "
+                         "under torchrun each rank takes cuda:LOCAL_RANK")
+    if precision:
+        sp.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16",
+                        help="autocast precision of the forward passes (default auto: bf16 on a GPU that supports "
+                             "it, fp32 on the CPU)")
+
+
+def _rank0() -> bool:
+    """Whether this process prints results: one process, or rank 0 of torchrun's."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _common(sp) -> None:

@@ -36,6 +36,7 @@ AXES = {
     "latency": ("latency (ms) per image, batch 1", 1.0),
 }
 ANCHOR_COLOUR, STITCH_COLOUR, FRONT_COLOUR, HIGHLIGHT_COLOUR = "#1f3b73", "#7aa6d8", "#e4572e", "#f2a900"
+REFERENCE_COLOUR = "#6c757d"   # the original anchors' line (before any fine-tune)
 METHOD_COLOURS = {"snnet": "#e76f51", "elastic": "#2a9d8f", "shrink": "#8e44ad", "fold": "#6b705c", "scale": "#d62d7a"}
 STATUS_SYMBOLS = {"measured": "circle", "predicted": "circle-open", "quoted": "x-thin-open"}
 
@@ -142,9 +143,14 @@ def _front(pts: list[CurvePoint], cands: list[CandidatePoint]) -> list[CurvePoin
 
 def curve_figure(plan: StitchPlan, top1: dict[int, float], x: str = "macs", highlight: int | None = None,
                  latency: dict[int, float] | None = None, title: str | None = None,
-                 candidates: Sequence[Candidate] = ()) -> "go.Figure":
+                 candidates: Sequence[Candidate] = (), reference: dict[int, float] | None = None) -> "go.Figure":
     """One point per evaluated stitch; anchors as diamonds; the Pareto front as a line; the
     candidates that have a top-1, one trace per method.
+
+    reference: stitch id -> top-1 measured before any fine-tune on the same images (an earlier
+    evaluation of the same plan; only the anchors' entries are read, see composer.judge): the
+    original anchors' points joined by a dashed line in x order, the line composer.judge.line_gaps
+    judges the stitches against (on the MACs axis; on another axis the same anchors joined).
 
     Every stitch point carries its stitch id as customdata (the app selects a stitch by clicking
     it) and names its route in the hover text; a candidate carries "METHOD:NAME".
@@ -162,6 +168,15 @@ def curve_figure(plan: StitchPlan, top1: dict[int, float], x: str = "macs", high
             text=[f"stitch {p.id}: {p.route}" for p in sel],
             hovertemplate=f"%{{text}}<br>%{{x:.3g}} {unit} · top-1 %{{y:.2f}}%<extra></extra>", **style))
 
+    ref = reference_points(plan, pts, reference)
+    if ref:
+        fig.add_trace(go.Scatter(
+            x=[p.x for p in ref], y=[p.top1 for p in ref],   # no customdata: a click on it selects nothing
+            name="original anchors (before fine-tuning)", mode="lines+markers",
+            text=[f"{short_name(plan.anchors[plan.stitches[p.id].route[0].anchor])} before fine-tuning" for p in ref],
+            hovertemplate=f"%{{text}}<br>%{{x:.3g}} {unit} · top-1 %{{y:.2f}}%<extra></extra>",
+            line=dict(color=REFERENCE_COLOUR, width=1.5, dash="dash"),
+            marker=dict(color=REFERENCE_COLOUR, size=9, symbol="diamond-open")))
     front = _front(pts, cands)
     if len(front) > 1:
         fig.add_trace(go.Scatter(
@@ -196,6 +211,16 @@ def curve_figure(plan: StitchPlan, top1: dict[int, float], x: str = "macs", high
     return fig
 
 
+def reference_points(plan: StitchPlan, pts: list[CurvePoint], reference: dict[int, float] | None) -> list[CurvePoint]:
+    """The original anchors' points (x of the anchors drawn, top-1 from `reference`), in x order;
+    empty without a reference. An anchor not drawn (no x on this axis) or not in the reference is left out."""
+    if not reference:
+        return []
+    out = [CurvePoint(p.id, p.route, p.x, float(reference[p.id]), True)
+           for p in pts if p.is_anchor and reference.get(p.id) is not None]
+    return sorted(out, key=lambda p: (p.x, p.id))
+
+
 def _label_positions(anchors: list[CurvePoint], pts: list[CurvePoint]) -> list[str]:
     """Where each anchor's name goes: above it, unless an anchor close by on the x axis (latency
     often puts them within a few percent of the range) already has that place; then below it,
@@ -218,10 +243,12 @@ def _candidate_hover(c: Candidate) -> str:
 
 
 def curve_rows(plan: StitchPlan, top1: dict[int, float], x: str = "macs",
-               latency: dict[int, float] | None = None, candidates: Sequence[Candidate] = ()) -> dict:
+               latency: dict[int, float] | None = None, candidates: Sequence[Candidate] = (),
+               reference: dict[int, float] | None = None) -> dict:
     """The curve as data (what `--out FILE.json` writes). Every candidate is listed, drawn or not
     (top1 null: no accuracy; x null: not on this axis); "pareto" names the front's points in
-    increasing x: a stitch by its int id, a candidate by "METHOD:NAME"."""
+    increasing x: a stitch by its int id, a candidate by "METHOD:NAME". With a `reference` (see
+    curve_figure), "reference" lists the original anchors' points in x order."""
     pts = curve_points(plan, top1, x, latency)
     cands = candidate_points(candidates, x)
     front = [p.id if isinstance(p, CurvePoint) else p.key for p in _front(pts, cands)]
@@ -233,7 +260,9 @@ def curve_rows(plan: StitchPlan, top1: dict[int, float], x: str = "macs",
                             "top1": c.top1, "macs": c.candidate.macs, "params": c.candidate.params,
                             "activations": c.candidate.activations, "latency_ms": c.candidate.latency_ms,
                             "pareto": c.key in front} for c in cands],
-            "pareto": front}
+            "pareto": front,
+            **({"reference": [{"id": p.id, "x": p.x, "top1": p.top1} for p in reference_points(plan, pts, reference)]}
+               if reference else {})}
 
 
 def check_curve_out(out: Path) -> Path:

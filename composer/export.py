@@ -358,6 +358,13 @@ def _save_torchscript(module: nn.Module, x: torch.Tensor, out_dir: Path):
     return "model.ts", torch.jit.load(str(out_dir / "model.ts"))
 
 
+def _resolution_text(manifest: dict) -> str:
+    """A sentence for cards when the run chose one resolution for every anchor (fit --resolution)."""
+    n = manifest.get("resolution")
+    return (f"\nEvery anchor runs at resolution {n} x {n} with the first anchor's normalisation (`fit --resolution "
+            f"{n}`), whatever size it was trained at; costs and top-1 are at that size.") if n else ""
+
+
 def _sources(config_anchors: list[dict]) -> str:
     return "\n".join(f"- anchor {a['index']}: `{a['spec']}` (timm architecture `{a['architecture']}`)"
                      for a in config_anchors)
@@ -415,7 +422,7 @@ All {len(plan.stitches)} stitches of the SN-Net were built from: {', '.join(f'`{
 |---|---|---|---|
 | {cost['macs'] / 1e6:.2f} | {cost['params'] / 1e6:.3f} | {cost['activations'] / 1e6:.3f} | {top1} |
 
-Top-1{where}. MACs: one multiply-add = 1 (FLOPs = 2 x MACs), per image of size {tuple(pre['input_size'])}.
+Top-1{where}. MACs: one multiply-add = 1 (FLOPs = 2 x MACs), per image of size {tuple(pre['input_size'])}.{_resolution_text(manifest)}
 
 ## Use
 Preprocessing: resize/crop to {tuple(pre['input_size'][1:])} ({pre.get('interpolation')}), normalise with
@@ -435,17 +442,27 @@ logits = m(images)                   # images: (N, {', '.join(str(d) for d in pr
 
 # --- export the whole SN-Net ------------------------------------------------------------------------
 
-def export_snnet(run_dir, out_dir, latency: bool = False) -> Path:
+def export_snnet(run_dir, out_dir, latency: bool = False, device: torch.device | str | None = None,
+                 precision: str = "fp32") -> Path:
     """Write the whole switchable SN-Net and its lookup table; returns the folder.
-    latency=True also measures each stitch's batch-1 latency on this machine (slow for big plans)."""
+    latency=True also measures each stitch's batch-1 latency on `device` (default the CPU) in
+    `precision` (slow for big plans); table.json and the card name the device that was timed."""
     run_dir, out_dir = Path(run_dir).expanduser(), Path(out_dir).expanduser()
     run = load_run(run_dir)
     net, plan = run.net, run.plan
     evaluation = read_evaluation(run_dir)
-    ms = None
+    ms, timed = None, None
     if latency:
+        from composer.device import autocast
         from composer.evaluate import stitch_latencies
-        ms = stitch_latencies(net)
+        device = torch.device(device or "cpu")
+        try:
+            net.to(device)
+            with autocast(precision, device):
+                ms = stitch_latencies(net)
+            timed = _device_text(device) + ("" if precision == "fp32" else f", {precision}")
+        finally:
+            net.cpu()   # the weights are saved from the CPU
     rows = []
     for s in plan.stitches:
         row = {"id": s.id, "route": plan.describe_route(s), **plan.cost(s).to_dict(), "top1": _top1_of(evaluation, s.id)}
@@ -453,7 +470,7 @@ def export_snnet(run_dir, out_dir, latency: bool = False) -> Path:
             row["latency_ms"] = ms[s.id]
         rows.append(row)
     table = {"stitches": rows, "top1_source": {k: evaluation.get(k) for k in ("data", "images", "step")} if evaluation else None,
-             "latency_device": _device_text(next(net.parameters()).device) if ms is not None else None}
+             "latency_device": timed}
     config = {"format": SNNET_FORMAT, "version": 1,
               "anchors": [anchor_entry(i, spec, m) for i, (spec, m) in enumerate(zip(plan.anchors, net.anchors))],
               "preprocessing": preprocessing_of(net.anchors[0]), "trained_steps": _trained_steps(run.manifest),
@@ -468,9 +485,11 @@ def export_snnet(run_dir, out_dir, latency: bool = False) -> Path:
 
 
 def _device_text(device: torch.device) -> str:
-    """The device the latencies were timed on (the network's, not merely one this machine has)."""
+    """The device the latencies were timed on (the network's, not merely one this machine has):
+    composer.pipeline.device_name's words ("cuda:0 (NVIDIA H200)"), with the threads on the CPU."""
+    from composer.pipeline import device_name
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return f"{device_name(device)}, batch 1"
     return f"cpu, {torch.get_num_threads()} threads, batch 1"
 
 
@@ -551,7 +570,7 @@ pick a stitch by table lookup and switch instantly.
 ## Stitches
 {chr(10).join(lines)}
 
-MACs: one multiply-add = 1 (FLOPs = 2 x MACs), per image.{' Latency measured on ' + str(table.get('latency_device')) + '.' if has_lat else ''}
+MACs: one multiply-add = 1 (FLOPs = 2 x MACs), per image.{' Latency measured on ' + str(table.get('latency_device')) + '.' if has_lat else ''}{_resolution_text(manifest)}
 
 ## Use
 ```python

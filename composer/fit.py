@@ -158,6 +158,7 @@ def fit_stitches(net: StitchedNetwork, images: Iterable[torch.Tensor], ridge: fl
     ws = _Workspace(device)
     seen = held_n = 0
     shift_set = False
+    pending = ({}, {})   # this batch's products (fit, held) per front key, before they join the float64 sums
     # On CPU a batch runs a few images at a time, so that the features of all needed units stay in
     # cache until their products are taken (faster than whole batches for the forward passes too)
     image_bytes = 4 * sum(math.prod(_key_shape(plan, k)) for k in layout)
@@ -185,9 +186,15 @@ def fit_stitches(net: StitchedNetwork, images: Iterable[torch.Tensor], ridge: fl
                     # the fit images' sum |Y-s|^2 serves R^2 only when no image is held out (< 5 images)
                     with_yy = stats is held or seen < HOLDOUT_EVERY
                     for fr in fronts.values():
-                        _accumulate(fr, outs, shift, layout, ws, stats, HELD_DTYPE if stats is held else torch.float32,
-                                    with_yy)
+                        _accumulate(fr, outs, shift, layout, ws, pending[stats is held],
+                                    HELD_DTYPE if stats is held else torch.float32, with_yy)
                     del outs
+            for stats, sums in zip((fit, held), pending):   # the batch's products into the float64 sums
+                for key, (acc, channels_first, yy) in sums.items():
+                    stats.g[key] += (acc.T if channels_first else acc).double()
+                    for b, v in yy.items():
+                        stats.yy[b] += v.double()
+                sums.clear()
             seen += n
             held_n += nh
             if progress is not None:
@@ -234,21 +241,25 @@ MICRO_BATCH_BYTES = 32 << 20   # CPU: images per forward pass such that their ne
 HELD_DTYPE = torch.float64
 
 
-def _accumulate(fr: _Front, outs, shift, layout, ws: _Workspace, stats: _Stats, dtype: torch.dtype,
+def _accumulate(fr: _Front, outs, shift, layout, ws: _Workspace, pending: dict, dtype: torch.dtype,
                 with_yy: bool) -> None:
-    """Add [X-s 1]^T [X-s 1 | Y_1-s_1 ...] of these images to `stats` (and sum |Y-s|^2 if with_yy).
+    """Add [X-s 1]^T [X-s 1 | Y_1-s_1 ...] of these images (and sum |Y-s|^2 if with_yy) to the
+    batch's products in `pending` (front key -> (product in `dtype`, channels first?, {back: yy})).
 
     Rows are written (cast to `dtype` and shifted in one pass) into the workspace in the features'
     own order: channels-first maps as (columns, rows), which copies whole planes, tokens and
     channels-last maps as (rows, columns). On CPU a few images at a time, so that the workspace
     stays in cache between its write and the GEMM that reads it; on a GPU all at once. The
-    products of the chunks add up in `dtype`, then into the float64 sums."""
+    products of a batch's chunks and micro-batches add up in `dtype`; the caller adds them to the
+    float64 sums once per batch."""
     d, p, cols = fr.d, fr.p, fr.cols
     keys = [fr.key] + fr.backs
     first = _as_bpc(outs[fr.key], layout[fr.key])
     n = first.shape[0]
     channels_first = first.stride(-1) != 1               # NCHW in memory (not channels_last)
-    step = n if first.device.type != "cpu" else max(1, CHUNK_BYTES // (4 * cols * p))
+    # CPU chunks: ~CHUNK_BYTES of workspace, but at least 8 (d+1) rows, so that re-reading the
+    # (d+1) x cols accumulator per chunk stays small beside the rows (wide tokens: one chunk)
+    step = n if first.device.type != "cpu" else max(1, CHUNK_BYTES // (4 * cols * p), -(-8 * (d + 1) // p))
     # per source: features as (C, B, P) or (B, P, C), its columns, its shift shaped to broadcast
     if channels_first:
         srcs = [(_as_bpc(outs[k], layout[k]).permute(2, 0, 1), fr.offset.get(k, 0), fr.width.get(k, d),
@@ -256,8 +267,8 @@ def _accumulate(fr: _Front, outs, shift, layout, ws: _Workspace, stats: _Stats, 
     else:
         srcs = [(_as_bpc(outs[k], layout[k]), fr.offset.get(k, 0), fr.width.get(k, d), shift[k].to(dtype)) for k in keys]
     yy_cols = [(b, fr.offset[b], fr.offset[b] + fr.width[b]) for b in fr.yy_backs] if with_yy else []
-    yy = [0.0] * len(yy_cols)
-    acc = None
+    acc, _, yy_sums = pending.get(fr.key, (None, channels_first, {}))
+    yy = [yy_sums.get(b, 0.0) for b, _, _ in yy_cols]
     for j in range(0, n, step):
         k = min(step, n - j)
         buf = ws.get(cols * k * p, dtype)
@@ -279,9 +290,8 @@ def _accumulate(fr: _Front, outs, shift, layout, ws: _Workspace, stats: _Stats, 
             acc = torch.mm(mat[:, :d + 1].T, mat) if acc is None else acc.addmm_(mat[:, :d + 1].T, mat)   # (d+1, cols)
             for i, (_, lo, hi) in enumerate(yy_cols):
                 yy[i] = yy[i] + torch.linalg.vector_norm(mat[:, lo:hi]).square()
-    stats.g[fr.key] += (acc.T if channels_first else acc).double()
-    for (b, _, _), v in zip(yy_cols, yy):
-        stats.yy[b] += v.double()
+    yy_sums.update({b: v for (b, _, _), v in zip(yy_cols, yy)})
+    pending[fr.key] = (acc, channels_first, yy_sums)
 
 
 def _reshift(g: torch.Tensor, d: int, delta: torch.Tensor) -> torch.Tensor:
@@ -300,6 +310,8 @@ def _equations(stats: _Stats, fr: _Front, bkey, shift: dict, tx: torch.Tensor, t
     dy = shift[bkey].double() - ty
     delta = torch.cat([shift[fr.key].double() - tx, dy.new_zeros(1), dy])
     n, sum_y = g[d, d], g[d, d + 1:]
+    if not bool(delta.any()):   # the layer's own first position: already in its coordinates
+        return g[:, :d + 1], g[:, d + 1:], stats.yy[bkey]
     yy = stats.yy[bkey] + 2 * (dy * sum_y).sum() + n * (dy * dy).sum()
     g = _reshift(g, d, delta)
     return g[:, :d + 1], g[:, d + 1:], yy

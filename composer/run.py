@@ -48,22 +48,64 @@ class RunError(UserError):
     """A run folder that cannot be written or read; the message says why."""
 
 
-def load_anchors(specs: list[str], pretrained: bool | None = None, device: str | None = None):
-    """Models and their measured infos, in the order given (device="meta": architecture only)."""
+def load_anchors(specs: list[str], pretrained: bool | None = None, device: str | None = None,
+                 resolution: int | None = None):
+    """Models and their measured infos, in the order given (device="meta": architecture only).
+
+    resolution: run every anchor at N x N pixels (a family whose members were trained at different
+    sizes, e.g. EfficientNet-B0/B1): see set_resolution."""
     if not specs:
         raise RunError("give at least one anchor")
     twice = sorted({s for s in specs if specs.count(s) > 1})
     if twice:
         raise RunError(f"the same anchor is given twice: {', '.join(twice)}")
     models = [create_anchor(s, pretrained, device) for s in specs]
+    if resolution is not None:
+        set_resolution(models, specs, resolution)
     check_same_preprocessing(models, specs)
     infos = [describe(s, adapt(m)) for s, m in zip(specs, models)]
     return models, infos
 
 
-def build_network(specs: list[str], pretrained: bool | None = None, **plan_options) -> StitchedNetwork:
-    """Anchors -> plan -> (unfitted) stitched network, anchors ordered by MACs."""
-    models, infos = load_anchors(specs, pretrained)
+RESOLUTION_RANGE = (8, 4096)
+
+
+SHARED_PREPROCESSING = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
+
+
+def set_resolution(models: list, specs: list[str], resolution: int) -> list[str]:
+    """One preprocessing for anchors trained at different sizes: every model's timm config gets
+    input_size (C, N, N) and the first anchor's normalisation and resizing (mean, std, interpolation,
+    crop), so their data config, their costs (describe) and an export's preprocessing all say N, and
+    stitched anchors see the same images. Returns the specs whose normalisation changed (their
+    accuracy may drop a little: fit and evaluate measure it). A model with a fixed input size (a ViT's
+    patch grid) at another size is refused in one line."""
+    from composer import checks
+    n = checks.whole(resolution, "resolution", *RESOLUTION_RANGE)
+    first = dict(getattr(models[0], "pretrained_cfg", None) or {})
+    changed = []
+    for spec, model in zip(specs, models):
+        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        size = tuple(cfg.get("input_size") or (3, 224, 224))
+        if size[1:] != (n, n) and cfg.get("fixed_input_size"):
+            raise RunError(f"{spec} has a fixed input size {size[1]}x{size[2]} (a ViT's patch grid): it cannot run "
+                           f"at resolution {n}; leave it out or drop --resolution")
+        shared = {k: first[k] for k in SHARED_PREPROCESSING if k in first}
+        if any(tuple(_as_tuple(cfg.get(k))) != tuple(_as_tuple(shared.get(k))) for k in ("mean", "std")):
+            changed.append(spec)
+        model.pretrained_cfg = {**cfg, **shared, "input_size": (size[0], n, n)}
+    return changed
+
+
+def _as_tuple(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,)
+
+
+def build_network(specs: list[str], pretrained: bool | None = None, resolution: int | None = None,
+                  **plan_options) -> StitchedNetwork:
+    """Anchors -> plan -> (unfitted) stitched network, anchors ordered by MACs (all run at
+    `resolution` when given: see load_anchors)."""
+    models, infos = load_anchors(specs, pretrained, resolution=resolution)
     plan = build_plan(infos, **plan_options)
     by_name = {s: m for s, m in zip(specs, models)}
     return StitchedNetwork([by_name[n] for n in plan.anchors], plan)
@@ -113,7 +155,7 @@ def load_run(run_dir: Path, trained: bool = True) -> Run:
         plan_data = json.loads((run_dir / PLAN).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RunError(f"{run_dir}: unreadable run files ({e})") from None
-    models, infos = load_anchors(manifest["anchors"], manifest.get("pretrained"))
+    models, infos = load_anchors(manifest["anchors"], manifest.get("pretrained"), resolution=manifest.get("resolution"))
     net = StitchedNetwork(models, load_plan(plan_data, infos))
     try:
         layers = load_file(run_dir / LAYERS)
@@ -157,7 +199,7 @@ def load_plan_of_run(run_dir: Path) -> StitchPlan:
         raise RunError(f"{run_dir} is not a run folder (no {PLAN}); create one with `fit`") from None
     except (OSError, json.JSONDecodeError) as e:
         raise RunError(f"{run_dir}: unreadable run files ({e})") from None
-    _, infos = load_anchors(manifest["anchors"], pretrained=False, device="meta")
+    _, infos = load_anchors(manifest["anchors"], pretrained=False, device="meta", resolution=manifest.get("resolution"))
     return load_plan(plan_data, infos)
 
 

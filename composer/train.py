@@ -94,6 +94,9 @@ class TrainConfig:
     freeze_bn: bool | None = None       # keep BatchNorm statistics fixed (BN layers in eval mode)
     hflip: float | None = None          # None: 0.5, but 0 for the starter digits (not mirror-symmetric)
     min_crop: float = 1.0               # smallest area of timm's random-resized crop (1.0: no cropping)
+    device: str | None = None           # None: torchrun's / the first GPU, else the CPU; or "cpu", "cuda:N"
+    #                                     (composer.pipeline.train_run resolves --device into this)
+    precision: str | None = None        # autocast: None / "auto" = bf16 on a GPU that has it, else fp32; "fp32", "bf16", "fp16"
 
 
 # Family defaults for short fine-tunes (minutes, batch 64), chosen with bench/bench_train.py (CIFAR
@@ -128,7 +131,8 @@ def resolve(config: TrainConfig, net: StitchedNetwork, data: str = "", teachers:
     if c.hflip is None:
         c.hflip = 0.0 if data.startswith("starter") else 0.5
     if c.steps is None and c.time_budget_min is None:
-        raise TrainError("say when to stop: --steps N (a total) or --time-budget MIN, or both")
+        raise TrainError("say when to stop: give a number of steps or a time budget (--steps N, a total across "
+                         "resumes, or --time-budget MIN), or both")
     checks = [
         (c.steps is None or c.steps >= 0, f"steps must be >= 0, got {c.steps}"),
         (c.time_budget_min is None or c.time_budget_min > 0, f"the time budget must be positive, got {c.time_budget_min}"),
@@ -668,7 +672,7 @@ def _setup(run_dir: Path, data: str, config: TrainConfig, eval_data: str | None,
     train_ds, n_train, eval_ds, ev_spec = _datasets(data, eval_data, net, c, main, early)
 
     # Model, optimizer, teachers.
-    device = dist.device
+    device = torch.device(c.device) if c.device else dist.device
     # CNN training steps run 1.2-1.45x faster in channels_last on CPU (bench/RESULTS.md); ViTs do not care
     memory_format = torch.contiguous_format if token_family(net) else torch.channels_last
     net.to(device, memory_format=memory_format)
@@ -690,7 +694,8 @@ def _setup(run_dir: Path, data: str, config: TrainConfig, eval_data: str | None,
     batches = _StepBatches(n_train, c.batch_size, c.seed, step, c.steps, dist.rank, dist.world)
     loader = DataLoader(_SeededItems(train_ds), batch_sampler=batches, num_workers=c.workers,
                         pin_memory=device.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    from composer.device import autocast as _autocast, resolve_precision
+    autocast = _autocast(resolve_precision(c.precision, device), device)
     budget_s = c.time_budget_min * 60 if c.time_budget_min else None
     cycle_start = step if budget_s else 0   # a time budget is one warmup + cosine cycle per invocation
     return _Setup(c=c, dist=dist, net=net, model=model, opt=opt, teacher_of=teacher_of, sampler=sampler,

@@ -286,7 +286,7 @@ def test_cancel_then_resume_and_two_sessions(client):
     client.predict(a, 100000, 0, 8, "macs_grouped", "none", 0, "starter", api_name="/train_start")
     _poll_until(client, a, {"running"})
     restored = client.predict(a, api_name="/restore")          # a reloaded page finds the job again
-    assert "Reattached" in restored[-1] and restored[10]["active"] is True
+    assert "reattached" in restored[-1] and restored[10]["active"] is True
     # the other session has its own (empty) state and cannot see or stop a's job
     assert "no fine-tune is running" in client.predict(b, api_name="/train_cancel")
     assert client.predict(b, api_name="/restore")[4]["anchors"] == []
@@ -399,7 +399,8 @@ def test_other_builders_join_the_curve(client, app, tmp_path):
     import gradio as gr
     click = next(fn.fn for fn in app[0].fns.values() if fn.api_name == "curve_point_click")
     *_, described, status, named = click(key, "macs", gr.EventData(None, {"id": f"shrink:{shrunk.name}"}))
-    assert named == f"shrink:{shrunk.name}" and shrunk.name in described and "⚠" not in status
+    assert named == f"shrink:{shrunk.name}" and "⚠" not in status
+    assert shrunk.name.replace("<", "&lt;") in described    # '<' escaped: Gradio's Markdown keeps the bold around it
     for n, c in enumerate((shrunk, min(elastic, key=lambda c: c.macs), *from_stitch)):
         _downloaded_candidate_equals_the_masked_anchor(client, key, run_dir, c, tmp_path / str(n))
     for bad, why in (("", "click an elastic or shrink point"), ("nope", "no candidate 'nope'"),

@@ -158,7 +158,7 @@ def _digest(folder: Path) -> dict[str, str]:
     if not folder.exists():
         return {}
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def _broken_run(world, kind: str, where: Path) -> str:

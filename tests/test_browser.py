@@ -160,6 +160,7 @@ def test_stitch_fit_finetune_pick_download(browser_page, tmp_path):
     shot(page, "7-trained")
 
     # 5. click a point: the stitch it stands for is selected and its route lit on the graph
+    page.locator("#zc-curve").scroll_into_view_if_needed()   # a mouse click lands inside the viewport only
     # the stitch point furthest from every other marker, so that the click cannot land on a neighbour
     target = page.evaluate("""() => {
         const gd = document.querySelector('#zc-curve .zc-curve-plot');

@@ -87,5 +87,7 @@ def test_bf16_top1_of_real_cifar_stitches_within_half_a_point(tmp_path):
     fp32 = evaluate_all(net, batches, stitch_ids=ids, precision="fp32")
     bf16 = evaluate_all(net, batches, stitch_ids=ids, precision="bf16")
     gaps = {i: abs(bf16.top1[i] - fp32.top1[i]) for i in ids}
+    print(f"bf16 vs fp32 top-1 on 846 exact images, {len(ids)} networks: largest gap {max(gaps.values()):.3f} points, "
+          f"{sum(g > 0 for g in gaps.values())} networks changed; fp32 anchors {[fp32.top1[i] for i in range(n_anchors)]}")
     assert max(gaps.values()) <= 0.5, gaps
     assert all(fp32.top1[i] > 85 for i in range(n_anchors)), fp32.top1        # the real anchors (~92 %)

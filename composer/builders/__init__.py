@@ -31,12 +31,24 @@ BUILDERS: dict[str, Callable[..., BuildResult]] = {
 }
 
 
+# the builders that run networks: they take device= and precision= (resolved here, once)
+ON_DEVICE = ("elastic", "shrink", "fold")
+
+
 def build(kind: str, run_dir, *, anchor: int | None = None, stitch: int | None = None, events=None, cancel=None,
-          **options) -> BuildResult:
-    """Run builder `kind` on anchor `anchor` or stitch `stitch` of the run in `run_dir`."""
+          device=None, precision=None, **options) -> BuildResult:
+    """Run builder `kind` on anchor `anchor` or stitch `stitch` of the run in `run_dir`.
+
+    device / precision: the user's words (`auto`, `cpu`, `cuda:N`; `auto`, `fp32`, `bf16`, `fp16`;
+    None = auto), resolved by composer.pipeline.resolve_where for the builders that run networks
+    (elastic, shrink, fold: models and batches move there, forward passes run under autocast; fold
+    certifies in fp32 whatever the precision); `scale` runs nothing and ignores them."""
     builder = BUILDERS.get(kind)
     if builder is None:
         raise UserError(f"unknown builder '{str(kind)[:30]}' (one of {', '.join(BUILDERS)})")
+    if kind in ON_DEVICE:
+        from composer.pipeline import resolve_where
+        options["device"], options["precision"] = resolve_where(device, precision)
     return builder(run_dir, anchor=anchor, stitch=stitch, events=events, cancel=cancel, **options)
 
 

@@ -292,11 +292,16 @@ def build_subnet(anchor: ElasticAnchor, config: SubnetConfig, bn_images: Sequenc
 
 
 def evaluate_subnets(anchor: ElasticAnchor, configs: Sequence[SubnetConfig], batches: Batches,
-                     bn_images: Sequence[torch.Tensor] | None = None, progress: Progress | None = None) -> list[float]:
-    """Top-1 (%) of each extracted sub-network on `batches` (measured, one by one)."""
+                     bn_images: Sequence[torch.Tensor] | None = None, progress: Progress | None = None,
+                     precision: str = "fp32") -> list[float]:
+    """Top-1 (%) of each extracted sub-network on `batches` (measured, one by one), on the anchor's
+    device, forward passes under `precision`'s autocast."""
+    from composer.device import autocast
+    device = next(anchor.model.parameters()).device
     out = []
     for i, c in enumerate(configs):
-        out.append(top1(build_subnet(anchor, c, bn_images), batches))
+        with autocast(precision, device):
+            out.append(top1(build_subnet(anchor, c, bn_images), batches))
         if progress is not None:
             progress(i + 1, len(configs))
     return out
@@ -634,7 +639,7 @@ def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batche
                    samples: int = 40, predictor: str = "mlp", choices: Sequence[float] = WIDTH_CHOICES,
                    latency: LatencyTable | None = None, population: int = 64, generations: int = 20, seed: int = 0,
                    data: str = "", bn_source: dict | None = None, check: int = 3,
-                   progress: Callable[[str, int, int], None] | None = None) -> ElasticResult:
+                   progress: Callable[[str, int, int], None] | None = None, precision: str = "fp32") -> ElasticResult:
     """Measure `samples` random sub-networks on `batches`, fit the predictor, search each budget
     ((metric, value) pairs; default: 30/50/70/90 % of the anchor's MACs), measure the `check`
     predicted-best of each search on `batches` and keep the best measured (the predicted-best alone
@@ -642,7 +647,9 @@ def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batche
     `eval_batches` (default `batches`). `bn_source` says where `bn_images` came from (e.g. {"data",
     "seed", "batch_size"} of `image_batches`), stored so that `export_candidate` can take the same
     images again. progress(phase, done, total) reports each phase ("measure", "search i/n",
-    "check i/n", "verify")."""
+    "check i/n", "verify"). Sub-networks run on the anchor's device under `precision` (autocast); the
+    predictor and the search stay on the CPU in float32 / float64."""
+    from composer.device import autocast
     space = anchor.space
     say = (lambda phase: (lambda d, t: progress(phase, d, t))) if progress else (lambda phase: None)
     full_macs = arch_cost(space, largest_arch(space)).macs
@@ -650,7 +657,7 @@ def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batche
     for metric, value in budgets:   # fail before the slow part
         check_budget(space, metric, value, latency, choices)
     archs = sample_archs(space, samples, seed, choices)
-    measured = evaluate_subnets(anchor, [a.config(space) for a in archs], batches, bn_images, say("measure"))
+    measured = evaluate_subnets(anchor, [a.config(space) for a in archs], batches, bn_images, say("measure"), precision)
     x = encode(space, archs)
     rho = cv_rank_correlation(x, measured, predictor, seed=seed) if len(archs) >= 5 else None
     rho = None if rho is None or math.isnan(rho) else rho   # nan: the measured accuracies were all equal
@@ -662,7 +669,7 @@ def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batche
                                   progress=say(f"search {i + 1}/{len(budgets)}"))
         top = [a for a, _ in res.population[:max(1, check)]]
         checked = evaluate_subnets(anchor, [a.config(space) for a in top], batches, bn_images,
-                                   say(f"check {i + 1}/{len(budgets)}")) if len(top) > 1 else [None]
+                                   say(f"check {i + 1}/{len(budgets)}"), precision) if len(top) > 1 else [None]
         best = max(range(len(top)), key=lambda j: checked[j] if checked[j] is not None else 0.0)
         arch = top[best]
         res = SearchResult(arch, dict(res.population)[arch], budget_cost(space, metric, latency)(arch), res.population)
@@ -670,7 +677,7 @@ def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batche
     eval_batches = eval_batches if eval_batches is not None else batches
     unique = list(dict.fromkeys(r.arch for _, _, r, _ in chosen))
     acc = dict(zip(unique, evaluate_subnets(anchor, [a.config(space) for a in unique], eval_batches, bn_images,
-                                           say("verify"))))
+                                           say("verify"), precision)))
     n_eval = sum(len(y) for _, y in eval_batches)
     candidates, done = [], set()
     for metric, value, res, search_top1 in chosen:
@@ -681,8 +688,10 @@ def search_elastic(anchor: ElasticAnchor, batches: Batches, eval_batches: Batche
         cost = subnet_cost(space, cfg)
         lat = None
         if latency is not None:
-            sub = build_subnet(anchor, cfg, bn_images)
-            lat = measure_latency(sub, torch.zeros(1, *space.input_size))
+            device = next(anchor.model.parameters()).device
+            with autocast(precision, device):
+                sub = build_subnet(anchor, cfg, bn_images)
+                lat = measure_latency(sub, torch.zeros(1, *space.input_size, device=device))
         candidates.append(Candidate(
             "elastic", f"{anchor.short_name} {res.arch.label()}", anchor.spec, cost.macs, cost.params,
             cost.activations, acc[res.arch], "measured", lat,
@@ -730,7 +739,8 @@ def build_elastic(run_dir, *, anchor: int | None = None, stitch: int | None = No
                   data: str, eval_data: str | None = None, budgets=(), relative: bool = False, samples: int = 40,
                   eval_limit: int = 500, bn_images: int = 1024, predictor: str = "mlp", finetune_steps: int = 0,
                   finetune_lr: float = 0.01, population: int = 64, generations: int = 20, check: int = 3,
-                  batch_size: int = 64, seed: int = 0, workers: int = 0) -> BuildResult:
+                  batch_size: int = 64, seed: int = 0, workers: int = 0, device: torch.device | str = "cpu",
+                  precision: str = "fp32") -> BuildResult:
     """Once-for-All on anchor `anchor` or stitch `stitch` of a run: with `finetune_steps` (anchors only)
     progressive shrinking on `data` first (its weights saved in the run); then `samples` sub-networks
     measured on `eval_limit` images of `data` (after the `bn_images` each sub-network's BatchNorm
@@ -739,7 +749,10 @@ def build_elastic(run_dir, *, anchor: int | None = None, stitch: int | None = No
     30/50/70/90 % of its MACs; a latency budget measures a latency table here first) and the chosen
     sub-networks measured on `eval_data` (default: `data`), added to the run as "elastic" candidates.
     events: {"type": "progress", "phase", "done", "total"} per step of each phase (progressive shrinking's
-    also carry its "loss"); `cancel` (a threading.Event) stops progressive shrinking (its weights are saved, nothing is searched)."""
+    also carry its "loss"); `cancel` (a threading.Event) stops progressive shrinking (its weights are saved, nothing is searched).
+    device / precision: where the source and its sub-networks run (fine-tune, latency table, measurements)
+    and the autocast precision of their forward passes (composer.device)."""
+    from composer.device import autocast
     events = events or (lambda e: None)
     budgets = check_budgets(budgets, relative)
     samples = checks.whole(samples, "measured samples", 1, 100_000)
@@ -759,6 +772,8 @@ def build_elastic(run_dir, *, anchor: int | None = None, stitch: int | None = No
     source = resolve_source(run_dir, anchor, stitch)
     base = from_source(source, progressive=not finetune_steps)
     space = base.space
+    device = torch.device(device)
+    base.model.to(device)
 
     def progress(phase: str, done: int, total: int) -> None:
         events({"type": "progress", "phase": phase, "done": done, "total": total})
@@ -775,7 +790,7 @@ def build_elastic(run_dir, *, anchor: int | None = None, stitch: int | None = No
         from composer.builders.progressive import progressive_shrink, save_finetuned
         ds = data_mod.open_dataset(data, data_mod.data_config(base.model), split="train")
         ps = progressive_shrink(base, data_mod.loader(ds, batch_size, shuffle=True, workers=workers, seed=seed),
-                                finetune_steps, finetune_lr, seed, events=events, cancel=cancel)
+                                finetune_steps, finetune_lr, seed, events=events, cancel=cancel, precision=precision)
         path = save_finetuned(source.run_dir, base)
         result_extra = {"progressive": {**ps, "path": str(path)}, "finetuned": base.finetuned}
         if cancel is not None and cancel.is_set():
@@ -784,7 +799,8 @@ def build_elastic(run_dir, *, anchor: int | None = None, stitch: int | None = No
                                ElasticResult([], None, predictor, [], cancelled=True, **result_extra))
     table = None
     if any(metric == "latency" for metric, _ in budgets):
-        table = latency_table(base, progress=lambda d, t: progress("latency", d, t))
+        with autocast(precision, device):
+            table = latency_table(base, device=device, progress=lambda d, t: progress("latency", d, t))
     budgets = [(metric, absolute(table, metric, value)) for metric, value in budgets]
     for metric, value in budgets:
         check_budget(space, metric, value, table)
@@ -796,7 +812,7 @@ def build_elastic(run_dir, *, anchor: int | None = None, stitch: int | None = No
     result = search_elastic(base, batches, eval_batches, bn, budgets, samples=samples, predictor=predictor,
                             latency=table, population=population, generations=generations, seed=seed,
                             data=eval_data or data, bn_source={"data": data, "seed": seed, "batch_size": batch_size},
-                            check=check, progress=progress)
+                            check=check, progress=progress, precision=precision)
     from composer.run import add_candidates
     add_candidates(source.run_dir, result.candidates)
     for k, v in {**result_extra, "bn_images": _count(bn), "has_bn": has_bn, "data": eval_data or data}.items():

@@ -814,12 +814,16 @@ class FoldReport:
 def fold_run(run_dir, data: str, out_dir, anchor: int | None = None, stitch: int | None = None,
              images: int = 64, limit: int | None = None, tolerance: float = TOLERANCE, latency: bool = True,
              batch_size: int = 64, seed: int = 0, workers: int = 0,
-             events: Callable[[dict], None] | None = None) -> FoldReport:
+             events: Callable[[dict], None] | None = None, device: torch.device | str = "cpu",
+             precision: str = "fp32") -> FoldReport:
     """Fold anchor `anchor` (or stitch `stitch`) of a run (composer.builders.source); certify it on
     `images` real images of `data`; write OUT (see save_folded; a stitch is also exported to
     OUT/source, which `load_folded` rebuilds it from); measure top-1 of source and folded model on
     `limit` images (all by default); add a "fold" candidate to the run. `events` gets the
-    fold_model events, then {"type": "evaluate", "images": n}."""
+    fold_model events, then {"type": "evaluate", "images": n}. device: where the models run (the
+    certificate and the latency too); precision: the top-1's forward passes (autocast), while every
+    fold is certified in float32 (a fold exact in fp32 is not measurably so in bf16)."""
+    from composer.device import autocast
     from composer import data as data_mod
     from composer.export import export_stitch
     from composer.run import check_writable
@@ -841,7 +845,8 @@ def fold_run(run_dir, data: str, out_dir, anchor: int | None = None, stitch: int
         label, name = f"stitch {stitch}", f"stitch {stitch} folded"
     ds = data_mod.open_dataset(data, src.data_config, split="validation")
     inputs = torch.cat([x for x, _ in data_mod.loader(data_mod.subset(ds, images, seed), batch_size, workers=workers)])
-    device = next(model.parameters()).device
+    device = torch.device(device)
+    model.to(device)
     folded, cert = fold_model(model, inputs.to(device), tolerance, latency=latency, events=events)
     if not cert.applied:   # the same network again: no new point for the curve
         why = "; ".join(f"{f.kind} {' + '.join(f.where)}: {f.reason}" for f in cert.refused[:3])
@@ -851,9 +856,10 @@ def fold_run(run_dir, data: str, out_dir, anchor: int | None = None, stitch: int
     save_folded(out, folded, cert, source)
 
     eval_ds = data_mod.subset(ds, limit, seed)
-    (p_source, p_folded), labels = predictions(
-        [model, folded], data_mod.loader(eval_ds, batch_size, workers=workers),
-        progress=(lambda n: events({"type": "evaluate", "images": n})) if events else None)
+    with autocast(precision, device):
+        (p_source, p_folded), labels = predictions(
+            [model, folded], data_mod.loader(eval_ds, batch_size, workers=workers),
+            progress=(lambda n: events({"type": "evaluate", "images": n})) if events else None)
     candidate = Candidate(
         "fold", name, label, cert.cost_after.macs, cert.cost_after.params, cert.cost_after.activations,
         accuracy(p_folded, labels), "measured", cert.latency_after_ms,

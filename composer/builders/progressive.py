@@ -51,14 +51,17 @@ def _phase_arch(space: ElasticSpace, phase: str, rnd: random.Random | None, choi
 
 def progressive_shrink(anchor: ElasticAnchor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int,
                        lr: float = 0.01, seed: int = 0, choices=WIDTH_CHOICES, label_smoothing: float = 0.1,
-                       events: Events | None = None, cancel=None) -> dict:
-    """Fine-tune `anchor.model` in place for `steps` steps over `batches` (cycled); returns
-    {"steps", "first_loss", "last_loss"} (mean loss of the first and last tenth of the steps)."""
+                       events: Events | None = None, cancel=None, precision: str = "fp32") -> dict:
+    """Fine-tune `anchor.model` in place for `steps` steps over `batches` (cycled), on the model's
+    device with forward passes under `precision`'s autocast; returns {"steps", "first_loss",
+    "last_loss"} (mean loss of the first and last tenth of the steps)."""
+    from composer.device import autocast
     if steps < 1:
         raise ElasticError(f"progressive shrinking needs at least 1 step, got {steps}")
     if anchor.stitch is not None:   # its weights would have no home in the run (save_finetuned is per anchor)
         raise ElasticError(f"progressive shrinking works on an anchor, not on a stitch yet (stitch {anchor.stitch})")
     model, space = anchor.model, anchor.space
+    device = next(model.parameters()).device
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
     rnd = random.Random(seed)
@@ -73,13 +76,14 @@ def progressive_shrink(anchor: ElasticAnchor, batches: Iterable[tuple[torch.Tens
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             x, y = next(stream)
-            with torch.no_grad():
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.no_grad(), autocast(precision, device):
                 target = F.log_softmax(teacher(x).float(), -1)
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for arch in (_phase_arch(space, phase, None, choices), _phase_arch(space, phase, rnd, choices)):
                 width_masks, depth_masks = arch_masks(space, arch)
-                with masked(model, space, width_masks, depth_masks):
+                with masked(model, space, width_masks, depth_masks), autocast(precision, device):
                     logits = model(x).float()
                 loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing) + F.kl_div(
                     F.log_softmax(logits, -1), target, log_target=True, reduction="batchmean")

@@ -207,10 +207,13 @@ def scheduled_target(step: int, steps: int, full: float, target: float, ramp: fl
 
 def search(model: nn.Module, space: ElasticSpace, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
            target: float, steps: int = 200, lr: float = 0.01, ramp: float = 0.5,
-           events: Callable[[dict], None] | None = None, cancel=None) -> SearchResult:
+           events: Callable[[dict], None] | None = None, cancel=None, precision: str = "fp32") -> SearchResult:
     """Learn the pruning ratios (weights and BN statistics frozen) for `steps` batches of
     cross-entropy + log(F_soft / T) resource loss. `batches` is cycled; `cancel` (a threading.Event)
-    stops after the current step. Emits {"type": "step", ...} events for a live display."""
+    stops after the current step. Emits {"type": "step", ...} events for a live display. The model's
+    forward runs on its own device under `precision`'s autocast; the ratios and the resource loss stay
+    float32 / float64 on the CPU."""
+    from composer.device import autocast
     full = float(soft_cost(space)["macs"])
     check_target(space, target)
     masks = Masks(space)
@@ -232,10 +235,10 @@ def search(model: nn.Module, space: ElasticSpace, batches: Iterable[tuple[torch.
             width_of, depth_of = masks.lookups(m)
             f_soft = masks.soft_macs(m)
             t_now = scheduled_target(step, steps, full, target, ramp)
-            with masked(model, space, width_of, depth_of):
-                task = F.cross_entropy(model(x.to(device)), y.to(device))
+            with masked(model, space, width_of, depth_of), autocast(precision, device):
+                task = F.cross_entropy(model(x.to(device)).float(), y.to(device))
             res = resource_loss(f_soft, t_now)
-            loss = task + res.to(task.dtype)
+            loss = task.cpu() + res.to(task.dtype)
             opt.zero_grad()
             over = res.requires_grad and float(res.detach()) > 0
             g_res = torch.autograd.grad(res, masks.ratio, retain_graph=True)[0] if over else None
@@ -415,15 +418,19 @@ def _slug(text: str) -> str:
 def shrink_anchor(run_dir, anchor: int | None, data: str, target_macs: float, steps: int = 200,
                   eval_data: str | None = None, eval_limit: int | None = 1000, batch_size: int = 64,
                   lr: float = 0.01, bn_images: int = 256, seed: int = 0, workers: int = 0, latency: bool = False,
-                  events: Callable[[dict], None] | None = None, cancel=None, stitch: int | None = None) -> ShrinkResult:
+                  events: Callable[[dict], None] | None = None, cancel=None, stitch: int | None = None,
+                  device: torch.device | str = "cpu", precision: str = "fp32") -> ShrinkResult:
     """DMS on anchor `anchor` of a run: search on `data` (shuffled, cycled), export, re-estimate the
     pruned network's BN statistics on `bn_images` images of `data` (0: keep the anchor's), evaluate
     the anchor and the pruned network on the same `eval_limit` images of `eval_data` (default: the
     validation split of `data`), save RUN/shrink/<name>/ and add the candidate to the run. With
     latency=True the pruned network's batch-1 latency on this device becomes the candidate's
     latency_ms (composer.costs' timer, as elastic and fold candidates are timed). With `stitch` (and
-    anchor None) the stitch's route is shrunk instead (composer.builders.source, as elastic and fold do)."""
+    anchor None) the stitch's route is shrunk instead (composer.builders.source, as elastic and fold do).
+    device / precision: where the source and the pruned network run (search, BatchNorm statistics,
+    top-1, latency) and the autocast precision of their forward passes (composer.device)."""
     from composer import data as data_mod
+    from composer.device import autocast
 
     events = events or (lambda e: None)
     target_macs = checks.number(target_macs, "the target MACs")   # before loading anything
@@ -437,6 +444,8 @@ def shrink_anchor(run_dir, anchor: int | None, data: str, target_macs: float, st
     source = resolve_source(run_dir, anchor, stitch)
     model, spec = source.module, source.spec
     space = elastic_space(model, source.input_size)
+    device = torch.device(device)
+    model.to(device)
     base, label = {"stitch" if stitch is not None else "anchor": source.entry}, source.key
     arch = source.label
     check_target(space, target_macs)
@@ -446,26 +455,30 @@ def shrink_anchor(run_dir, anchor: int | None, data: str, target_macs: float, st
     batches = data_mod.loader(train_ds, batch_size, shuffle=True, workers=workers, seed=seed)
     events({"type": "start", "anchor": spec, "full_macs": subnet_cost(space, space.full_config()).macs,
             "target": int(target_macs), "total_steps": steps})
-    result = search(model, space, batches, target_macs, steps=steps, lr=lr, events=events, cancel=cancel)
+    result = search(model, space, batches, target_macs, steps=steps, lr=lr, events=events, cancel=cancel,
+                    precision=precision)
     pruned, config, order = export(model, space, result.masks, target_macs)
+    pruned.to(device)
     cost = model_cost(pruned, space.input_size)
     events({"type": "evaluate", "images": len(eval_ds)})
-    before = top1(model, data_mod.loader(eval_ds, batch_size, workers=workers))
-    after_export = top1(pruned, data_mod.loader(eval_ds, batch_size, workers=workers))
+    with autocast(precision, device):
+        before = top1(model, data_mod.loader(eval_ds, batch_size, workers=workers))
+        after_export = top1(pruned, data_mod.loader(eval_ds, batch_size, workers=workers))
     after, recalibrated, n = after_export, 0, len(eval_ds)
     if bn_images > 0 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pruned.modules()):
         # Pruning shifts the statistics downstream of every cut, so the anchor's BN statistics are
         # off: re-estimating them (no weight changes) is nearly free and recovers much of the loss
         # (ResNet-56 shrunk to ResNet-32's MACs: 66.5 -> 74.7 % top-1 from 256 images, 2 s on CPU).
         bn_ds = data_mod.subset(train_ds, bn_images, seed=seed + 1)
-        recalibrate_bn(pruned, (x for x, _ in data_mod.loader(bn_ds, batch_size, workers=workers)))
-        recalibrated = len(bn_ds)
-        after = top1(pruned.eval(), data_mod.loader(eval_ds, batch_size, workers=workers))
+        with autocast(precision, device):
+            recalibrate_bn(pruned, (x for x, _ in data_mod.loader(bn_ds, batch_size, workers=workers)))
+            recalibrated = len(bn_ds)
+            after = top1(pruned.eval(), data_mod.loader(eval_ds, batch_size, workers=workers))
     latency_ms = None
     if latency:
         events({"type": "latency"})
-        device = next(pruned.parameters()).device
-        latency_ms = measure_latency(pruned.eval(), torch.zeros(1, *space.input_size, device=device))
+        with autocast(precision, device):
+            latency_ms = measure_latency(pruned.eval(), torch.zeros(1, *space.input_size, device=device))
 
     name = f"{arch} DMS <={target_macs / 1e6:.2f}M"
     folder = Path(source.run_dir) / FOLDER / _slug(f"{label}-{int(target_macs)}")

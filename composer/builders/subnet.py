@@ -527,7 +527,7 @@ def masked(model: nn.Module, space: ElasticSpace,
             m = width_masks(key)
             if m is None:
                 return None
-            m = m.to(args[0].dtype).repeat_interleave(per_unit)
+            m = m.to(args[0].device, args[0].dtype).repeat_interleave(per_unit)   # masks may live on the CPU
             shape = [1] * args[0].dim()
             shape[axis] = -1
             return (args[0] * m.view(shape), *args[1:])
@@ -536,7 +536,7 @@ def masked(model: nn.Module, space: ElasticSpace,
     def depth_hook(b: int):
         def hook(module, args, out):
             m = depth_masks(b)
-            return out if m is None else out * m
+            return out if m is None else out * m.to(out.device, out.dtype)
         return hook
 
     try:

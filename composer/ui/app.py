@@ -277,7 +277,10 @@ def build_app(config: AppConfig | None = None) -> gr.Blocks:
     gr.set_static_paths([str(plotly_js())])
     with gr.Blocks(title="Zoo Composer", delete_cache=(3600, 3600), analytics_enabled=False) as demo:
         session = gr.Textbox(visible=False, label="session")
-        gr.Markdown("## Zoo Composer · stitch a model family into a speed/accuracy curve (SN-Net)")
+        from composer.pipeline import device_name, resolve_where
+        where, precision = resolve_where("auto", "auto")   # what the app's jobs run on (the pipeline's default)
+        gr.Markdown("## Zoo Composer · stitch a model family into a speed/accuracy curve (SN-Net)\n\n"
+                    f"Jobs run on {device_name(where)} in {precision}.", elem_id="zc-device")
         status = gr.HTML("", elem_id="zc-status", elem_classes="zc-status", js_on_load=None)
         page = make_page(store, config, session, status)
         with gr.Row(equal_height=False):
@@ -341,13 +344,12 @@ def session_events(page: Page, demo: gr.Blocks, outputs: list) -> None:
         if s.job is not None and s.job.running:
             text = f"reattached to the running fine-tune of {s.run_dir.name if s.run_dir else 'this session'}"
         elif s.family is None:
-            text = "opening the starter family…"
+            text = ("opening the starter family: three tiny ViTs on digits (its first use trains them: about a "
+                    "minute, with progress here)")
         else:
             text = f"{s.family.name}: {len(s.plan.stitches) if s.plan else 0} stitches" + (
                 f"; showing {s.run_dir.name} ({s._run_state(s.run_dir)})" if s.run_dir else "")
-        graph_message = (None if s.family is not None else
-                         "Opening the starter family: three tiny ViTs trained on digits (its first use trains them, "
-                         "about a minute; the status line shows the progress)")
+        graph_message = None if s.family is not None else text   # the same words on the graph and the status
         return everything_views(s, page, text, graph_message=graph_message, hub_line=line)
 
     def new_session(request: gr.Request | None = None) -> str:

@@ -184,7 +184,8 @@ class Session:
         query = (query or "").strip()
         if len(query) > 100:
             raise AppError("the search text is too long (at most 100 characters)")
-        entries, notes = [STARTER], []
+        built = self.families.get(STARTER.id)
+        entries, notes = [built if built is not None and built.specs else STARTER], []   # the built one keeps its members
         hub = _hub()
         status = hub_status_line()
         if hub is not None:
@@ -206,6 +207,8 @@ class Session:
         with self.lock:
             self.families = {e.id: e for e in entries}
             self.families.setdefault(STARTER.id, STARTER)
+            if self.family is not None:   # the family shown stays a choice (a custom one, or a reopened run's)
+                self.families.setdefault(self.family.id, self.family)
         return entries, status + (" " + "; ".join(notes) if notes else "")
 
     def custom_family(self, text: str) -> FamilyEntry:
