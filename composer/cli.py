@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from composer.checks import count, number, whole
+from composer.checks import number, whole
 from composer.errors import UserError
 from composer.run import stitch_rows
 
@@ -480,6 +480,10 @@ def cmd_quote(args) -> None:
     name = args.name.strip()
     if not name or len(name) > 120:
         raise UserError("--name must be 1 to 120 characters")
+    number(args.macs, "--macs", hi=1e15)
+    number(args.params, "--params", 0, 1e15)
+    number(args.activations, "--activations", 0, 1e15)
+    number(args.top1, "--top1")
     if not 0 <= args.top1 <= 100:
         raise UserError(f"--top1 is a percentage (0 to 100), got {args.top1:g}")
     if args.macs <= 0 or args.params < 0 or args.activations < 0:
@@ -574,10 +578,12 @@ def cmd_fold(args) -> None:
 
 def _macs(text: str) -> float:
     """A MACs count: 97170000, 97.17M, 0.1G or 500k."""
+    # parsed only: each command checks the range with the option's own name in the message
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:].lower(), 1)
     try:
-        return count(text, "a count", 0, 1e15)
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("a count ")) from None
+        return float(text[:-1] if scale != 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MACs like 97170000 or 97.17M, got '{text}'") from None
 
 
 def _shrink_args(sp) -> None:

@@ -132,7 +132,7 @@ CASES = [
     # the other builders
     ("shrink-target-0", "shrink {RUN} --anchor 0 --data {DATA} --target-macs 0", "target"),
     ("shrink-target-nan", "shrink {RUN} --anchor 0 --data {DATA} --target-macs nan", "target"),
-    ("shrink-lr-nan", "shrink {RUN} --anchor 0 --data {DATA} --target-macs 1M --lr nan", "lr"),
+    ("shrink-lr-nan", "shrink {RUN} --anchor 0 --data {DATA} --target-macs 1M --lr nan", "learning rate"),
     ("shrink-steps-0", "shrink {RUN} --anchor 0 --data {DATA} --target-macs 1M --steps 0", "steps"),
     ("shrink-anchor-range", "shrink {RUN} --anchor 9 --data {DATA} --target-macs 1M", "anchor"),
     ("elastic-budget-nan", "elastic {RUN} --anchor 0 --data {DATA} --budget-macs nan", "budget"),

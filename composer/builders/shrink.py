@@ -439,7 +439,7 @@ def shrink_anchor(run_dir, anchor: int | None, data: str, target_macs: float, st
     steps = checks.whole(steps, "search steps", 1, 1_000_000)
     eval_limit = None if eval_limit is None else checks.whole(eval_limit, "evaluation images", 1, None)
     batch_size = checks.whole(batch_size, "batch size", 1, 100_000)
-    lr = checks.number(lr, "the learning rate (--lr)", hi=10, above=0)
+    lr = checks.number(lr, "the learning rate", hi=10, above=0)
     bn_images = checks.whole(bn_images, "BatchNorm images", 0, None)
     source = resolve_source(run_dir, anchor, stitch)
     model, spec = source.module, source.spec
