@@ -5,11 +5,17 @@
 //   'stitch_add'    {front: [anchor, block], back: [anchor, block]}   click a block, then another
 //   'stitch_move'   {point: [f, j, b, k], end: 'front'|'back', to: [anchor, block]}   drag an edge end
 //   'stitch_remove' {point: [f, j, b, k]}                               the x on an edge
+//   'route_add'     {points: [[a, i], [b, j]] or [[a, i], [b, j], [b, l], [a, k]]}   two-way plans:
+//                   where a route leaves an anchor and enters the other, then the head (to end
+//                   there) or where it leaves and comes back
+// In a two-way plan (props.value.two_way) links run both ways: small -> large solid from the right
+// side of a column, large -> small dashed from the left side, each with an arrowhead at its end.
 const NS = "http://www.w3.org/2000/svg";
 const COL_W = 150, GAP = 96, ROW_H = 36, BOX_H = 28, TOP = 58, LEFT = 16;
 const STAGE_FILL = ["#eef3fb", "#e6f4ea", "#fdf3e1", "#f3e8fb", "#e8f6f8"];
 const root = element.querySelector(".zc-graph-root") || element;
 let pending = null;     // [anchor, block] clicked first
+let trail = [];         // two-way: the [anchor, block]s clicked so far for one route (at most 4)
 let drag = null;
 
 function svgEl(tag, attrs, parent) {
@@ -61,6 +67,7 @@ function draw() {
       const cls = ["zc-block", isUnit ? "zc-unit" : "zc-end"];
       if (onRoute.has(key(a.index, b.part))) cls.push("zc-on-route");
       if (pending && pending[0] === a.index && pending[1] === b.part) cls.push("zc-pending");
+      if (trail.some(p => p[0] === a.index && p[1] === b.part)) cls.push("zc-pending");
       const g = svgEl("g", {class: cls.join(" "), "data-anchor": a.index, "data-part": b.part}, svg);
       const fill = b.stage >= 0 ? STAGE_FILL[b.stage % STAGE_FILL.length] : "#f4f5f7";
       svgEl("rect", {x, y, width: COL_W, height: BOX_H, rx: 5, fill}, g);
@@ -71,17 +78,26 @@ function draw() {
       const tip = svgEl("title", {}, g);
       tip.textContent = `${a.name} ${b.label}${b.stage >= 0 ? " (stage " + b.stage + ")" : ""}\n` +
         `output ${b.shape}\n${b.macs.toLocaleString()} MACs · ${b.params.toLocaleString()} params` +
-        (isUnit ? "\nclick, then click a block of a larger anchor to add a stitch" : "");
+        (isUnit ? (v.two_way ? "\nclick where a route leaves or enters this anchor"
+                             : "\nclick, then click a block of a larger anchor to add a stitch")
+                : (v.two_way && b.part === "head" ? "\nclick to end the route being clicked here" : ""));
     });
   }
 
-  // Several stitches can leave (or enter) one block: spread their ends along the block's side, in
-  // the order of their other ends, so every end has its own handle to drag and lines cross less.
+  // A link leaves its front anchor on the side facing the back anchor: small -> large from the right
+  // side of a column, large -> small (two-way plans) from the left side.
+  const sides = (e) => {
+    const [f, j, b, k] = e.point;
+    return f < b ? [["R", f, j], ["L", b, k]] : [["L", f, j], ["R", b, k]];
+  };
+  const sideX = (side, a) => side === "R" ? colX(a) + COL_W : colX(a);
+  // Several links can touch one side of a block: spread their ends along it, in the order of their
+  // other ends, so every end has its own handle to drag and lines cross less.
   const ends = {};
   for (const e of v.edges || []) {
-    const [f, j, b, k] = e.point;
-    (ends[`out:${f}:${j}`] = ends[`out:${f}:${j}`] || []).push([rowY(anchors[b].blocks, k), e]);
-    (ends[`in:${b}:${k}`] = ends[`in:${b}:${k}`] || []).push([rowY(anchors[f].blocks, j), e]);
+    const [[s1, f, j], [s2, b, k]] = sides(e);
+    (ends[`${s1}:${f}:${j}`] = ends[`${s1}:${f}:${j}`] || []).push([rowY(anchors[b].blocks, k), e]);
+    (ends[`${s2}:${b}:${k}`] = ends[`${s2}:${b}:${k}`] || []).push([rowY(anchors[f].blocks, j), e]);
   }
   const endY = (side, a, part, e) => {
     const list = ends[`${side}:${a}:${part}`].slice().sort((p, q) => p[0] - q[0]);
@@ -89,30 +105,62 @@ function draw() {
     const y = rowY(anchors[a].blocks, part);
     return n === 1 ? y + BOX_H / 2 : y + 5 + (BOX_H - 10) * i / (n - 1);
   };
+  const order = route.edges.map(e => e.join(","));   // the highlighted route's links, in route order
   for (const e of v.edges || []) {
     const [f, j, b, k] = e.point;
     const fa = anchors[f], ba = anchors[b];
-    const x1 = colX(f) + COL_W, y1 = endY("out", f, j, e);
-    const x2 = colX(b), y2 = endY("in", b, k, e);
+    const [[s1], [s2]] = sides(e);
+    const back = f > b;
+    const x1 = sideX(s1, f), y1 = endY(s1, f, j, e);
+    const x2 = sideX(s2, b), y2 = endY(s2, b, k, e);
+    const dir = Math.sign(x2 - x1) || 1;
     const mx = (x1 + x2) / 2;
     const highlighted = routeEdges.has(e.point.join(","));
-    const g = svgEl("g", {class: "zc-edge" + (highlighted ? " zc-on-route" : ""), "data-point": e.point.join(",")}, svg);
+    const g = svgEl("g", {class: "zc-edge" + (back ? " zc-edge-back" : "") + (highlighted ? " zc-on-route" : ""),
+                          "data-point": e.point.join(",")}, svg);
     const d = `M ${x1} ${y1} C ${mx} ${y1}, ${mx} ${y2}, ${x2} ${y2}`;
     svgEl("path", {d, class: "zc-edge-hit"}, g);
     svgEl("path", {d, class: "zc-edge-line", stroke: e.colour}, g);
+    if (v.two_way) {   // the curve ends level, so the arrowhead points straight along x
+      const ax = x2 - dir * 5;
+      svgEl("path", {d: `M ${ax} ${y2} L ${ax - dir * 9} ${y2 - 4.5} L ${ax - dir * 9} ${y2 + 4.5} Z`,
+                     class: "zc-arrow", fill: e.colour}, g);
+    }
     const tip = svgEl("title", {}, g);
     tip.textContent = `${fa.name} block ${j} -> ${ba.name} block ${k}\nstitch ${e.stitches.join(", ")} · layer ${e.layer}` +
-      (e.r2 != null ? `\nfit R² ${e.r2.toFixed(3)}` : "") + "\ndrag an end to move it; x removes it";
+      (e.r2 != null ? `\nfit R² ${e.r2.toFixed(3)}` : "") +
+      (v.two_way ? "\ndrag an end to move it in every route through it; x removes it with its routes"
+                 : "\ndrag an end to move it; x removes it");
     svgEl("circle", {cx: x1, cy: y1, r: 4.5, class: "zc-handle", "data-end": "front", fill: e.colour}, g);
     svgEl("circle", {cx: x2, cy: y2, r: 4.5, class: "zc-handle", "data-end": "back", fill: e.colour}, g);
+    // links both ways share the gap: their remove buttons sit apart
+    const rx = v.two_way ? mx + (back ? 10 : -10) : mx, ry = (y1 + y2) / 2;
     const rm = svgEl("g", {class: "zc-remove"}, g);
-    svgEl("circle", {cx: mx, cy: (y1 + y2) / 2, r: 7}, rm);
-    const xt = svgEl("text", {x: mx, y: (y1 + y2) / 2 + 4, "text-anchor": "middle"}, rm);
+    svgEl("circle", {cx: rx, cy: ry, r: 7}, rm);
+    const xt = svgEl("text", {x: rx, y: ry + 4, "text-anchor": "middle"}, rm);
     xt.textContent = "×";
+    const step = order.indexOf(e.point.join(","));
+    if (highlighted && order.length > 1 && step >= 0) {   // a there-and-back route: which link comes first
+      const badge = svgEl("g", {class: "zc-route-step"}, g);
+      svgEl("circle", {cx: x1 + dir * 16, cy: y1, r: 8}, badge);
+      const n = svgEl("text", {x: x1 + dir * 16, y: y1 + 4, "text-anchor": "middle"}, badge);
+      n.textContent = String(step + 1);
+    }
+  }
+  // two-way: the links of the route being clicked, as dashed ghosts
+  for (let i = 0; i + 1 < trail.length; i += 2) {
+    const [[f, j], [b, k]] = [trail[i], trail[i + 1]];
+    const x1 = f < b ? colX(f) + COL_W : colX(f), x2 = f < b ? colX(b) : colX(b) + COL_W;
+    svgEl("line", {x1, y1: rowY(anchors[f].blocks, j) + BOX_H / 2, x2, y2: rowY(anchors[b].blocks, k) + BOX_H / 2,
+                   class: "zc-ghost"}, svg);
   }
   if (v.fitted) {
     const lg = svgEl("text", {x: width - LEFT, y: height - 2, class: "zc-legend", "text-anchor": "end"}, svg);
-    lg.textContent = "edge colour: fit R² (red ≤ 0.5, amber 0.75, green 1)";
+    lg.textContent = "edge colour: fit R² (red ≤ 0.5, amber 0.75, green 1)" +
+      (v.two_way ? " · solid: small → large, dashed: large → small" : "");
+  } else if (v.two_way) {
+    const lg = svgEl("text", {x: width - LEFT, y: height - 2, class: "zc-legend", "text-anchor": "end"}, svg);
+    lg.textContent = "solid: small → large, dashed: large → small";
   }
 }
 
@@ -139,6 +187,7 @@ element.addEventListener("click", (ev) => {
   }
   const g = ev.target.closest(".zc-block");
   if (!g) return;
+  if ((props.value || {}).two_way) { routeClick(g); return; }
   if (!g.classList.contains("zc-unit")) { setHint("stitches join blocks, not stems or heads", true); return; }
   const here = [Number(g.dataset.anchor), Number(g.dataset.part)];
   if (pending && pending[0] === here[0] && pending[1] === here[1]) {
@@ -156,7 +205,44 @@ element.addEventListener("click", (ev) => {
   trigger("stitch_add", {front, back: here});
 });
 
-element.addEventListener("keydown", (ev) => { if (ev.key === "Escape" && pending) { pending = null; draw(); } });
+// Two-way plans: a route is clicked junction by junction. Click 1: where it leaves anchor A;
+// 2: where it enters B; then B's head ends it there (or Enter), or 3: where it leaves B and
+// 4: where it comes back to A, which adds it. Python checks the route (and says what is wrong).
+function anchorName(i) { const a = ((props.value || {}).anchors || [])[i]; return a ? a.name : "anchor " + i; }
+
+function routeClick(g) {
+  const a = Number(g.dataset.anchor);
+  if (!g.classList.contains("zc-unit")) {
+    if (trail.length === 2 && g.dataset.part === "head" && a === trail[1][0]) { addRoute(); return; }
+    setHint(trail.length === 2 ? `click ${anchorName(trail[1][0])}'s head to end the route there, or the block ` +
+            `of ${anchorName(trail[1][0])} where it leaves` : "routes join blocks, not stems or heads", true);
+    return;
+  }
+  const here = [a, Number(g.dataset.part)];
+  const [A, B] = [trail.length ? trail[0][0] : a, trail.length > 1 ? trail[1][0] : null];
+  if (trail.length === 1 && a === A) { setHint(`the route enters the other anchor: click a block of it, not of ${anchorName(A)} (Esc cancels)`, true); return; }
+  if (trail.length === 2 && a !== B) { setHint(`the route is in ${anchorName(B)}: click ${anchorName(B)}'s head to end there, or the block of ${anchorName(B)} where it leaves`, true); return; }
+  if (trail.length === 3 && a !== A) { setHint(`the route comes back to ${anchorName(A)}: click a block of ${anchorName(A)}`, true); return; }
+  trail.push(here);
+  if (trail.length === 4) { addRoute(); return; }
+  draw();
+  const [i, j, l] = trail.map(p => p[1]);
+  const [A2, B2] = [trail[0][0], trail.length > 1 ? trail[1][0] : null];
+  setHint(trail.length === 1 ? `${anchorName(A2)} block ${i}: the route leaves ${anchorName(A2)} here. Click the block of the other anchor where it enters (Esc cancels)`
+    : trail.length === 2 ? `${anchorName(A2)}[0..${i}] -> ${anchorName(B2)} from block ${j}: click ${anchorName(B2)}'s head to end there (or Enter), or the block of ${anchorName(B2)} where the route leaves to come back`
+    : `${anchorName(A2)}[0..${i}] -> ${anchorName(B2)}[${j}..${l}]: click the block of ${anchorName(A2)} where the route comes back`);
+}
+
+function addRoute() {
+  const points = trail;
+  trail = [];
+  trigger("route_add", {points});
+}
+
+element.addEventListener("keydown", (ev) => {
+  if (ev.key === "Escape" && (pending || trail.length)) { pending = null; trail = []; draw(); }
+  if (ev.key === "Enter" && trail.length === 2) addRoute();
+});
 
 element.addEventListener("pointerdown", (ev) => {
   const h = ev.target.closest(".zc-handle");
@@ -194,7 +280,7 @@ element.addEventListener("pointerup", (ev) => {
   trigger("stitch_move", {point: d.point, end: d.end, to});
 });
 
-watch("value", () => { pending = null; draw(); });
+watch("value", () => { pending = null; trail = []; draw(); });
 draw();
 
 // One status line about the latest action: a message on the graph that the status line no longer

@@ -9,8 +9,11 @@ For each precision (fp32, bf16 autocast):
 - one training step (forward, cross-entropy, backward, SGD step over the route's parameters):
   the SN-Net at a Ti->S stitch vs the same route as a plain `nn.Sequential` of the same modules,
   and the SN-Net at its DeiT-S anchor vs plain timm DeiT-S: the overhead ratios;
-- with --data FOLDER: JPEG decode + preprocessing throughput (data.loader, --workers) beside the
-  model throughputs, to see which one bounds a real run.
+- data: JPEG decode + preprocessing throughput of the data loader alone (`composer.data.loader`,
+  in one process and with --workers), beside the model throughputs, saying which one bounds
+  training here. The JPEGs are --data, else the team's CIFAR-10 test JPEGs (../shared), else
+  synthetic JPEGs written to a temporary folder (32x32 with --small, 500x375 otherwise: an
+  ImageNet-sized photo).
 
     python -m bench.bench_scale --small          # CPU, minutes: DeiT widths at depth 6, 32x32 images
     python -m bench.bench_scale                  # one GPU, < 8 min: DeiT-Ti/S/B at 224x224, 71 stitches
@@ -24,8 +27,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import re
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -228,6 +233,8 @@ def measure_train(net, anchor_model, stitch_id, anchor_id, x, y, precision, devi
 
 
 def measure_decode(folder: str, size, batch: int, workers: int, images: int) -> dict:
+    """Images/s that the data loader alone decodes and preprocesses (bicubic resize, center crop,
+    normalise: timm's eval transform at the model's input size), after its first batch."""
     from composer import data
     cfg = {"input_size": size, "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
            "crop_pct": 0.875, "crop_mode": "center"}
@@ -239,6 +246,34 @@ def measure_decode(folder: str, size, batch: int, workers: int, images: int) -> 
         n += len(x)
     dt = time.perf_counter() - t0
     return {"decode_ips": n / dt if n else float("nan"), "images": n}
+
+
+def decode_folder(given: str | None, small: bool, images: int, tmp: str) -> tuple[str, str]:
+    """(ImageFolder, what it is) for the decode measurement: `given`, else CIFAR-10's test JPEGs
+    from ../shared, else `images` synthetic JPEGs written under `tmp`."""
+    if given:
+        return given, given
+    from bench import cifar10
+    if cifar10.missing_shared_reason() is None:
+        return str(cifar10.cifar10_splits().test), "CIFAR-10 test JPEGs (32x32, q75)"
+    w, h = (32, 32) if small else (500, 375)
+    return synthetic_jpegs(Path(tmp) / "jpegs", images, (w, h)), f"synthetic JPEGs ({w}x{h}, q90)"
+
+
+def synthetic_jpegs(folder: Path, n: int, size: tuple[int, int]) -> str:
+    """`n` JPEGs in two class folders: smooth random colour fields with some grain, which compress
+    about as photos do (pure noise would make decoding look slower than it is)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = folder / f"class{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        base = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+        grain = rng.normal(0, 8, (size[1], size[0], 3))
+        pixels = np.clip(np.asarray(base, dtype=np.float64) + grain, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(d / f"{i}.jpg", quality=90)
+    return str(folder)
 
 
 # --- the driver ----------------------------------------------------------------------------------
@@ -254,8 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-batch", type=int, help="default 64, --small 8")
     p.add_argument("--train-steps", type=int, help="timed steps per route (default 10, --small 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
-    p.add_argument("--data", help="an ImageFolder: also time decoding + preprocessing")
-    p.add_argument("--workers", type=int, default=4, help="data loader workers for --data")
+    p.add_argument("--data", help="an ImageFolder of JPEGs for the decode figure (default: CIFAR-10's test "
+                                   "JPEGs from ../shared, else synthetic JPEGs)")
+    p.add_argument("--workers", type=int, default=4, help="data loader workers for the decode figure")
+    p.add_argument("--decode-images", type=int, help="images decoded (default 2048, --small 1024)")
+    p.add_argument("--no-decode", action="store_true", help="skip the data decode figure")
     args = p.parse_args(argv)
     small = args.small
     fit_n = args.fit_images or (256 if small else 1024)
@@ -263,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch_size or (64 if small else 128)
     train_batch = args.train_batch or (8 if small else 64)
     steps = args.train_steps or (3 if small else 10)
+    decode_n = args.decode_images or (1024 if small else 2048)
 
     import torch
 
@@ -294,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({'depth %d, %dx%d images' % (SMALL['depth'], size[1], size[2]) if small else '224x224, depth 12'}), random "
           f"weights, synthetic images; {n_st} networks ({n_anchors} anchors + {n_st - n_anchors} stitches)")
     rows = defaultdict(dict)
+    train_rates: dict[str, float] = {}
     for prec in precisions:
         f = measure_fit(net, fit_batches, prec, device)
         rows["fit: least squares, images/s"][prec] = f"{f['fit_ips']:.1f}"
@@ -317,21 +357,40 @@ def main(argv: list[str] | None = None) -> int:
         rows["train step: plain timm DeiT-S, ms"][prec] = ms("timm_deit_s")
         rows["train step: overhead SN-Net / timm"][prec] = f"{t['snnet_anchor'] / t['timm_deit_s']:.3f}x"
         rows[f"train step: images/s (batch {train_batch}), SN-Net stitch"][prec] = f"{train_batch / t['snnet_stitch']:.1f}"
+        train_rates[prec] = train_batch / t["snnet_stitch"]
         print(f"  train {prec} done ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
-    if args.data:
-        d = measure_decode(args.data, size, batch, args.workers, max(eval_n, 4 * batch))
-        rows[f"decode + preprocess ({args.workers} workers), images/s"]["-"] = f"{d['decode_ips']:.1f}"
-    cols = precisions + (["-"] if args.data else [])
+    cols = precisions
     width = max(len(k) for k in rows) + 2
     print(f"{'':<{width}}" + "".join(f"{c:>12}" for c in cols))
     for name, vals in rows.items():
         print(f"{name:<{width}}" + "".join(f"{vals.get(c, ''):>12}" for c in cols))
     print(f"fit: N = {fit_n} images in batches of {batch}; eval: {eval_n} images x {n_st} networks; train: batch "
-          f"{train_batch}, median of {steps} steps, SGD over the route's parameters. Total {time.perf_counter() - t_start:.0f} s.")
+          f"{train_batch}, median of {steps} steps, SGD over the route's parameters.")
     if device.type == "cpu" and len(precisions) > 1:
         print("CPU peak memory is the resident high-water mark above the resident size before the fit: memory freed by "
               "the first precision's fit stays resident, so the later columns understate it.")
+    if not args.no_decode:
+        print_decode(args, small, size, batch, decode_n, train_rates)
+    print(f"Total {time.perf_counter() - t_start:.0f} s.")
     return 0
+
+
+def print_decode(args, small: bool, size, batch: int, images: int, train_rates: dict[str, float]) -> None:
+    """The data loader's images/s in one process and with --workers, against the fastest training
+    step measured above: when loading gives fewer images/s than a step takes, data bounds training."""
+    with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
+        folder, what = decode_folder(args.data, small, images, tmp)
+        workers = sorted({0, args.workers})
+        rates = {w: measure_decode(folder, size, batch, w, images)["decode_ips"] for w in workers}
+    cores = os.cpu_count() or 1
+    print(f"data: decode + preprocess to {size[1]}x{size[2]} (timm eval transform) of {what}, batch {batch}:")
+    for w, r in rates.items():
+        print(f"  {'one process' if w == 0 else f'{w} loader workers ({cores} cores here)'}: {r:.0f} images/s")
+    prec, need = max(train_rates.items(), key=lambda kv: kv[1])
+    best = max(rates.values())
+    verdict = ("data loading bounds training here: add loader workers (--workers) or cores" if best < need else
+               f"the model bounds training here ({best / need:.1f}x headroom in loading)")
+    print(f"  training consumes {need:.0f} images/s (SN-Net stitch step, {prec}): {verdict}")
 
 
 if __name__ == "__main__":

@@ -202,6 +202,18 @@ def fitted_run(work: Path, specs: list[str], calib: Path, n_calib: int = 256) ->
     return run
 
 
+@torch.no_grad()
+def averaged(fitted, trained, alpha: float):
+    """Weight averaging toward the originals (WiSE-FT): every float tensor of the fine-tuned SN-Net
+    moved back to fitted + alpha x (trained - fitted); alpha 1 is the fine-tune, 0 least squares."""
+    net = copy.deepcopy(trained)
+    start = fitted.state_dict()
+    for k, v in net.state_dict().items():
+        if v.is_floating_point():
+            v.copy_(start[k] + alpha * (v - start[k]))
+    return net
+
+
 def with_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
     """`FIELD=VALUE` strings applied to a TrainConfig, each value parsed as the field's default type."""
     fields = {f.name: f for f in dataclass_fields(TrainConfig)}
@@ -258,6 +270,8 @@ def main() -> None:
                    help="runs and caches (per protocol: the least-squares run and its evaluations are reused)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--reuse", action="store_true", help="measure a budget's run again without retraining it")
+    p.add_argument("--average", type=float, nargs="*", default=[], metavar="ALPHA",
+                   help="also measure each fine-tune averaged toward the fitted weights: fitted + ALPHA x (trained - fitted)")
     p.add_argument("--combine", type=Path, nargs="+", help="print one table from these --json files and exit")
     args = p.parse_args()
     if args.combine:
@@ -335,8 +349,12 @@ def main() -> None:
             if kind == "wall_min":
                 extra["steps_per_wall_s"] = round(r["step"] / (time.time() - t0), 3)
             done.write_text(json.dumps(extra))
-        measure(f"{label} {kind}={value:g}", load_run(run).net, extra,
+        trained = load_run(run).net
+        measure(f"{label} {kind}={value:g}", trained, extra,
                       exact=args.exact_for is None or value in args.exact_for, run_dir=run)
+        for alpha in args.average:
+            measure(f"{label} {kind}={value:g} averaged {alpha:g}", averaged(net, trained, alpha), extra,
+                    exact=args.exact_for is None or value in args.exact_for)
         if args.json:   # after every run, so a later kill keeps the finished ones
             args.json.write_text(json.dumps(results, indent=1))
     print("\n" + table(results))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from composer.checks import number, whole
+from composer.checks import count, number, whole
 from composer.errors import UserError
 from composer.run import stitch_rows
 
@@ -205,6 +205,9 @@ def _fit_args(sp) -> None:
     sp.add_argument("--out", required=True, type=Path, help="run folder to write (new, empty, or an earlier fit)")
     sp.add_argument("--force", action="store_true", help="replace whatever --out holds, a fine-tuned run included")
     sp.add_argument("--ridge", type=_nonnegative, default=1e-4, help="ridge of the least squares (default 1e-4)")
+    sp.add_argument("--stitch-rank", type=_positive, metavar="R",
+                    help="low-rank stitching layers (SN-Netv2): training keeps the least-squares weight and learns "
+                         "a rank-R update and the bias; exports merge them into one matrix")
     _plan_options(sp)
     _pretrained(sp)
     _where(sp)
@@ -219,7 +222,8 @@ def cmd_fit(args) -> None:
         r = fit_run(args.anchors, args.data, args.out, calib=args.calib, ridge=args.ridge,
                     plan_options=_plan_kwargs(args), pretrained=args.pretrained, batch_size=args.batch_size,
                     workers=args.workers, seed=args.seed, force=args.force, device=args.device,
-                    precision=args.precision, resolution=args.resolution, progress=bars)
+                    precision=args.precision, resolution=args.resolution, stitch_rank=args.stitch_rank,
+                    progress=bars)
     if not _rank0():   # torchrun: rank 0 wrote the run and reports it
         return
     rows = stitch_rows(r.plan, {k: {"r2": v} for k, v in r.r2.items()})
@@ -229,7 +233,8 @@ def cmd_fit(args) -> None:
         print(_table(r.plan, rows, ["r2"]))
         fit = r.manifest["fit"]
         ranks = f", {fit['processes']} processes" if fit["processes"] > 1 else ""
-        print(f"fitted {len(r.plan.layers)} stitching layers on {r.images} images "
+        low = f" (low-rank updates of rank {args.stitch_rank} to train)" if args.stitch_rank else ""
+        print(f"fitted {len(r.plan.layers)} stitching layers{low} on {r.images} images "
               f"(R^2 on {r.held_out} held out; {fit['device']}, {fit['precision']}{ranks}); wrote {r.run}")
 
 
@@ -311,9 +316,14 @@ def _train_args(sp) -> None:
     sp.add_argument("--weight-decay", type=_nonnegative)
     sp.add_argument("--warmup-steps", type=_natural)
     sp.add_argument("--anchor-lr-scale", type=_nonnegative, help="anchors' lr = lr x this (stitching layers get lr)")
-    sp.add_argument("--sampling", choices=["uniform", "macs_grouped"], default="uniform",
-                    help="uniform over stitches (SN-Net) or a MACs group first, then a stitch (SN-Netv2)")
+    sp.add_argument("--sampling", choices=["uniform", "macs_grouped", "flops_gap"], default="uniform",
+                    help="uniform over stitches (SN-Net), or a MACs group first, then a stitch in it: --groups equal "
+                         "groups (macs_grouped), or groups cut where MACs jump by more than --macs-gap (flops_gap, "
+                         "SN-Netv2)")
     sp.add_argument("--groups", type=_positive, default=4, help="MACs groups for --sampling macs_grouped")
+    sp.add_argument("--macs-gap", type=_checked(count, 1), metavar="MACS",
+                    help="for --sampling flops_gap: a group starts more than this many MACs above the first stitch "
+                         "of the previous one (e.g. 10M)")
     sp.add_argument("--stitches-per-step", type=_positive, default=1, metavar="K",
                     help="split each batch among K sampled stitches, one optimizer step for all (as SN-Net's K GPUs)")
     sp.add_argument("--stitch-layers-only", action="store_true", help="freeze the anchors, train the stitching layers")
@@ -339,9 +349,12 @@ def cmd_train(args) -> None:
 
     from composer.pipeline import train_run
     from composer.train import TrainConfig
+    if (args.macs_gap is not None) != (args.sampling == "flops_gap"):
+        raise UserError("--macs-gap goes with --sampling flops_gap, and flops_gap needs --macs-gap (e.g. 10M)")
     config = TrainConfig(steps=args.steps, time_budget_min=args.time_budget, lr=args.lr, batch_size=args.batch_size,
                          optimizer=args.optimizer, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                         sampling=args.sampling, groups=args.groups, stitches_per_step=args.stitches_per_step,
+                         sampling=args.sampling, groups=args.groups, macs_gap=args.macs_gap,
+                         stitches_per_step=args.stitches_per_step,
                          stitch_layers_only=args.stitch_layers_only,
                          distill=args.distill, distill_weight=args.distill_weight, eval_every=args.eval_every,
                          eval_limit=args.eval_limit, checkpoint_every=args.checkpoint_every, seed=args.seed,
@@ -377,7 +390,11 @@ def cmd_train(args) -> None:
             bar.set_postfix(loss=f"{e['loss']:.3f}", lr=f"{e['lr']:.2g}", stitch=e["stitch"], refresh=False)
         elif e["type"] == "eval" and rank0:
             best = max(e["top1"].values()) if e["top1"] else float("nan")
-            bar.write(f"step {e['step']}: evaluated {len(e['top1'])} stitches, best top-1 {best:.2f} %", file=sys.stderr)
+            j = e.get("judged")
+            judged = (f"; {j['within']} of {j['stitches_judged']} stitches within 1 point of the original line "
+                      f"(median gap {j['median_gap']:+.2f})" if j else "")
+            bar.write(f"step {e['step']}: evaluated {len(e['top1'])} stitches, best top-1 {best:.2f} %{judged}",
+                      file=sys.stderr)
 
     try:
         result = train_run(args.run, args.data, config, eval_data=args.eval_data, events=show, cancel=cancel,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from timm.data import create_dataset, create_transform, resolve_data_config
@@ -95,6 +96,19 @@ def loader(ds: Dataset, batch_size: int = 64, shuffle: bool = False, workers: in
     g = torch.Generator().manual_seed(seed)
     return DataLoader(_ReadErrorsAsDataError(ds), batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                       generator=g, persistent_workers=False, drop_last=False)
+
+
+def forever(batches: Iterable, empty: UserError) -> Iterator:
+    """`batches` pass after pass, without end: a shuffling DataLoader reshuffles on each pass, where
+    itertools.cycle would replay the first pass and keep every batch of it in memory. A pass that
+    gives nothing raises `empty` (the caller's message), not an endless loop."""
+    while True:
+        got_one = False
+        for b in batches:
+            got_one = True
+            yield b
+        if not got_one:
+            raise empty
 
 
 class _ReadErrorsAsDataError(Dataset):

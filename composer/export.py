@@ -216,7 +216,8 @@ def load_stitched(path) -> nn.Module:
 
 def _route_state(net: StitchedNetwork, stitch: Stitch) -> dict[str, torch.Tensor]:
     """The SN-Net's tensors that the route runs, plus any anchor buffer no part owns; BatchNorms
-    behind the stitch point carry the stitch's statistics (StitchedNetwork.route_stats)."""
+    behind the stitch point carry the stitch's statistics (StitchedNetwork.route_stats); low-rank
+    stitching layers merged into one weight (the route's layers are plain)."""
     prefixes = tuple(net.route_prefixes(stitch))
     anchors = {seg.anchor for seg in stitch.route}
     parts = {}
@@ -225,13 +226,15 @@ def _route_state(net: StitchedNetwork, stitch: Stitch) -> dict[str, torch.Tensor
         parts[a] = tuple(f"anchors.{a}.{n}" for n in (*ad.stem_modules, *ad.head_modules,
                                                          *(m for u in ad.units for m in u.modules)))
     out = {}
-    for k, v in net.state_dict().items():
+    for k, v in net.merged_state_dict().items():
         orphan = k.startswith("anchors.") and int(k.split(".")[1]) in anchors and not _owned(k, parts[int(k.split(".")[1])])
         if _owned(k, prefixes) or orphan:
             out[k] = v
-    for i, n in enumerate(net.route_bn_names(stitch)):   # behind the stitch point: the stitch's own statistics
+    for i, n in enumerate(net.route_bn_names(stitch)):   # behind the stitch point: the stitch's own BatchNorms
         stats = net.route_stats[str(stitch.id)]
         out[f"{n}.running_mean"], out[f"{n}.running_var"] = stats.mean(i), stats.var(i)
+        if f"{n}.weight" in out:
+            out[f"{n}.weight"], out[f"{n}.bias"] = stats.weight(i).detach(), stats.bias(i).detach()
     return out
 
 
@@ -405,9 +408,10 @@ tags: [image-classification, stitched-model, sn-net, zoo-composer]
 # Stitched model: stitch {config['stitch']} of an SN-Net
 
 Route: `{config['description']}`, made with Zoo Composer
-(Stitchable Neural Networks, Pan et al., CVPR 2023, arXiv 2302.06586): the first anchor's stem and
-first blocks, a stitching layer (a per-position linear map / 1x1 conv), then a larger anchor's
-remaining blocks and head.
+(Stitchable Neural Networks, Pan et al., CVPR 2023, arXiv 2302.06586; routes there and back as in
+SN-Netv2, arXiv 2307.00154): the first anchor's stem and first blocks, a stitching layer (a
+per-position linear map / 1x1 conv), then the next anchor's blocks, and so on along the route, and
+the last anchor's head.
 
 ## Anchors
 {_sources(config['anchors'])}
@@ -476,7 +480,7 @@ def export_snnet(run_dir, out_dir, latency: bool = False, device: torch.device |
               "preprocessing": preprocessing_of(net.anchors[0]), "trained_steps": _trained_steps(run.manifest),
               "run": str(run_dir), "folder": out_dir.name, "versions": {"torch": torch.__version__, "timm": timm.__version__}}
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_safetensors_atomic(out_dir / "snnet.safetensors", net.state_dict())
+    save_safetensors_atomic(out_dir / "snnet.safetensors", net.merged_state_dict())   # plain layers: load_snnet's
     plan.save(out_dir / "plan.json")
     write_json_atomic(out_dir / "config.json", config)
     write_json_atomic(out_dir / "table.json", table)

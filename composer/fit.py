@@ -8,6 +8,9 @@ real directions). Instead we stream: accumulate the normal equations
     [X 1]^T [X 1]  and  [X 1]^T Y
 batch by batch in float64, then solve in float64 with a small ridge on W (not b). A layer shared
 by several positions (SN-Net's sliding window) sums their equations: one joint least-squares fit.
+A route there and back (SN-Netv2: small -> large -> small) has two junctions; each is the same
+problem between the two anchors' own features at that junction, solved once however many routes
+share its layer, and the route's R^2 is its worse junction's.
 
 At the speed of the forward passes: per front key (anchor, unit) ONE GEMM
     [X-s 1]^T [X-s 1 | Y_1-s_1 ... Y_m-s_m]
@@ -130,22 +133,25 @@ def fit_stitches(net: StitchedNetwork, images: Iterable[torch.Tensor], ridge: fl
     device = next(net.parameters()).device
     net.eval()
     plan = net.plan
-    # positions: stitch id -> (front (anchor, unit), back (anchor, unit-1), layer key)
-    positions = {}
+    # junctions: stitch id -> per stitching layer of its route, (front (anchor, unit), back
+    # (anchor, unit-1), layer key). Every junction is fitted on the anchors' own features, also the
+    # second one of a route there and back: SN-Netv2 shares one layer per direction and position,
+    # so a layer serves routes that reach its junction through different first segments.
+    junctions: dict[int, list[tuple]] = {}
     needed: dict[int, set[int]] = defaultdict(set)
     for s in plan.stitches:
         if s.is_anchor:
             continue
-        if len(s.route) != 2:
-            raise NotImplementedError("fitting routes through more than two anchors")
-        f, b = s.route
-        positions[s.id] = ((f.anchor, f.last), (b.anchor, b.first - 1), s.layers[0])
-        needed[f.anchor].add(f.last)
-        needed[b.anchor].add(b.first - 1)
-    layout = {k: plan.infos[k[0]].layout for p in positions.values() for k in p[:2]}
+        junctions[s.id] = [((f.anchor, f.last), (b.anchor, b.first - 1), key)
+                           for f, b, key in zip(s.route, s.route[1:], s.layers)]
+        for fkey, bkey, _ in junctions[s.id]:
+            needed[fkey[0]].add(fkey[1])
+            needed[bkey[0]].add(bkey[1])
+    positions = [j for js in junctions.values() for j in js]
+    layout = {k: plan.infos[k[0]].layout for p in positions for k in p[:2]}
     width = {k: channels(_key_shape(plan, k), layout[k]) for k in layout}
     backs_of: dict = defaultdict(list)
-    for fkey, bkey, _ in positions.values():
+    for fkey, bkey, _ in positions:
         if bkey not in backs_of[fkey]:
             backs_of[fkey].append(bkey)
     fronts = {f: _Front(f, width[f], layout[f], backs_of[f], width, count_positions(_key_shape(plan, f), layout[f]))
@@ -209,8 +215,8 @@ def fit_stitches(net: StitchedNetwork, images: Iterable[torch.Tensor], ridge: fl
     if in_sample:
         fit = held  # a single image: fit on it (R^2 is then in-sample)
 
-    by_layer = defaultdict(list)
-    for sid, (fkey, bkey, key) in sorted(positions.items()):
+    by_layer = defaultdict(list)   # a junction shared by several routes counts once
+    for fkey, bkey, key in positions:
         if (fkey, bkey) not in by_layer[key]:
             by_layer[key].append((fkey, bkey))
     solutions = {}
@@ -229,10 +235,13 @@ def fit_stitches(net: StitchedNetwork, images: Iterable[torch.Tensor], ridge: fl
         layer.bias.copy_((theta[-1] + ty - tx @ w).to(layer.bias.dtype))   # undo the shifts
 
     stats = fit if in_sample or held_n == 0 else held
-    r2 = {}
-    for sid, (fkey, bkey, key) in positions.items():
-        theta, tx, ty = solutions[key]
-        r2[sid] = _r2(*_equations(stats, fronts[fkey], bkey, shift, tx, ty), theta)
+    r2_of = {}   # per junction
+    for fkey, bkey, key in positions:
+        if (fkey, bkey, key) not in r2_of:
+            theta, tx, ty = solutions[key]
+            r2_of[(fkey, bkey, key)] = _r2(*_equations(stats, fronts[fkey], bkey, shift, tx, ty), theta)
+    # a route is as good as its worst junction (nan if any junction has no variance to explain)
+    r2 = {sid: min((r2_of[j] for j in js), key=lambda v: (not math.isnan(v), v)) for sid, js in junctions.items()}
     return FitReport(r2, seen, held_n)
 
 

@@ -152,7 +152,8 @@ def fit_run(anchors: list[str], data: str, out: Path, *, calib: int = 256, ridge
             plan_options: dict | None = None, pretrained: bool | None = None, batch_size: int = 64,
             workers: int = 0, seed: int = 0, manifest_extra: dict | None = None, force: bool = False,
             device: str | torch.device | None = "auto", precision: str | None = "auto",
-            resolution: int | None = None, progress: Progress | None = None) -> FitResult:
+            resolution: int | None = None, stitch_rank: int | None = None,
+            progress: Progress | None = None) -> FitResult:
     """Anchors -> plan -> SN-Net, every stitching layer fitted by least squares on `calib` images of
     `data` (a seeded subset), each stitch's BatchNorm statistics re-estimated on the same images;
     written to the run folder `out` (manifest, plan, weights). `anchors` may be ["starter"].
@@ -168,7 +169,11 @@ def fit_run(anchors: list[str], data: str, out: Path, *, calib: int = 256, ridge
     layers are one process's (within float64 rounding); only rank 0 writes the run.
 
     resolution: every anchor runs at N x N pixels (members trained at different sizes: EfficientNet
-    B0..B7), costs counted there; stored in the manifest, so every later command loads the run at N."""
+    B0..B7), costs counted there; stored in the manifest, so every later command loads the run at N.
+
+    stitch_rank: SN-Netv2's low-rank stitching layers (composer.snnet.StitchLayer): least squares
+    fits the weight, which training keeps frozen while it learns a rank-R update and the bias;
+    stored in the manifest, so training and export rebuild the same layers."""
     progress = progress or _quiet
     calib = checks.whole(calib, "calibration images", 1)
     ridge = checks.number(ridge, "ridge", 0)
@@ -178,22 +183,25 @@ def fit_run(anchors: list[str], data: str, out: Path, *, calib: int = 256, ridge
     if resolution is not None:
         from composer.run import RESOLUTION_RANGE
         resolution = checks.whole(resolution, "resolution", *RESOLUTION_RANGE)
+    if stitch_rank is not None:
+        stitch_rank = checks.whole(stitch_rank, "stitch rank", 1)
     where, precision = resolve_where(device, precision)
     out = check_run_output(out, force)
     with _Ranks(where) as ranks:
         return _fit(anchors, data, out, calib, ridge, plan_options, pretrained, batch_size, workers, seed,
-                    manifest_extra, where, precision, resolution, ranks, progress)
+                    manifest_extra, where, precision, resolution, stitch_rank, ranks, progress)
 
 
 def _fit(anchors, data, out, calib, ridge, plan_options, pretrained, batch_size, workers, seed, manifest_extra,
-         where, precision, resolution, ranks, progress) -> FitResult:
+         where, precision, resolution, stitch_rank, ranks, progress) -> FitResult:
     from composer import data as data_mod
     from composer.distributed import shard
     from composer.fit import calibrate_route_stats, fit_stitches
     from composer.io import staged_folder
     from composer.run import build_network, run_lock, save_fitted
     _report(progress, "anchors", 0, 1, "anchors")
-    net = build_network(resolve_anchors(anchors), pretrained, resolution=resolution, **(plan_options or {}))
+    net = build_network(resolve_anchors(anchors), pretrained, resolution=resolution, stitch_rank=stitch_rank,
+                        **(plan_options or {}))
     _report(progress, "anchors", 1, 1, "anchors")
     cfg = data_mod.data_config(net.anchors[0])
     ds = data_mod.subset(data_mod.open_dataset(data, cfg), calib, seed=seed)

@@ -138,6 +138,9 @@ def _check_plan(anchors: list[str], infos: list[AnchorInfo], stitches: list[Stit
         for key in s.layers:
             if key not in layers:
                 raise PlanError(f"plan.json: stitch {s.id} uses stitching layer '{key}', which the plan does not define")
+        ran = [(seg.anchor, u) for seg in s.route for u in range(seg.first, seg.last + 1)]
+        if len(set(ran)) != len(ran):
+            raise PlanError(f"plan.json: stitch {s.id} runs a block twice; a route runs each block at most once")
     seen = {}
     for s in stitches:
         route = tuple(s.route)
@@ -279,10 +282,14 @@ def two_way_plan(infos: list[AnchorInfo]) -> StitchPlan:
     routes = [((Segment(0, 0, small.depth - 1),), ()), ((Segment(1, 0, large.depth - 1),), ())]
     routes += [((Segment(0, 0, j), Segment(1, k, large.depth - 1)), (layer(0, j, 1, k),)) for j, k in sl]
     routes += [((Segment(1, 0, j), Segment(0, k, small.depth - 1)), (layer(1, j, 0, k),)) for j, k in ls]
+    # There and back, never running a block twice (k2 > j1): with stage depths that are not multiples
+    # (3 and 5 blocks, say) SN-Netv2's rule would return into blocks the route already ran, one module
+    # in two places, whose BatchNorms cannot be both the anchor's and the stitch's. For its 12 / 24
+    # blocks, and any multiple, no route is left out.
     routes += [((Segment(1, 0, j1), Segment(0, k1, j2), Segment(1, k2, large.depth - 1)),
-                (layer(1, j1, 0, k1), layer(0, j2, 1, k2))) for j1, k1 in ls for j2, k2 in sl if j2 >= k1]
+                (layer(1, j1, 0, k1), layer(0, j2, 1, k2))) for j1, k1 in ls for j2, k2 in sl if j2 >= k1 and k2 > j1]
     routes += [((Segment(0, 0, j1), Segment(1, k1, j2), Segment(0, k2, small.depth - 1)),
-                (layer(0, j1, 1, k1), layer(1, j2, 0, k2))) for j1, k1 in sl for j2, k2 in ls if j2 >= k1]
+                (layer(0, j1, 1, k1), layer(1, j2, 0, k2))) for j1, k1 in sl for j2, k2 in ls if j2 >= k1 and k2 > j1]
     stitches = [Stitch(i, route, keys) for i, (route, keys) in enumerate(routes)]
     _check_layers(layers, stitches, infos)
     return StitchPlan([a.name for a in infos], list(infos), stitches, layers, {"two_way": True})

@@ -102,13 +102,18 @@ def _as_tuple(v):
 
 
 def build_network(specs: list[str], pretrained: bool | None = None, resolution: int | None = None,
-                  **plan_options) -> StitchedNetwork:
+                  stitch_rank: int | None = None, **plan_options) -> StitchedNetwork:
     """Anchors -> plan -> (unfitted) stitched network, anchors ordered by MACs (all run at
-    `resolution` when given: see load_anchors)."""
+    `resolution` when given: see load_anchors; low-rank stitching layers with `stitch_rank`)."""
     models, infos = load_anchors(specs, pretrained, resolution=resolution)
-    plan = build_plan(infos, **plan_options)
+    routes = plan_options.pop("routes", None)   # two-way routes chosen by hand (the app's graph)
+    if routes is not None:
+        from composer.routes import routes_plan
+        plan = routes_plan(infos, routes)
+    else:
+        plan = build_plan(infos, **plan_options)
     by_name = {s: m for s, m in zip(specs, models)}
-    return StitchedNetwork([by_name[n] for n in plan.anchors], plan)
+    return StitchedNetwork([by_name[n] for n in plan.anchors], plan, stitch_rank=stitch_rank)
 
 
 def check_writable(run_dir: Path) -> Path:
@@ -126,6 +131,8 @@ def save_fitted(run_dir: Path, net: StitchedNetwork, manifest: dict) -> None:
     run_dir = check_writable(run_dir)
     import timm
     manifest = {**manifest, "anchors": net.plan.anchors,
+                # how the stitching layers are built: every later load (train, export) rebuilds them so
+                **({"stitch_rank": net.stitch_rank} if net.stitch_rank is not None else {}),
                 "versions": {"torch": torch.__version__, "timm": timm.__version__},
                 "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
     net.plan.save(run_dir / PLAN)
@@ -156,19 +163,29 @@ def load_run(run_dir: Path, trained: bool = True) -> Run:
     except (OSError, json.JSONDecodeError) as e:
         raise RunError(f"{run_dir}: unreadable run files ({e})") from None
     models, infos = load_anchors(manifest["anchors"], manifest.get("pretrained"), resolution=manifest.get("resolution"))
-    net = StitchedNetwork(models, load_plan(plan_data, infos))
+    net = StitchedNetwork(models, load_plan(plan_data, infos), stitch_rank=_stitch_rank(manifest, run_dir))
     try:
         layers = load_file(run_dir / LAYERS)
         stats = {k.removeprefix("route_stats."): v for k, v in layers.items() if k.startswith("route_stats.")}
         net.stitch_layers.load_state_dict({k: v for k, v in layers.items() if not k.startswith("route_stats.")})
         if stats:     # runs fitted before route statistics existed keep their anchors' statistics
-            net.route_stats.load_state_dict(stats)
+            # (and runs fitted before private affine parameters keep their anchors' scale and shift)
+            missing = net.route_stats.load_state_dict(stats, strict=False).missing_keys
+            if any(not k.split(".")[-1].startswith(("weight", "bias")) for k in missing):
+                raise RuntimeError(f"missing BatchNorm statistics {missing[:3]}")
         trained_file = run_dir / CHECKPOINT / TRAINED
         if trained and trained_file.is_file():
             net.load_state_dict(load_file(trained_file))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise RunError(f"{run_dir}: weights could not be loaded ({str(e).splitlines()[0]})") from None
     return Run(run_dir, net, manifest)
+
+
+def _stitch_rank(manifest: dict, run_dir: Path) -> int | None:
+    rank = manifest.get("stitch_rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise RunError(f"{run_dir / MANIFEST}: stitch_rank must be a whole number >= 1, got {rank!r}")
+    return rank
 
 
 def read_manifest(run_dir: Path) -> dict:
@@ -271,12 +288,8 @@ def data_name(spec: str) -> str:
     return spec
 
 
-def read_top1(run_dir: Path) -> tuple[dict[int, float], str]:
-    """Top-1 per stitch id from the run's measurements, and a phrase saying where it came from.
-
-    Picked by what was measured, not by file times: the measurement at the latest training step
-    wins, and at the same step a full evaluation (RUN/evaluation.json) beats training's small
-    periodic ones (RUN/metrics.jsonl) by having more images."""
+def _measurements(run_dir: Path) -> list[tuple[int, int, dict[int, float], str]]:
+    """(step, images, top1, phrase) of every measurement the run holds."""
     run_dir = Path(run_dir)
     found = []   # (step, images, top1, phrase)
     evaluation = read_evaluation(run_dir)
@@ -298,8 +311,26 @@ def read_top1(run_dir: Path) -> tuple[dict[int, float], str]:
     if not found:
         raise RunError(f"{run_dir} has no accuracies yet: run `python -m composer evaluate {run_dir} "
                        "--data ...` or fine-tune it")
-    step, images, top1, phrase = max(found, key=lambda f: (f[0], f[1]))
+    return found
+
+
+def read_top1(run_dir: Path) -> tuple[dict[int, float], str]:
+    """Top-1 per stitch id from the run's measurements, and a phrase saying where it came from.
+
+    Picked by what was measured, not by file times: the measurement at the latest training step
+    wins, and at the same step a full evaluation (RUN/evaluation.json) beats training's small
+    periodic ones (RUN/metrics.jsonl) by having more images."""
+    step, images, top1, phrase = max(_measurements(run_dir), key=lambda f: (f[0], f[1]))
     return top1, phrase
+
+
+def read_original_top1(run_dir: Path) -> dict[int, float] | None:
+    """The top-1 before any fine-tune (step 0) on the same images as `read_top1`'s measurement,
+    when that one is of fine-tuned weights: the original anchors, whose line judges the stitches."""
+    found = _measurements(run_dir)
+    step, images, _, _ = max(found, key=lambda f: (f[0], f[1]))
+    before = [f for f in found if f[0] == 0 and f[1] == images]
+    return before[0][2] if step > 0 and before else None
 
 
 # --- latency --------------------------------------------------------------------------------------

@@ -11,9 +11,13 @@ and affine parameters stay shared). A route's front runs exactly as its first an
 uses that anchor's statistics and shared-prefix evaluation stays exact. Measured on the CIFAR
 ResNets: re-estimating these statistics after least squares more than halves the median gap to the anchor
 line (-10.3 -> -4.2 points on 5,000 images, composer.fit.calibrate_route_stats). LayerNorm families have none.
+Those BatchNorms' affine scale and shift are the stitch's own too (as in slimmable networks'
+switchable BN): they start as the anchor's, and a fine-tune can adapt what lies behind a stitch point
+without moving the anchors, which keep exactly what they knew (bench/RESULTS.md, issue 15).
 """
 from __future__ import annotations
 
+import zlib
 from contextlib import contextmanager
 
 import torch
@@ -30,22 +34,40 @@ class StitchLayer(nn.Module):
     Stored as a Linear (weight out x in, bias); applied as a 1x1 conv on channels-first maps
     (SN-Net's CNN stitching layer) and as a Linear on tokens / channels-last maps. Between
     layouts (a CNN into Swin, say) it also reshapes, which is all cross-family stitching needs.
+
+    With `rank` R (SN-Netv2's low-rank stitching layers): the weight (least squares) is frozen and
+    training learns an update B A (B: out x R, zero at the start, so the fitted layer is unchanged;
+    A: R x in, small random) and the bias: R (in + out) + out trained numbers instead of
+    out (in + 1). `merged_weight()` is W + B A, what an export stores as one matrix.
     """
 
-    def __init__(self, spec: LayerSpec):
+    def __init__(self, spec: LayerSpec, rank: int | None = None):
         super().__init__()
         self.in_layout, self.out_layout = spec.in_layout, spec.out_layout
-        self.weight = nn.Parameter(torch.zeros(spec.out_channels, spec.in_channels))
+        self.rank = rank
+        self.weight = nn.Parameter(torch.zeros(spec.out_channels, spec.in_channels), requires_grad=rank is None)
         self.bias = nn.Parameter(torch.zeros(spec.out_channels))
         with torch.no_grad():  # identity where widths allow: a harmless start before fitting
             n = min(spec.in_channels, spec.out_channels)
             self.weight[:n, :n] = torch.eye(n)
+        if rank is not None:
+            # LoRA's start (A as nn.Linear's default init, B zero), from a fixed generator: building
+            # a network must not move the global random stream that training's seeds rely on
+            bound = 1 / spec.in_channels ** 0.5
+            g = torch.Generator().manual_seed(zlib.crc32(spec.key.encode()))
+            self.lora_a = nn.Parameter((torch.rand(rank, spec.in_channels, generator=g) * 2 - 1) * bound)
+            self.lora_b = nn.Parameter(torch.zeros(spec.out_channels, rank))
+
+    def merged_weight(self) -> torch.Tensor:
+        """The layer's weight as one matrix (W + B A for a low-rank layer)."""
+        return self.weight if self.rank is None else self.weight + self.lora_b @ self.lora_a
 
     def forward(self, x: torch.Tensor, out_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        weight = self.merged_weight()
         if self.in_layout == self.out_layout == "nchw":
-            return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+            return F.conv2d(x, weight[:, :, None, None], self.bias)
         rows = x.flatten(2).transpose(1, 2) if self.in_layout == "nchw" else x   # (B, ..., C)
-        y = F.linear(rows, self.weight, self.bias)
+        y = F.linear(rows, weight, self.bias)
         if self.out_layout == self.in_layout:
             return y
         b = x.shape[0]
@@ -59,14 +81,16 @@ class StitchLayer(nn.Module):
 class StitchedNetwork(nn.Module):
     """All stitches of a plan in one module; `select` picks the route `forward` runs."""
 
-    def __init__(self, anchors: list[nn.Module], plan: StitchPlan):
+    def __init__(self, anchors: list[nn.Module], plan: StitchPlan, stitch_rank: int | None = None):
+        """stitch_rank: low-rank stitching layers (see StitchLayer); None: full ones."""
         super().__init__()
         if len(anchors) != len(plan.anchors):
             raise ValueError(f"plan has {len(plan.anchors)} anchors, got {len(anchors)} models")
         self.plan = plan
+        self.stitch_rank = stitch_rank
         self.anchors = nn.ModuleList(anchors)
         self.adapters: list[BlockAdapter] = [adapt(m) for m in anchors]
-        self.stitch_layers = nn.ModuleDict({k: StitchLayer(s) for k, s in plan.layers.items()})
+        self.stitch_layers = nn.ModuleDict({k: StitchLayer(s, stitch_rank) for k, s in plan.layers.items()})
         self.stitch_id = 0
         # stitch id -> names of the BatchNorms behind its stitch point; their private statistics
         all_bns = {n: m for n, m in self.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
@@ -104,23 +128,27 @@ class StitchedNetwork(nn.Module):
 
     @contextmanager
     def route_statistics(self, stitch: Stitch):
-        """Point the BatchNorms behind the stitch point at the stitch's own running statistics
-        (no copy: in train mode their updates land there). Front BatchNorms belong to the first
-        anchor, never to a back segment, so they are untouched."""
+        """Point the BatchNorms behind the stitch point at the stitch's own running statistics and
+        affine parameters (no copy: in train mode updates and gradients land there). Front BatchNorms
+        belong to the first anchor, never to a back segment, so they are untouched."""
         bns = self._route_bns.get(stitch.id)
         if not bns:
             yield
             return
         stats = self.route_stats[str(stitch.id)]
         bns = [self.get_submodule(n) for n in bns]
-        saved = [(m.running_mean, m.running_var) for m in bns]
+        saved = [(m.running_mean, m.running_var, m.weight, m.bias) for m in bns]
         for i, m in enumerate(bns):
             m._buffers["running_mean"], m._buffers["running_var"] = stats.mean(i), stats.var(i)
+            if m.affine:
+                m._parameters["weight"], m._parameters["bias"] = stats.weight(i), stats.bias(i)
         try:
             yield
         finally:
-            for m, (mean, var) in zip(bns, saved):
+            for m, (mean, var, weight, bias) in zip(bns, saved):
                 m._buffers["running_mean"], m._buffers["running_var"] = mean, var
+                if m.affine:
+                    m._parameters["weight"], m._parameters["bias"] = weight, bias
 
     def _run_from(self, stitch: Stitch, x: torch.Tensor, start: int) -> torch.Tensor:
         for i, seg in enumerate(stitch.route):
@@ -151,13 +179,27 @@ class StitchedNetwork(nn.Module):
         """As nn.Module's; weights saved before route statistics existed (no `route_stats.` keys)
         load with every route on its anchors' statistics, which is what those runs computed."""
         state_dict = dict(state_dict)
-        if not any(k.startswith("route_stats.") for k in state_dict):
-            for sid, names in self._route_bns.items():
-                for i, n in enumerate(names):
-                    for stat, key in (("mean", "running_mean"), ("var", "running_var")):
-                        if f"{n}.{key}" in state_dict:
-                            state_dict[f"route_stats.{sid}.{stat}{i}"] = state_dict[f"{n}.{key}"].clone()
+        has_stats = any(k.startswith("route_stats.") for k in state_dict)
+        for sid, names in self._route_bns.items():
+            for i, n in enumerate(names):
+                # weights saved before route statistics: the anchors' statistics; before private
+                # affine parameters: the anchors' scale and shift (what those runs computed)
+                own = (("weight", "weight"), ("bias", "bias")) + (() if has_stats else
+                                                                  (("mean", "running_mean"), ("var", "running_var")))
+                for stat, key in own:
+                    if f"route_stats.{sid}.{stat}{i}" not in state_dict and f"{n}.{key}" in state_dict:
+                        state_dict[f"route_stats.{sid}.{stat}{i}"] = state_dict[f"{n}.{key}"].clone()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """state_dict() with every low-rank stitching layer as one plain weight (W + B A) and no
+        A / B: what a network with full stitching layers loads (exports are plain)."""
+        state = self.state_dict()
+        for key, layer in self.stitch_layers.items():
+            if layer.rank is not None:
+                state[f"stitch_layers.{key}.weight"] = layer.merged_weight().detach()
+                del state[f"stitch_layers.{key}.lora_a"], state[f"stitch_layers.{key}.lora_b"]
+        return state
 
     def back_prefixes(self, stitch: Stitch) -> list[str]:
         """State-dict prefixes of what a route runs behind its first stitch point (empty for an anchor)."""
@@ -174,14 +216,23 @@ class StitchedNetwork(nn.Module):
 
 
 class RouteStats(nn.Module):
-    """One stitch's running mean and variance for each BatchNorm behind its stitch point; they
-    start as the anchor's (so a new SN-Net computes what the anchors' statistics give)."""
+    """One stitch's running mean and variance, and affine scale and shift, for each BatchNorm behind
+    its stitch point; they start as the anchor's (so a new SN-Net computes what the anchors give)."""
 
     def __init__(self, bns: list[nn.modules.batchnorm._BatchNorm]):
         super().__init__()
         for i, m in enumerate(bns):
             self.register_buffer(f"mean{i}", m.running_mean.detach().clone())
             self.register_buffer(f"var{i}", m.running_var.detach().clone())
+            if m.affine:
+                self.register_parameter(f"weight{i}", nn.Parameter(m.weight.detach().clone()))
+                self.register_parameter(f"bias{i}", nn.Parameter(m.bias.detach().clone()))
+
+    def weight(self, i: int) -> nn.Parameter:
+        return self._parameters[f"weight{i}"]
+
+    def bias(self, i: int) -> nn.Parameter:
+        return self._parameters[f"bias{i}"]
 
     def mean(self, i: int) -> torch.Tensor:
         return self._buffers[f"mean{i}"]

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from composer import data as data_mod
 from composer.errors import UserError
 from composer.evaluate import evaluate_all
+from composer.judge import line_gaps
 from composer.io import save_safetensors_atomic
 from composer.run import (CHECKPOINT, TRAINED, append_metrics, load_run, read_manifest, read_metrics, trim_metrics,
                           write_evaluation, write_manifest)
@@ -55,7 +56,7 @@ from composer.snnet import StitchedNetwork
 from zoo.sources import create_anchor, is_sourced
 
 LOG_EVERY = 10            # steps per summary line in metrics.jsonl
-SAMPLINGS = ("uniform", "macs_grouped")
+SAMPLINGS = ("uniform", "macs_grouped", "flops_gap", "need")
 STOP_REASONS = {1: "done", 2: "budget", 3: "cancelled", 4: "diverged"}   # the largest wins across ranks
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -97,6 +98,9 @@ class TrainConfig:
     device: str | None = None           # None: torchrun's / the first GPU, else the CPU; or "cpu", "cuda:N"
     #                                     (composer.pipeline.train_run resolves --device into this)
     precision: str | None = None        # autocast: None / "auto" = bf16 on a GPU that has it, else fp32; "fp32", "bf16", "fp16"
+    anchor_share: float | None = None   # probability that a step trains an anchor's own route (None: as any route)
+    macs_gap: float | None = None       # sampling "flops_gap": a new group starts more than this many MACs above
+    #                                     the first stitch of the current one (SN-Netv2's FLOPs step)
 
 
 # Family defaults for short fine-tunes (minutes, batch 64), chosen with bench/bench_train.py (CIFAR
@@ -147,6 +151,7 @@ def resolve(config: TrainConfig, net: StitchedNetwork, data: str = "", teachers:
         (c.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {c.checkpoint_every}"),
         (c.eval_every >= 0, f"eval_every must be >= 0, got {c.eval_every}"),
         (c.anchor_lr_scale >= 0, f"anchor_lr_scale must be >= 0, got {c.anchor_lr_scale}"),
+        (c.anchor_share is None or 0 <= c.anchor_share <= 1, f"anchor_share must be in [0, 1], got {c.anchor_share}"),
         (c.workers >= 0, f"workers must be >= 0, got {c.workers}"),
         (0 < c.min_crop <= 1 and 0 <= c.hflip <= 1, "min_crop must be in (0, 1] and hflip in [0, 1]"),
     ]
@@ -162,25 +167,97 @@ def resolve(config: TrainConfig, net: StitchedNetwork, data: str = "", teachers:
 
 class StitchSampler:
     """Picks the stitch each step trains. `uniform`: any stitch (anchors included), as SN-Net.
-    `macs_grouped` (SN-Netv2): stitches sorted by MACs in `groups` equal groups; a group is
-    drawn uniformly, then a stitch in it, so the crowded middle of the curve is not oversampled."""
+    `macs_grouped`: stitches sorted by MACs in `groups` equal groups; a group is drawn uniformly,
+    then a stitch in it, so the crowded middle of the curve is not oversampled. `flops_gap`
+    (SN-Netv2's FLOPs groups, composer.plan.macs_step_groups): the MACs-sorted stitches cut wherever
+    a stitch lies more than `gap` MACs above the first of its group; then as `macs_grouped`.
+    `need`: half the draws uniform, half by need (`NeedScores`: the stitches furthest below the line).
+    anchor_share: the probability of drawing an anchor's own route (None: as any other route)."""
 
-    def __init__(self, net: StitchedNetwork, sampling: str, groups: int, seed: int, anchors: bool = True):
+    def __init__(self, net: StitchedNetwork, sampling: str, groups: int, seed: int, anchors: bool = True,
+                 gap: float | None = None, anchor_share: float | None = None):
         self.seed = seed
         # with frozen anchors an anchor's route has nothing to train: it is not sampled
         ids = [s.id for s in net.plan.stitches if anchors or not s.is_anchor]
         if not ids:
             raise TrainError("nothing to train: stitching layers only, but the plan has no stitches between anchors")
         ids.sort(key=lambda i: net.plan.cost(i).macs)
-        if sampling == "uniform":
+        if sampling in ("uniform", "need"):
             self.groups = [ids]
+        elif sampling == "flops_gap":
+            if gap is None:
+                raise TrainError("flops_gap sampling needs the MACs gap between groups (--macs-gap, e.g. 10M)")
+            from composer.plan import macs_step_groups
+            groups_of = macs_step_groups([float(net.plan.cost(i).macs) for i in ids], gap)
+            self.groups = [[ids[k] for k in g] for g in groups_of]
         else:
             self.groups = [list(g) for g in np.array_split(ids, min(groups, len(ids))) if len(g)]
 
+        self.need: NeedScores | None = None
+        self.anchor_routes: list[int] = []
+        if anchor_share is not None and anchors:
+            # anchor routes drawn apart, with this probability; the groups hold the stitches only
+            self.anchor_routes = [s.id for s in net.plan.stitches if s.is_anchor]
+            self.groups = [kept for g in self.groups if (kept := [i for i in g if i not in self.anchor_routes])]
+        self.anchor_share = anchor_share if self.anchor_routes and self.groups else None
+
     def pick(self, step: int, rank: int = 0) -> int:
         rng = np.random.default_rng([self.seed, rank, step, 1])
+        if self.anchor_share is not None and rng.random() < self.anchor_share:
+            return int(self.anchor_routes[rng.integers(len(self.anchor_routes))])
         group = self.groups[rng.integers(len(self.groups))]
+        if self.need is not None and rng.random() < NEED_SHARE:
+            return self.need.pick(group, rng)
         return int(group[rng.integers(len(group))])
+
+
+NEED_SHARE = 0.5   # sampling "need": half the draws by need, half uniform (every stitch keeps being measured)
+
+
+class NeedScores:
+    """Sampling by need (in the spirit of ESTA, CVPR 2024): each stitch's running training loss
+    (an exponential average of the losses of the steps that trained it) against the straight line,
+    in MACs, between its anchors' running losses; a stitch is drawn in proportion to how far its loss
+    lies above that line (the stitches furthest below the accuracy line get the steps). Free: no
+    extra forward pass, only the losses the steps compute anyway. The scores travel in the trainer
+    state, so a resumed run draws as an uninterrupted one."""
+
+    DECAY = 0.8
+
+    def __init__(self, net: StitchedNetwork, scores: dict | None = None):
+        from composer.judge import anchor_ids, line_ends
+        plan = net.plan
+        ids = anchor_ids(plan)
+        self.macs = {s.id: float(plan.cost(s).macs) for s in plan.stitches}
+        self.ends = {s.id: tuple(ids.get(a) for a in line_ends(plan, s)) for s in plan.stitches if not s.is_anchor}
+        self.loss: dict[int, float] = {int(k): float(v) for k, v in (scores or {}).items()}
+
+    def observe(self, sid: int, loss: float) -> None:
+        if math.isfinite(loss):
+            old = self.loss.get(sid)
+            self.loss[sid] = loss if old is None else self.DECAY * old + (1 - self.DECAY) * loss
+
+    def need(self, sid: int) -> float | None:
+        """Loss above the anchors' line; None until the stitch and both its anchors were trained."""
+        lo, hi = self.ends.get(sid, (None, None))
+        if sid not in self.loss or self.loss.get(lo) is None or self.loss.get(hi) is None:
+            return None
+        m_lo, m_hi = self.macs[lo], self.macs[hi]
+        t = (self.macs[sid] - m_lo) / (m_hi - m_lo) if m_hi != m_lo else 0.5
+        return max(0.0, self.loss[sid] - (self.loss[lo] + t * (self.loss[hi] - self.loss[lo])))
+
+    def pick(self, group: list[int], rng: np.random.Generator) -> int:
+        needs = [self.need(i) for i in group]
+        known = [n for n in needs if n is not None]
+        if not known or sum(known) <= 0:
+            return int(group[rng.integers(len(group))])
+        # an unmeasured stitch (or an anchor route) counts as the group's average need
+        fill = sum(known) / len(known)
+        w = np.array([fill if n is None else n for n in needs])
+        return int(group[rng.choice(len(group), p=w / w.sum())])
+
+    def state(self) -> dict:
+        return {str(k): v for k, v in sorted(self.loss.items())}
 
 
 def _item_seed(seed: int, position: int) -> int:
@@ -255,13 +332,14 @@ def _eval_spec(data: str) -> tuple[str, str]:
 # --- the optimizer, the schedule, train modes ----------------------------------------------------
 
 def _param_groups(net: StitchedNetwork, c: TrainConfig) -> list[dict]:
-    """Stitching layers at lr, anchors at lr x anchor_lr_scale; no weight decay on biases and norms
-    (timm's convention). Order is fixed by named_parameters, so optimizer state maps back on resume."""
+    """Stitching layers and each stitch's own BatchNorm parameters at lr, anchors at lr x
+    anchor_lr_scale; no weight decay on biases and norms (timm's convention). Order is fixed by
+    named_parameters, so optimizer state maps back on resume."""
     groups = {}
     for name, p in net.named_parameters():
         if not p.requires_grad:
             continue
-        part = "stitch" if name.startswith("stitch_layers.") else "anchor"
+        part = "stitch" if name.startswith(("stitch_layers.", "route_stats.")) else "anchor"
         decay = p.ndim >= 2
         key = (part, decay)
         if key not in groups:
@@ -377,6 +455,16 @@ class _Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    def gather(self, values: list[float]) -> list[list[float]]:
+        """Every rank's `values` (the same length on all), in rank order, on every rank."""
+        if self.world == 1:
+            return [values]
+        import torch.distributed as dist
+        mine = torch.tensor(values, dtype=torch.float64, device=self.device)
+        out = torch.empty(self.world * len(values), dtype=torch.float64, device=self.device)
+        dist.all_gather_into_tensor(out, mine)
+        return out.view(self.world, -1).tolist()
+
     def close(self) -> None:
         if self.owns_group:
             import torch.distributed as dist
@@ -487,6 +575,8 @@ def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dic
         events({"type": "checkpoint", "step": step})
         return True
 
+    reference = _reference_of(run_dir, t) if main else None
+
     def evaluate() -> dict[int, float]:
         nonlocal last_eval
         if not main:
@@ -495,8 +585,13 @@ def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dic
             return last_eval[1]
         res = evaluate_all(net, data_mod.loader(t.eval_ds, c.batch_size, workers=c.workers))
         _set_train_modes(net, c)
-        log({"type": "eval", "step": step, "images": res.images, "top1": {str(k): v for k, v in res.top1.items()}})
-        events({"type": "eval", "step": step, "top1": res.top1})
+        record = {"type": "eval", "step": step, "images": res.images, "top1": {str(k): v for k, v in res.top1.items()}}
+        if reference is not None and reference[0] == res.images:
+            j = line_gaps(net.plan, res.top1, reference[1]).to_dict()
+            record["judged"] = {k: j[k] for k in ("within", "stitches_judged", "median_gap", "worst_gap",
+                                                  "worst_anchor_change")}
+        log(record)
+        events({**record, "top1": res.top1, "reference": reference[1] if reference else None})
         last_eval = (step, res.top1)
         return res.top1
 
@@ -507,6 +602,10 @@ def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dic
             "after_divergence": t.diverged_before,
             # an image folder has no validation split: without eval_data, evaluation sees training images
             "eval_on_train_data": not eval_data and not data.startswith("starter") and Path(data).expanduser().is_dir()})
+    if main and reference is None and step == 0 and c.eval_every:
+        # the weights before any fine-tune, on the held-out images every later evaluation sees: the
+        # original anchors, whose line every stitch is judged against as the fine-tune goes (issue 15)
+        reference = (len(t.eval_ds), evaluate())
     _set_train_modes(net, c)
     status, window, images, diverged, bad_loss = None, [], 0, False, None
     saved_step = step if t.state is not None else None   # the step whose checkpoint is on disk
@@ -566,6 +665,16 @@ def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dic
     return result
 
 
+def _reference_of(run_dir: Path, t: "_Setup") -> tuple[int, dict[int, float]] | None:
+    """(images, top1) of the evaluation at step 0 (before any fine-tune) in metrics.jsonl, if this
+    run's earlier fine-tune made one on the held-out images it evaluates on now."""
+    n = len(t.eval_ds) if t.eval_ds is not None else None
+    for r in read_metrics(run_dir):
+        if isinstance(r, dict) and r.get("type") == "eval" and r.get("step") == 0 and r.get("images") == n:
+            return n, {int(k): v for k, v in r["top1"].items()}
+    return None
+
+
 def _finite(net: nn.Module, opt: torch.optim.Optimizer) -> bool:
     """Every weight, buffer and optimizer moment finite (a checkpoint is never written otherwise: an
     infinite Adam moment makes the next update NaN even where the weights are still finite)."""
@@ -608,7 +717,7 @@ def _step(t: _Setup, step: int, x: torch.Tensor, y: torch.Tensor, progress: floa
     # One graph per sampled stitch, one backward for their summed loss: the memory of one batch,
     # and each stitching layer is updated k times as often as with one stitch per step.
     k = c.stitches_per_step
-    loss = 0.0
+    loss, observed = 0.0, []
     for j, (xj, yj) in enumerate(zip(x.tensor_split(k), y.tensor_split(k))):
         if not len(yj):
             continue
@@ -623,7 +732,14 @@ def _step(t: _Setup, step: int, x: torch.Tensor, y: torch.Tensor, progress: floa
                 kd = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(target, -1),
                               log_target=True, reduction="batchmean")
                 part = (1 - c.distill_weight) * part + c.distill_weight * kd
+        observed += [sid, float(part.detach())]
         loss = loss + part * (len(yj) / len(y))
+    if t.sampler.need is not None:   # every rank's losses, so that all ranks hold the same scores
+        observed += [-1.0, 0.0] * (k - len(observed) // 2)   # padded: the same length on every rank
+        for values in t.dist.gather(observed):
+            for sid_r, loss_r in zip(values[::2], values[1::2]):
+                if sid_r >= 0:
+                    t.sampler.need.observe(int(sid_r), loss_r)
     t.opt.zero_grad(set_to_none=True)
     loss.backward()
     t.opt.step()
@@ -690,7 +806,10 @@ def _setup(run_dir: Path, data: str, config: TrainConfig, eval_data: str | None,
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=True, broadcast_buffers=False)
 
-    sampler = StitchSampler(net, c.sampling, c.groups, c.seed, anchors=not c.stitch_layers_only)
+    sampler = StitchSampler(net, c.sampling, c.groups, c.seed, anchors=not c.stitch_layers_only, gap=c.macs_gap,
+                            anchor_share=c.anchor_share)
+    if c.sampling == "need":
+        sampler.need = NeedScores(net, (state or {}).get("sampler", {}).get("need"))
     batches = _StepBatches(n_train, c.batch_size, c.seed, step, c.steps, dist.rank, dist.world)
     loader = DataLoader(_SeededItems(train_ds), batch_sampler=batches, num_workers=c.workers,
                         pin_memory=device.type == "cuda")
@@ -767,7 +886,8 @@ def _trainer_state(t: _Setup, step: int, history: list[dict]) -> dict:
     c = t.c
     return {"step": step, "optimizer": t.opt.state_dict(),
             "schedule": {"cycle_start": t.cycle_start, "warmup_steps": c.warmup_steps, "lr": c.lr},
-            "sampler": {"kind": c.sampling, "groups": c.groups, "seed": c.seed, "world": t.dist.world},
+            "sampler": {"kind": c.sampling, "groups": c.groups, "seed": c.seed, "world": t.dist.world,
+                        **({"need": t.sampler.need.state()} if t.sampler.need is not None else {})},
             "config": asdict(c), "history": history}
 
 

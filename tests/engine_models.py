@@ -1,8 +1,13 @@
 """Tiny random-weight anchors of each supported family, small enough for fast tests."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import timm
 import torch
+from PIL import Image
+from timm.models import save_for_hf
 
 from composer.costs import describe
 from composer.plan import build_plan
@@ -40,6 +45,32 @@ def vit(dim: int, heads: int, depth: int = 4, seed: int = 0, num_classes: int = 
 def cifar(depth: int, seed: int = 0):
     torch.manual_seed(seed)
     return timm.create_model(f"cifar_resnet{depth}", pretrained=False).eval()
+
+
+def tiny_vit_zoo(root: Path, dims: tuple[int, ...] = (16, 24), depth: int = 2, per_class: int = 8,
+                 random_heads: bool = False) -> tuple[list[str], Path]:
+    """Tiny ViTs (2 heads, 3 classes, 32x32 images in 8x8 patches) saved in timm's local-dir format as
+    root/vit{dim}, and root/images: a 3-class ImageFolder of `per_class` random 32x32 PNGs per class.
+    Returns the anchors' "local-dir:" specs (in `dims` order) and the image folder.
+
+    random_heads: heads drawn with std 1, so that predictions vary from image to image (a fresh
+    head's tiny weights give every image the same class)."""
+    specs = []
+    for dim in dims:
+        model = vit(dim, 2, depth=depth, num_classes=3)
+        if random_heads:
+            torch.nn.init.normal_(model.head.weight, std=1.0)
+        d = Path(root) / f"vit{dim}"
+        save_for_hf(model, d, safe_serialization=True, model_args=dict(
+            img_size=32, patch_size=8, depth=depth, num_classes=3, embed_dim=dim, num_heads=2))
+        specs.append(f"local-dir:{d}")
+    data = Path(root) / "images"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (data / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"class{c}" / f"{i}.png")
+    return specs, data
 
 
 def network(models, size, **plan_options) -> StitchedNetwork:

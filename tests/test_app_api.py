@@ -239,12 +239,22 @@ def test_full_flow_fit_finetune_select_download(client, app, tmp_path):
     g = client.predict(key, 0, 0, 1, 3, api_name="/add_stitch")
     assert g["error"] and "fine-tune is running" in g["message"]
     assert "running" in client.predict(key, "starter", 8, 8, "macs", api_name="/fit")[-1]
-    state, step, _ = _poll_until(client, key, {"done", "error"})
-    assert state == "done" and step == 6, _
+    state, step, progress_html = _poll_until(client, key, {"done", "error"})
+    assert state == "done" and step == 6, progress_html
     curve = client.predict(key, "macs", api_name="/set_axis")[0]
     assert "fine-tuning" in curve["layout"]["title"]["text"]
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if m["type"] == "eval"] == [3, 6]
+    # step 0: the weights before the fine-tune, on the same held-out images
+    evals = {m["step"]: m for m in metrics if m["type"] == "eval"}
+    assert list(evals) == [0, 3, 6]
+    # the curve draws the original anchors' line (dashed) from the step-0 evaluation ...
+    ref = next(t for t in curve["data"] if t["name"].startswith("original anchors"))
+    assert ref["line"]["dash"] == "dash"
+    anchors = [s for s in load_run(run_dir).plan.stitches if s.is_anchor]
+    assert sorted(ref["y"]) == sorted(evals[0]["top1"][str(a.id)] for a in anchors)
+    # ... and the progress says how many stitches lie within 1 point of it, as judged at step 6
+    j = evals[6]["judged"]
+    assert f"{j['within']} of {j['stitches_judged']} stitches within 1 point of the original line" in progress_html
 
     # resume: two more steps continue from step 6
     client.predict(key, 2, 0, 16, "uniform", "none", 0, "starter", api_name="/train_start")

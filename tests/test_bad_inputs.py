@@ -8,14 +8,9 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-from timm.models import save_for_hf
 
-from tests.engine_models import vit
-
-VIT_ARGS = dict(img_size=32, patch_size=8, depth=2, num_classes=3)
+from tests.engine_models import tiny_vit_zoo
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +19,7 @@ def world(tmp_path_factory):
     a local-dir anchor whose config.json is not JSON, and an existing plain file."""
     from composer.cli import main
     root = tmp_path_factory.mktemp("bad")
-    specs = []
-    for dim in (16, 24):
-        d = root / f"vit{dim}"
-        save_for_hf(vit(dim, 2, depth=2, num_classes=3), d, model_args={**VIT_ARGS, "embed_dim": dim, "num_heads": 2},
-                    safe_serialization=True)
-        specs.append(f"local-dir:{d}")
-    data = root / "images"
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (data / f"class{c}").mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"class{c}" / f"{i}.png")
+    specs, data = tiny_vit_zoo(root)
     run, trun = root / "RUN", root / "TRUN"
     assert main(["fit", *specs, "--data", str(data), "--calib", "12", "--out", str(run)]) == 0
     assert main(["evaluate", str(run), "--data", str(data)]) == 0

@@ -4,16 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from timm.models import save_for_hf
 
 from tests.conftest import ROOT
-from tests.engine_models import vit
-
-VIT_ARGS = dict(img_size=32, patch_size=8, depth=4, num_classes=3)
+from tests.engine_models import tiny_vit_zoo
 
 
 def cli(*args, timeout=300):
@@ -26,21 +21,7 @@ def cli(*args, timeout=300):
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory):
     """Three tiny ViTs saved in timm's local-dir format, and a 3-class ImageFolder."""
-    root = tmp_path_factory.mktemp("zoo")
-    specs = []
-    for dim, heads in ((16, 2), (24, 2), (32, 2)):
-        model = vit(dim, heads, num_classes=3)
-        d = root / f"vit{dim}"
-        save_for_hf(model, d, model_args={**VIT_ARGS, "embed_dim": dim, "num_heads": heads},
-                    safe_serialization=True)
-        specs.append(f"local-dir:{d}")
-    data = root / "images"
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (data / f"class{c}").mkdir(parents=True)
-        for i in range(12):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"class{c}" / f"{i}.png")
-    return specs, data
+    return tiny_vit_zoo(tmp_path_factory.mktemp("zoo"), dims=(16, 24, 32), depth=4, per_class=12)
 
 
 def test_plan_deit_family_offline_json(main):

@@ -21,10 +21,9 @@ from safetensors.torch import load_file
 from timm.models import save_for_hf
 
 from composer.cli import main, parser
-from tests.engine_models import vit
+from tests.engine_models import tiny_vit_zoo
 
 ROOT = Path(__file__).resolve().parents[1]
-VIT_ARGS = dict(img_size=32, patch_size=8, depth=2, num_classes=3)
 NO_CUDA = "needs a CUDA GPU (torch.cuda.is_available() is False here)"
 ON_DEVICE = ("fit", "evaluate", "train", "export", "elastic", "shrink", "fold", "latency-fit")
 
@@ -33,20 +32,7 @@ ON_DEVICE = ("fit", "evaluate", "train", "export", "elastic", "shrink", "fold", 
 def world(tmp_path_factory):
     """Two tiny ViT anchors (random heads), 30 images in 3 classes, and a run RUN fitted on 24 of them."""
     root = tmp_path_factory.mktemp("fronts")
-    specs = []
-    for i, dim in enumerate((16, 24)):
-        torch.manual_seed(i)
-        model = vit(dim, 2, depth=2, num_classes=3)
-        torch.nn.init.normal_(model.head.weight, std=1.0)   # predictions that vary with the image
-        d = root / f"vit{dim}"
-        save_for_hf(model, d, model_args={**VIT_ARGS, "embed_dim": dim, "num_heads": 2}, safe_serialization=True)
-        specs.append(f"local-dir:{d}")
-    data = root / "images"
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (data / f"class{c}").mkdir(parents=True)
-        for i in range(10):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"class{c}" / f"{i}.png")
+    specs, data = tiny_vit_zoo(root, per_class=10, random_heads=True)
     run = root / "RUN"
     assert main(["fit", *specs, "--data", str(data), "--calib", "24", "--batch-size", "4", "--out", str(run),
                  "--device", "cpu"]) == 0

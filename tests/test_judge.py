@@ -216,25 +216,10 @@ def tiny_run(tmp_path_factory):
     copy), then fine-tuned for 3 steps (the anchors move)."""
     import shutil
 
-    import numpy as np
-    from PIL import Image
-    from timm.models import save_for_hf
-
     from composer.cli import main
-    from tests.engine_models import vit
+    from tests.engine_models import tiny_vit_zoo
     root = tmp_path_factory.mktemp("judge")
-    specs = []
-    for dim in (16, 24):
-        d = root / f"vit{dim}"
-        save_for_hf(vit(dim, 2, depth=2, num_classes=3), d, safe_serialization=True,
-                    model_args=dict(img_size=32, patch_size=8, depth=2, num_classes=3, embed_dim=dim, num_heads=2))
-        specs.append(f"local-dir:{d}")
-    data = root / "images"
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (data / f"class{c}").mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"class{c}" / f"{i}.png")
+    specs, data = tiny_vit_zoo(root)
     run = root / "run"
     assert main(["fit", *specs, "--data", str(data), "--calib", "12", "--out", str(run)]) == 0
     assert main(["evaluate", str(run), "--data", str(data)]) == 0

@@ -27,6 +27,9 @@ def _by_hand(net, sid, x, back_train=False):
         bn = back.get_submodule(n)
         bn.running_mean.copy_(stats.mean(i))
         bn.running_var.copy_(stats.var(i))
+        with torch.no_grad():
+            bn.weight.copy_(stats.weight(i))
+            bn.bias.copy_(stats.bias(i))
         if back_train:
             bn.train()
             bn.momentum = 1.0
@@ -50,10 +53,12 @@ def _random_layers(net, seed):
     return net
 
 
+@torch.no_grad()
 def _random_stats(net, seed=0):
+    """Every stitch's own statistics and affine parameters, random (and so unlike its anchor's)."""
     g = torch.Generator().manual_seed(seed)
     for stats in net.route_stats.values():
-        for name, buf in stats.named_buffers():
+        for name, buf in [*stats.named_buffers(), *stats.named_parameters()]:
             buf.copy_(torch.rand(buf.shape, generator=g) * (1.5 if name.startswith("var") else 1.0) + 0.2)
 
 
@@ -145,10 +150,52 @@ def test_in_train_mode_a_stitch_updates_its_own_statistics_not_its_anchors():
     net.train().select(s.id)(torch.randn(4, 3, 32, 32))
     changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
     mine = {k for k in changed if k.startswith(f"route_stats.{s.id}.")}
-    assert mine and all(k.endswith(("mean", "var")) or k[-1].isdigit() for k in mine)
+    assert mine and all(k.split(".")[-1].startswith(("mean", "var")) for k in mine)
     back = f"anchors.{s.route[1].anchor}."
     moved_back = {k for k in changed if k.startswith(back) and k.endswith(("running_mean", "running_var"))}
     assert not moved_back                                   # the back anchor's own statistics stay
     front = f"anchors.{s.route[0].anchor}."
     assert any(k.startswith(front) and k.endswith("running_mean") for k in changed)   # the front is the anchor's
     assert not any(k.startswith("route_stats.") and not k.startswith(f"route_stats.{s.id}.") for k in changed)
+
+
+def test_a_stitch_learns_its_own_batchnorm_scale_and_shift_and_the_anchors_keep_theirs():
+    net = _random_layers(cifar_family(), seed=5)
+    s = next(s for s in net.stitches if not s.is_anchor)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    torch.nn.functional.cross_entropy(net.train().select(s.id)(x), y).backward()
+    grads = {n for n, p in net.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    mine = {n for n in grads if n.startswith("route_stats.")}
+    assert mine and all(n.startswith(f"route_stats.{s.id}.") for n in mine)
+    assert len(mine) == 2 * len(net.route_bn_names(s))             # a scale and a shift per BatchNorm
+    # the back anchor's own BatchNorms behind the stitch point get no gradient from the stitch
+    assert not any(n.removesuffix(".weight").removesuffix(".bias") in net.route_bn_names(s) for n in grads)
+    # the anchor's route learns the anchor's own scale and shift, never a stitch's
+    net.zero_grad(set_to_none=True)
+    anchor = next(a for a in net.stitches if a.is_anchor and a.route[0].anchor == s.route[1].anchor)
+    torch.nn.functional.cross_entropy(net.select(anchor.id)(x), y).backward()
+    assert not any(p.grad is not None for n, p in net.named_parameters() if n.startswith("route_stats."))
+    assert all(net.get_submodule(n).weight.grad is not None for n in net.route_bn_names(s))
+
+
+@torch.no_grad()
+def test_runs_keep_private_scale_and_shift_and_older_layers_files_load_with_the_anchors(tmp_path):
+    import zoo  # noqa: F401  (registers the CIFAR ResNets with timm)
+    from safetensors.torch import load_file, save_file
+    from composer.run import LAYERS, build_network
+    net = build_network(["cifar_resnet20", "cifar_resnet32"], pretrained=False).eval()
+    _random_stats(net, seed=6)
+    save_fitted(tmp_path / "run", net, {"pretrained": False})
+    loaded = load_run(tmp_path / "run").net.eval()
+    saved, back = net.route_stats.state_dict(), loaded.route_stats.state_dict()
+    assert saved.keys() == back.keys() and any(k.split(".")[-1].startswith("weight") for k in saved)
+    assert all(torch.equal(v, back[k]) for k, v in saved.items())
+    s = next(s for s in net.stitches if not s.is_anchor)
+    # a stitch_layers file from before private affine parameters: the stitches take the anchors'
+    layers = load_file(tmp_path / "run" / LAYERS)
+    save_file({k: v for k, v in layers.items() if not k.split(".")[-1].startswith(("weight", "bias"))
+               or k.startswith("stitch_layers.") or not k.startswith("route_stats.")}, tmp_path / "run" / LAYERS)
+    old = load_run(tmp_path / "run").net
+    for i, n in enumerate(old.route_bn_names(s)):
+        assert torch.equal(old.route_stats[str(s.id)].weight(i), old.get_submodule(n).weight)
+        assert torch.equal(old.route_stats[str(s.id)].mean(i), net.route_stats[str(s.id)].mean(i))

@@ -156,8 +156,24 @@ def test_events_metrics_and_evaluation(tmp_path, vit_family):
     types = [e["type"] for e in events]
     assert types[0] == "start" and types[-1] == "done" and types.count("step") == 12
     assert [e["step"] for e in events if e["type"] == "checkpoint"] == [4, 8, 12]
-    assert [e["step"] for e in events if e["type"] == "eval"] == [5, 10, 12]
-    n = len(load_run(run).plan.stitches)
+    # step 0: the weights before the fine-tune, the original anchors every later evaluation is judged against
+    assert [e["step"] for e in events if e["type"] == "eval"] == [0, 5, 10, 12]
+    plan = load_run(run).plan
+    original = next(e for e in events if e["type"] == "eval")["top1"]
+    for e in [e for e in events if e["type"] == "eval"][1:]:
+        assert e["reference"] == original
+        gaps = []   # by hand: each stitch against the straight line, in MACs, between its original anchors
+        for st in plan.stitches:
+            if st.is_anchor:
+                continue
+            ends = sorted({seg.anchor for seg in st.route}, key=lambda a: plan.infos[a].total.macs)
+            ids = [next(a.id for a in plan.stitches if a.is_anchor and a.route[0].anchor == end) for end in ends]
+            (m0, y0), (m1, y1) = [(plan.cost(i).macs, original[i]) for i in ids]
+            gaps.append(e["top1"][st.id] - (y0 + (y1 - y0) * (plan.cost(st).macs - m0) / (m1 - m0)))
+        assert e["judged"]["stitches_judged"] == len(gaps)
+        assert e["judged"]["within"] == sum(g >= -1.0 for g in gaps)
+        assert e["judged"]["worst_gap"] == pytest.approx(min(gaps))
+    n = len(plan.stitches)
     final = [e for e in events if e["type"] == "eval"][-1]["top1"]
     assert sorted(final) == list(range(n)) and final == result["top1"]
     steps = [e for e in events if e["type"] == "step"]
@@ -169,7 +185,7 @@ def test_events_metrics_and_evaluation(tmp_path, vit_family):
     assert steps[-1]["eta_s"] == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "step"] == [10]
-    assert [r["step"] for r in records if r["type"] == "eval"] == [5, 10, 12]
+    assert [r["step"] for r in records if r["type"] == "eval"] == [0, 5, 10, 12]
     evaluation = json.loads((run / "evaluation.json").read_text())
     assert {s["id"]: s["top1"] for s in evaluation["stitches"]} == final and evaluation["images"] == 8
     manifest = json.loads((run / "manifest.json").read_text())
@@ -381,3 +397,65 @@ def test_cli_train_json_and_errors(tmp_path, vit_family, capsys):
     assert cli.main(["train", str(tmp_path / "norun"), "--data", vit_family[1], "--steps", "1"]) == 2
     assert "not a run folder" in capsys.readouterr().err
     assert checkpoint_step(run) == 2      # nothing lost by the failed calls
+
+
+def test_need_sampling_draws_stitches_by_how_far_their_loss_lies_above_the_anchors_line(vit_family, tmp_path):
+    from composer.judge import anchor_ids, line_ends
+    from composer.train import NEED_SHARE, NeedScores
+    net = load_run(make_run(tmp_path, vit_family)).net
+    plan = net.plan
+    sampler = StitchSampler(net, "need", 1, seed=0)
+    sampler.need = scores = NeedScores(net)
+    stitches = [s.id for s in plan.stitches if not s.is_anchor]
+    assert len(stitches) >= 3
+    # before any loss is known: uniform
+    assert set(sampler.pick(s) for s in range(400)) == set(range(len(plan.stitches)))
+    ids = anchor_ids(plan)
+    for a in ids.values():
+        scores.observe(a, 1.0)
+    # by hand: the line between the anchors' losses is 1.0 everywhere; needs 0.5, 0 (below the line), 1.5
+    hungry, fine, hungriest = stitches[:3]
+    for sid, loss in ((hungry, 1.5), (fine, 0.7), (hungriest, 2.5)):
+        scores.observe(sid, loss)
+    assert (scores.need(hungry), scores.need(fine), scores.need(hungriest)) == (0.5, 0.0, 1.5)
+    # an exponential average: a second observation moves the score by (1 - DECAY) of the difference
+    scores.observe(fine, 0.2)
+    assert scores.loss[fine] == pytest.approx(NeedScores.DECAY * 0.7 + (1 - NeedScores.DECAY) * 0.2)
+    # the line interpolates in MACs between a stitch's two anchors
+    lo, hi = line_ends(plan, plan.stitches[hungry])
+    scores.observe(ids[hi], 3.0)          # anchor losses 1.0 (lo) and 1 -> 0.8 + 0.2 * 3 = 1.4 (hi)
+    m = [plan.cost(i).macs for i in (ids[lo], hungry, ids[hi])]
+    line = 1.0 + (m[1] - m[0]) / (m[2] - m[0]) * (1.4 - 1.0)
+    assert scores.need(hungry) == pytest.approx(max(0.0, 1.5 - line))
+    # the draws: half uniform, half in proportion to need (unmeasured routes count as the average need)
+    needs = {i: scores.need(i) for i in range(len(plan.stitches))}
+    known = [n for n in needs.values() if n is not None]
+    w = {i: (sum(known) / len(known) if n is None else n) for i, n in needs.items()}
+    total = sum(w.values())
+    n = 6000
+    picks = [sampler.pick(s) for s in range(n)]
+    for sid in (hungry, fine, hungriest):
+        expect = (1 - NEED_SHARE) / len(w) + NEED_SHARE * w[sid] / total
+        se = (expect * (1 - expect) / n) ** 0.5
+        assert abs(picks.count(sid) / n - expect) < 4 * se, sid
+    # anchor_share: anchors' own routes drawn apart with that probability
+    share = StitchSampler(net, "uniform", 1, seed=1, anchor_share=0.5)
+    drawn = [share.pick(s) for s in range(4000)]
+    frac = sum(d in set(ids.values()) for d in drawn) / len(drawn)
+    assert abs(frac - 0.5) < 4 * (0.25 / len(drawn)) ** 0.5
+
+
+def test_need_sampling_resumes_as_one_run(tmp_path, vit_family):
+    cfg = dict(seed=3, sampling="need", checkpoint_every=2)
+    straight = make_run(tmp_path, vit_family, "straight")
+    train(straight, vit_family[1], small(steps=6, **cfg))
+    resumed = make_run(tmp_path, vit_family, "resumed")
+    cancel = threading.Event()
+    first = train(resumed, vit_family[1], small(steps=6, **cfg), cancel=cancel,
+                  events=lambda e: e["type"] == "step" and e["step"] == 3 and cancel.set())
+    assert first["step"] == 3
+    train(resumed, vit_family[1], small(steps=6, **cfg))
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    saved = torch.load(next((resumed / "checkpoint").glob("trainer-*.pt")), weights_only=True)
+    assert saved["sampler"]["need"]     # the scores travel with the checkpoint

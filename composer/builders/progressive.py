@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from composer.builders.elastic import WIDTH_CHOICES, Arch, ElasticAnchor, ElasticError, finetuned_path, smallest_arch
 from composer.builders.source import weights_digest
+from composer.data import forever
 from composer.io import save_safetensors_atomic
 from composer.builders.subnet import ElasticSpace, config_masks, masked
 
@@ -65,7 +66,7 @@ def progressive_shrink(anchor: ElasticAnchor, batches: Iterable[tuple[torch.Tens
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
     rnd = random.Random(seed)
-    stream = _forever(batches)
+    stream = forever(batches, ElasticError("no images to fine-tune on"))
     losses = []
     model.train()
     try:
@@ -101,17 +102,6 @@ def progressive_shrink(anchor: ElasticAnchor, batches: Iterable[tuple[torch.Tens
     tenth = max(1, len(losses) // 10)
     return {"steps": len(losses), "first_loss": sum(losses[:tenth]) / tenth,
             "last_loss": sum(losses[-tenth:]) / tenth}
-
-
-def _forever(batches: Iterable):
-    """Batches again and again (a DataLoader reshuffles each pass; itertools.cycle would keep a copy)."""
-    while True:
-        empty = True
-        for b in batches:
-            empty = False
-            yield b
-        if empty:
-            raise ElasticError("no images to fine-tune on")
 
 
 def save_finetuned(run_dir, anchor: ElasticAnchor) -> Path:

@@ -28,7 +28,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from composer import checks
 from composer.candidates import Candidate
 from composer.run import add_candidates
 from composer.costs import measure_latency, model_cost
+from composer.data import forever
 from composer.builders.elastic import FORMAT as SUBNET_FORMAT
 from composer.builders.elastic import recalibrate_bn
 from composer.builders.source import BuildResult, resolve_source
@@ -228,7 +229,7 @@ def search(model: nn.Module, space: ElasticSpace, batches: Iterable[tuple[torch.
     device = next(model.parameters()).device
     history, soft, start, step = [], full, time.perf_counter(), 0
     try:
-        data = _cycle(batches)
+        data = forever(batches, ShrinkError("no images to search on: the data set is empty"))
         for step in range(1, steps + 1):
             x, y = next(data)
             m = masks.soft()
@@ -293,16 +294,6 @@ class _Balance:
         scale = self.pressure * (self.task_norm or 1.0) / float(g_res.norm())
         grad.add_(g_res.to(grad.dtype), alpha=scale)
         self.pressure *= self.GROW
-
-
-def _cycle(batches: Iterable) -> Iterator:
-    while True:
-        empty = True
-        for b in batches:
-            empty = False
-            yield b
-        if empty:
-            raise ShrinkError("no images to search on: the data set is empty")
 
 
 def smallest_macs(space: ElasticSpace) -> int:

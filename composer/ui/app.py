@@ -87,6 +87,7 @@ class Page:
     kernel: gr.Number        # 2 · the plan's options, always as the plan uses them
     stride: gr.Number
     all_pairs: gr.Checkbox
+    two_way: gr.Checkbox     # 2 · SN-Netv2's routes between two anchors instead of SN-Net's
     runs: gr.Dropdown        # 3 · earlier runs of this session (choose one to reopen it)
     progress: gr.HTML        # 4 · the fine-tune of the run shown
     download: gr.File        # 6 · the zips this session exported
@@ -98,7 +99,7 @@ class Page:
     def plan_outputs(self) -> list:
         """What a plan edit redraws (see `plan_views`)."""
         return [self.graph, self.count, self.curve, self.budget, self.picked, self.kernel, self.stride,
-                self.all_pairs, self.anchors, self.runs, self.progress, self.status]
+                self.all_pairs, self.anchors, self.runs, self.progress, self.two_way, self.status]
 
     @property
     def selection_outputs(self) -> list:
@@ -128,6 +129,8 @@ def make_page(store: SessionStore, config: AppConfig, session: gr.Textbox, statu
         kernel=gr.Number(value=DEFAULT_OPTIONS["kernel"], label="kernel", min_width=80, render=False),
         stride=gr.Number(value=DEFAULT_OPTIONS["stride"], label="stride", min_width=80, render=False),
         all_pairs=gr.Checkbox(value=DEFAULT_OPTIONS["all_pairs"], label="all pairs (not only neighbours)", render=False),
+        two_way=gr.Checkbox(value=False, label="two-way (SN-Netv2): both ways and there and back, two anchors",
+                            render=False, elem_id="zc-two-way"),
         runs=gr.Dropdown(label="earlier runs of this session (choose one to reopen it)", choices=[], value=None,
                          interactive=True, render=False, elem_id="zc-runs"),
         progress=gr.HTML(views.progress_html(None), js_on_load=None, render=False, elem_id="zc-progress"),
@@ -230,9 +233,10 @@ def plan_views(s: Session, text: str, refused: bool = False) -> list:
     the option boxes and anchor ticks go back to what the plan uses)."""
     if refused:
         return ([graph_view(s, text, True)] + [gr.skip()] * 4 + plan_form(s) + [anchor_choices(s)]
-                + [gr.skip()] * 2 + [_status(text, True)])
+                + [gr.skip()] * 2 + [s.two_way, _status(text, True)])
     return [graph_view(s, text), views.plan_count_md(s.plan), curve_view(s), budget_view(s, "macs"),
-            selection_view(s), *plan_form(s), anchor_choices(s), runs_view(s), progress_view(s), _status(text)]
+            selection_view(s), *plan_form(s), anchor_choices(s), runs_view(s), progress_view(s), s.two_way,
+            _status(text)]
 
 
 def selected_views(s: Session, x: str, text: str = "") -> list:
@@ -315,7 +319,7 @@ def everything(page: Page, family: "FamilyWidgets", train: TrainWidgets, data: g
     outputs of /restore, /choose_family, /custom_family, /open_run, /open_starter), the status last."""
     return [family.family, family.info, family.members, page.anchors, page.graph, page.count, page.curve,
             page.budget, page.picked, page.progress, train.timer, data, family.hub_line, page.kernel, page.stride,
-            page.all_pairs, page.runs, page.download, *train.form, page.status]
+            page.all_pairs, page.runs, page.download, *train.form, page.two_way, page.status]
 
 
 def everything_views(s: Session, page: Page, status: str, error: bool = False, graph_message: str | None = None,
@@ -326,7 +330,7 @@ def everything_views(s: Session, page: Page, status: str, error: bool = False, g
             views.plan_count_md(s.plan), curve_view(s), budget_view(s, "macs"), selection_view(s),
             progress_view(s), timer_view(s), gr.Dropdown(choices=s.data_choices(), value=s.data or "starter"),
             gr.skip() if hub_line is None else hub_line, *plan_form(s), runs_view(s), exports_view(s),
-            *(train_form(s, page.config) if form else [gr.skip()] * 6), _status(status, error)]
+            *(train_form(s, page.config) if form else [gr.skip()] * 6), s.two_way, _status(status, error)]
 
 
 def session_events(page: Page, demo: gr.Blocks, outputs: list) -> None:
@@ -467,13 +471,14 @@ def family_events(page: Page, widgets: FamilyWidgets, outputs: list) -> None:
 # --- 2 · stitch plan -------------------------------------------------------------------------------
 
 def plan_section(page: Page) -> None:
-    """SN-Net's sliding-window options; the number of stitches."""
+    """SN-Net's sliding-window options, or SN-Netv2's two-way routes; the number of stitches."""
     with gr.Group():
         gr.Markdown("### 2 · Stitch plan")
         with gr.Row():
             page.kernel.render()
             page.stride.render()
             page.all_pairs.render()
+        page.two_way.render()
         with gr.Row():
             apply_opts = gr.Button("Apply options", size="sm")
             reset = gr.Button("Reset to SN-Net defaults", size="sm")
@@ -482,6 +487,8 @@ def plan_section(page: Page) -> None:
     apply_opts.click(plan_action(page, Session.set_options), [page.session, page.kernel, page.stride, page.all_pairs],
                      page.plan_outputs, api_name="set_options")
     reset.click(plan_action(page, Session.reset_plan), [page.session], page.plan_outputs, api_name="reset_plan")
+    page.two_way.input(plan_action(page, Session.set_two_way), [page.session, page.two_way], page.plan_outputs,
+                       api_name="set_two_way")
 
 
 # --- 3 · fit -------------------------------------------------------------------------------------------
@@ -632,7 +639,8 @@ def finetune_section(page: Page, data: gr.Dropdown) -> TrainWidgets:
 def graph_section(page: Page) -> None:
     """The anchors' blocks and the stitches between them, edited with the mouse (scripts: `script_endpoints`)."""
     gr.Markdown("### Block graphs · click a block, then a block of a larger anchor, to add a stitch; "
-                "drag an edge end to move it")
+                "drag an edge end to move it. Two-way: click where a route leaves an anchor and enters the "
+                "other, then the head to end there, or where it leaves and comes back")
     page.graph.render()
 
     # Graph edits from the browser arrive as custom events with their data on gr.EventData.
@@ -649,6 +657,8 @@ def graph_section(page: Page) -> None:
                            api_name="graph_stitch_move", api_visibility="undocumented")
     page.graph.stitch_remove(from_event(Session.remove_stitch, "point"), [page.session], page.plan_outputs,
                              api_name="graph_stitch_remove", api_visibility="undocumented")
+    page.graph.route_add(from_event(Session.add_route, "points"), [page.session], page.plan_outputs,
+                         api_name="graph_route_add", api_visibility="undocumented")
 
 
 # --- endpoints for scripts only (no visible widget) ------------------------------------------------
@@ -678,8 +688,13 @@ def script_endpoints(page: Page) -> None:
         return api_graph(Session.move_stitch, session, point, end, to)
 
     def remove_stitch(session: str, point: list[int]) -> dict:
-        """Remove the stitch [f, j, b, k]."""
+        """Remove the stitch [f, j, b, k] (in a two-way plan: that link and every route through it)."""
         return api_graph(Session.remove_stitch, session, point)
+
+    def add_route(session: str, points: list[list[int]]) -> dict:
+        """Add the route through these [anchor, block]s: where it leaves an anchor and enters the other
+        (2), and where it leaves that one and comes back (4, two-way plans only); returns the graph."""
+        return api_graph(Session.add_route, session, points)
 
     def set_anchors(session: str, specs: list[str]) -> dict:
         """Stitch only these members of the chosen family (specs as listed by /choose_family)."""
@@ -689,6 +704,7 @@ def script_endpoints(page: Page) -> None:
     gr.api(add_stitch, api_name="add_stitch")
     gr.api(move_stitch, api_name="move_stitch")
     gr.api(remove_stitch, api_name="remove_stitch")
+    gr.api(add_route, api_name="add_route")
 
     def select_by_id(key: str, stitch_id, x: str):
         return select_stitch(page, key, stitch_id, x)

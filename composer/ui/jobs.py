@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 class TrainJob:
-    def __init__(self, run_dir: Path, data: str, config, on_eval: Callable[[int, dict], None] | None = None,
+    def __init__(self, run_dir: Path, data: str, config, on_eval: Callable[[int, dict, dict | None], None] | None = None,
                  on_end: Callable[[Path, str], None] | None = None):
         self.run_dir, self.data, self.config = Path(run_dir), data, config
         self.on_eval, self.on_end = on_eval, on_end
@@ -63,10 +63,14 @@ class TrainJob:
             self._update(state="running", **{k: e.get(k) for k in ("step", "total_steps", "loss", "lr", "images_per_s", "eta_s")})
         elif kind == "eval":
             if self.on_eval is not None:
-                self.on_eval(e.get("step", 0), e.get("top1") or {})
+                self.on_eval(e.get("step", 0), e.get("top1") or {}, e.get("reference"))
+            j = e.get("judged")
             with self._lock:
                 self._state["evals"] += 1
                 self._state["message"] = f"evaluated at step {e.get('step')}"
+                if j:   # judged against the line between the anchors as they were before the fine-tune
+                    self._state["judged"] = (f"{j['within']} of {j['stitches_judged']} stitches within 1 point of "
+                                             f"the original line (median gap {j['median_gap']:+.2f})")
         elif kind == "checkpoint":
             self._update(message=f"checkpoint saved at step {e.get('step')}")
 

@@ -25,7 +25,8 @@ from typing import Callable
 from composer.checks import number, whole
 from composer.costs import AnchorInfo
 from composer.errors import UserError
-from composer.plan import PlanError, StitchPlan, build_plan
+from composer.plan import PlanError, Segment, StitchPlan, build_plan
+from composer.routes import check_route, route_from_junctions, routes_plan
 from zoo.sources import short_name
 
 log = logging.getLogger(__name__)
@@ -160,12 +161,15 @@ class Session:
         self.infos: list[AnchorInfo] = []          # chosen anchors, sorted by MACs
         self.options = dict(DEFAULT_OPTIONS)
         self.points: list[tuple[int, int, int, int]] | None = None   # None: SN-Net's defaults
+        self.two_way = False                       # SN-Netv2's routes between two anchors instead of SN-Net's
+        self.routes: list[tuple[Segment, ...]] | None = None   # two-way routes by hand; None: SN-Netv2's own
         self.plan: StitchPlan | None = None
         self.run_dir: Path | None = None
         self.net = None                            # the fitted network, kept for latency measurement
         self.data: str | None = None
         self.r2: dict[int, float] = {}
         self.top1: dict[int, float] = {}
+        self.reference: dict[int, float] | None = None   # the anchors' top-1 before the fine-tune, same images
         self.top1_source = ""
         self.latency: dict[int, float] | None = None
         self.selected: int | None = None
@@ -257,6 +261,7 @@ class Session:
             _, infos = load_anchors(entry.specs, pretrained=False, device="meta")
             self.family = entry
             self.member_infos = dict(zip(entry.specs, infos))
+            self.two_way = False    # a new family starts from SN-Net's defaults (two-way takes exactly two anchors)
             self._set_anchors(entry.specs)
             return self.members()
 
@@ -281,13 +286,22 @@ class Session:
             if len(specs) < 2:
                 raise AppError(f"choose at least two anchors (got {len(specs)}): a stitch joins a smaller anchor "
                                "to a larger one")
-            return self._set_anchors(specs)
+            if self.two_way and len(specs) != 2:
+                raise AppError(f"a two-way plan (SN-Netv2) joins exactly two anchors, and {len(specs)} are ticked: "
+                               "tick two, or untick 'two-way' in section 2 first")
+            old = (self.specs, self.infos, self.points, self.routes)
+            try:
+                return self._set_anchors(specs)
+            except PlanError:   # the plan shown stays, with the anchors it was made of
+                self.specs, self.infos, self.points, self.routes = old
+                raise
 
     def _set_anchors(self, specs: list[str]) -> StitchPlan:
         self.specs = list(specs)
         self.infos = sorted((self.member_infos[s] for s in specs), key=lambda i: i.total.macs)
-        self.points = None
-        return self._replan(f"{len(specs)} anchors: SN-Net's default stitches")
+        self.points, self.routes = None, None
+        return self._replan(f"{len(specs)} anchors: " +
+                            ("SN-Netv2's two-way routes" if self.two_way else "SN-Net's default stitches"))
 
     # --- plan ------------------------------------------------------------------------------------
 
@@ -295,6 +309,9 @@ class Session:
         with self.lock:
             self._no_running_job()
             self._need_plan()
+            if self.two_way:
+                raise AppError("kernel, stride and all pairs shape SN-Net's one-way stitches: untick 'two-way' to "
+                               "use them (a two-way plan takes SN-Netv2's routes, edited on the graph)")
             kernel, stride = whole(kernel, "kernel"), whole(stride, "stride")   # the plan checks their range
             old = dict(self.options)
             self.options = {"kernel": kernel, "stride": stride, "all_pairs": bool(all_pairs)}
@@ -309,23 +326,54 @@ class Session:
         with self.lock:
             self._no_running_job()
             self._need_plan()
-            old = dict(self.options)
+            old = (dict(self.options), self.two_way, self.routes)
             self.options = dict(DEFAULT_OPTIONS)   # kernel 2, stride 1, neighbours: all of SN-Net's defaults
-            self.points = None
+            self.points, self.two_way, self.routes = None, False, None
             try:
-                return self._replan("back to SN-Net's defaults: kernel 2, stride 1, neighbours only, default stitches")
+                return self._replan("back to SN-Net's defaults: kernel 2, stride 1, neighbours only, default stitches"
+                                    + (" (one-way: tick 'two-way' again for SN-Netv2's routes)" if old[1] else ""))
             except PlanError:
-                self.options = old
+                self.options, self.two_way, self.routes = old
+                raise
+
+    def set_two_way(self, on: bool) -> StitchPlan:
+        """SN-Netv2's routes between the two anchors (both ways, and there and back), or SN-Net's
+        one-way stitches again; either starts from its own default routes."""
+        with self.lock:
+            self._no_running_job()
+            self._need_plan()
+            if not isinstance(on, bool):
+                raise AppError(f"two-way is true or false, not '{str(on)[:20]}'")
+            if on == self.two_way:
+                return self.plan
+            if on and len(self.infos) != 2:
+                raise AppError(f"a two-way plan (SN-Netv2) joins exactly two anchors, and {len(self.infos)} are "
+                               "ticked: tick two in section 1 first")
+            old = (self.two_way, self.routes, self.points)
+            self.two_way, self.routes, self.points = on, None, None
+            small, large = (short_name(i.name) for i in self.infos[:2])
+            try:
+                return self._replan(f"two-way (SN-Netv2): {small} -> {large}, {large} -> {small} and there and back; "
+                                    "click blocks to add a route" if on else "one-way again: SN-Net's default stitches")
+            except PlanError:
+                self.two_way, self.routes, self.points = old
                 raise
 
     def current_points(self) -> list[tuple[int, int, int, int]]:
-        """(front anchor, front block, back anchor, back block) of every stitch of the plan."""
+        """(front anchor, front block, back anchor, back block) of every stitch of a one-way plan."""
         self._need_plan()
         return [(s.route[0].anchor, s.route[0].last, s.route[1].anchor, s.route[1].first)
                 for s in self.plan.stitches if not s.is_anchor]
 
+    def current_routes(self) -> list[tuple[Segment, ...]]:
+        """Every route of the plan between anchors (what a two-way plan is edited as)."""
+        self._need_plan()
+        return [s.route for s in self.plan.stitches if not s.is_anchor]
+
     def add_stitch(self, front: tuple[int, int], back: tuple[int, int]) -> StitchPlan:
         with self.lock:
+            if self.two_way:   # one link, in either direction
+                return self.add_route([front, back])
             self._no_running_job()
             point = _point(front, back)
             points = self.current_points()
@@ -335,10 +383,30 @@ class Session:
                 raise AppError(f"that stitch already exists ({self._point_text(point)})")
             return self._replan_points(points + [point], f"added {self._point_text(point)}")
 
-    def move_stitch(self, old: tuple[int, int, int, int], end: str, to: tuple[int, int]) -> StitchPlan:
-        """Move one end ("front" or "back") of an existing stitch to another block."""
+    def add_route(self, points) -> StitchPlan:
+        """Add the route through these blocks (composer.routes.route_from_junctions): where it leaves
+        an anchor and enters the other, twice for a route that comes back (two-way plans only)."""
         with self.lock:
             self._no_running_job()
+            self._need_plan()
+            if not self.two_way:
+                if isinstance(points, (list, tuple)) and len(points) == 2:
+                    return self.add_stitch(*points)
+                raise AppError("a route that goes there and back needs a two-way plan: tick 'two-way (SN-Netv2)' in "
+                               "section 2 first (with two anchors)")
+            route = route_from_junctions(self.infos, points)
+            routes = self.current_routes()
+            if route in routes:
+                raise AppError(f"that route already exists ({self._route_text(route)})")
+            return self._replan_routes(routes + [route], f"added {self._route_text(route)}")
+
+    def move_stitch(self, old: tuple[int, int, int, int], end: str, to: tuple[int, int]) -> StitchPlan:
+        """Move one end ("front" or "back") of an existing stitch to another block (in a two-way
+        plan: of a link, in every route through it, within its anchor)."""
+        with self.lock:
+            self._no_running_job()
+            if self.two_way:
+                return self._move_link(_point4(old), end, _pair(to))
             old = _point4(old)
             points = self.current_points()
             if old not in points:
@@ -360,13 +428,58 @@ class Session:
                                        f"moved {self._point_text(old)} to {self._point_text(new)}")
 
     def remove_stitch(self, point: tuple[int, int, int, int]) -> StitchPlan:
+        """Remove a stitch (in a two-way plan: a link, with every route through it)."""
         with self.lock:
             self._no_running_job()
             point = _point4(point)
+            if self.two_way:
+                routes = self.current_routes()
+                kept = [r for r in routes if point not in _links(r)]
+                if len(kept) == len(routes):
+                    raise AppError("that link is not in the plan")
+                n = len(routes) - len(kept)
+                return self._replan_routes(kept, f"removed {self._point_text(point)} and the {n} "
+                                                 f"route{'s' if n > 1 else ''} through it")
             points = self.current_points()
             if point not in points:
                 raise AppError("that stitch is not in the plan")
             return self._replan_points([p for p in points if p != point], f"removed {self._point_text(point)}")
+
+    def _move_link(self, old: tuple[int, int, int, int], end: str, to: tuple[int, int]) -> StitchPlan:
+        """A two-way link's end moved to another block of the same anchor, in every route through it."""
+        f, j, b, k = old
+        if end not in ("front", "back"):
+            raise AppError(f"end must be 'front' or 'back', not '{str(end)[:20]}'")
+        anchor = f if end == "front" else b
+        if to[0] != anchor:
+            raise AppError(f"in a two-way plan a link's end moves within its anchor: drop it on a block of "
+                           f"{short_name(self.infos[anchor].name)}")
+        new = (f, to[1], b, k) if end == "front" else (f, j, b, to[1])
+        if new == old:
+            return self.plan
+        routes = self.current_routes()
+        if not any(old in _links(r) for r in routes):
+            raise AppError("that link is no longer in the plan")
+        moved = []
+        for r in routes:
+            m = _with_link(r, old, new)
+            if m != r:
+                try:
+                    check_route(self.infos, m)
+                except UserError as e:
+                    raise AppError(f"moving it would break the route {self._route_text(r)} ({e}): remove that route "
+                                   "first, or move the end elsewhere") from None
+            moved.append(m)
+        return self._replan_routes(moved, f"moved {self._point_text(old)} to {self._point_text(new)}")
+
+    def _replan_routes(self, routes: list[tuple[Segment, ...]], message: str) -> StitchPlan:
+        old = self.routes
+        self.routes = routes
+        try:
+            return self._replan(message)
+        except PlanError:
+            self.routes = old
+            raise
 
     def _replan_points(self, points, message: str) -> StitchPlan:
         old = self.points
@@ -380,8 +493,13 @@ class Session:
     def _replan(self, message: str) -> StitchPlan:
         pts = None if self.points is None else [((f, j), (b, k)) for f, j, b, k in self.points]
         try:
-            plan = build_plan(self.infos, points=pts, **self.options)
-        except PlanError as e:   # the library names anchors by spec; short names read better here
+            if self.two_way and self.routes is not None:
+                plan = routes_plan(self.infos, _routes_json(self.routes))
+            elif self.two_way:
+                plan = build_plan(self.infos, two_way=True)
+            else:
+                plan = build_plan(self.infos, points=pts, **self.options)
+        except UserError as e:   # the library names anchors by spec; short names read better here
             text = str(e)
             for info in sorted(self.infos, key=lambda i: -len(i.name)):
                 text = text.replace(info.name, short_name(info.name))
@@ -391,7 +509,7 @@ class Session:
         # A different plan needs a new fit: the old run stays on disk (listed under "earlier runs",
         # `open_run` restores it) and a new plan starts beside it.
         self.run_dir, self.net, self.r2, self.top1, self.top1_source = None, None, {}, {}, ""
-        self.latency, self.selected = None, None
+        self.latency, self.selected, self.reference = None, None, None
         self.job = None    # never running here (_no_running_job): its run is an earlier run now
         self.message, self.error = message + kept, False
         return plan
@@ -407,7 +525,15 @@ class Session:
         f, j, b, k = p
         return f"{short_name(self.infos[f].name)} block {j} -> {short_name(self.infos[b].name)} block {k}"
 
+    def _route_text(self, route: tuple[Segment, ...]) -> str:
+        return " -> ".join(f"{short_name(self.infos[g.anchor].name)}[{g.first}..{g.last}]" for g in route)
+
     def plan_options(self) -> dict:
+        """The plan as composer.pipeline.fit_run's plan_options rebuild it."""
+        if self.two_way:
+            if self.routes is None:
+                return {"two_way": True}
+            return {"routes": _routes_json(self.routes)}
         return {**self.options, "points": None if self.points is None else [[[f, j], [b, k]] for f, j, b, k in self.points]}
 
     # --- fit -------------------------------------------------------------------------------------
@@ -500,7 +626,7 @@ class Session:
             kept = self._kept_note()
             net = fitted.net
             self.plan, self.net, self.run_dir, self.data = net.plan, net, run_dir, spec
-            self.r2, self.top1 = dict(fitted.r2), dict(res.top1)
+            self.r2, self.top1, self.reference = dict(fitted.r2), dict(res.top1), None
             self.top1_source = f"after fitting, before fine-tuning ({res.images} images of {data_name(eval_spec)})"
             self.latency, self.selected, self.job = None, None, None   # a new run: no fine-tune yet
             worst = min(fitted.r2.values()) if fitted.r2 else float("nan")
@@ -553,7 +679,7 @@ class Session:
     def open_run(self, name: str) -> StitchPlan:
         """Show an earlier run of this session again as it was left: its anchors, plan and options, fit
         quality, accuracies (the latest measurement), latency, selected stitch and fine-tune state."""
-        from composer.run import read_latency, read_manifest, read_top1
+        from composer.run import read_latency, read_manifest, read_original_top1, read_top1
         with self.lock:
             self._no_running_job()
             name = str(name or "").strip()
@@ -575,16 +701,21 @@ class Session:
                 self.member_infos = dict(zip(plan.anchors, plan.infos))
             self.specs, self.infos, self.plan = list(plan.anchors), list(plan.infos), plan
             self.options = {k: plan.options.get(k, v) for k, v in DEFAULT_OPTIONS.items()}
+            self.two_way = bool(plan.options.get("two_way"))
+            self.routes = ([s.route for s in plan.stitches if not s.is_anchor]
+                           if self.two_way and plan.options.get("custom_routes") else None)
             self.points = ([(s.route[0].anchor, s.route[0].last, s.route[1].anchor, s.route[1].first)
-                            for s in plan.stitches if not s.is_anchor] if plan.options.get("custom_points") else None)
+                            for s in plan.stitches if not s.is_anchor]
+                           if not self.two_way and plan.options.get("custom_points") else None)
             fit = manifest.get("fit") or {}
             self.run_dir, self.net, self.job = run_dir, None, None
             self.data = str(fit.get("data") or "starter")
             self.r2 = {int(k): float(v) for k, v in (fit.get("r2") or {}).items()}
             try:
                 self.top1, self.top1_source = read_top1(run_dir)
+                self.reference = read_original_top1(run_dir)
             except UserError:
-                self.top1, self.top1_source = {}, ""
+                self.top1, self.top1_source, self.reference = {}, "", None
             self.latency = read_latency(run_dir)
             sid = self._selections().get(name)
             self.selected = sid if isinstance(sid, int) and 0 <= sid < len(plan.stitches) else None
@@ -637,9 +768,10 @@ class Session:
             self.train_form = {**(form or {}), "steps": add}
             return self.job
 
-    def _on_eval(self, step: int, top1: dict[int, float]) -> None:
-        # Called from the training thread: replace the dict (readers never see it half-built).
-        self.top1 = dict(top1)
+    def _on_eval(self, step: int, top1: dict[int, float], reference: dict[int, float] | None = None) -> None:
+        # Called from the training thread: replace the dicts (readers never see them half-built).
+        # reference: the same held-out images before the fine-tune, drawn as the original anchors' line
+        self.top1, self.reference = dict(top1), (dict(reference) if reference else None)
         self.top1_source = f"fine-tuning, step {step}"
 
     def _on_train_end(self, run_dir: Path, state: str) -> None:
@@ -702,6 +834,7 @@ class Session:
         if self.plan is None or not self.top1:
             return None
         return curve_figure(self.plan, self.top1, x, highlight=self.selected, latency=self.latency,
+                            reference=self.reference,
                             title=self.top1_source, candidates=self.candidates())
 
     def candidates(self) -> list:
@@ -993,6 +1126,28 @@ def _pair(v) -> tuple[int, int]:
 
 def _point(front, back) -> tuple[int, int, int, int]:
     return (*_pair(front), *_pair(back))
+
+
+def _routes_json(routes: list[tuple[Segment, ...]]) -> list[list[list[int]]]:
+    """Routes as composer.routes.routes_plan takes them: [[anchor, first block, last block], ...] each."""
+    return [[[g.anchor, g.first, g.last] for g in r] for r in routes]
+
+
+def _links(route: tuple[Segment, ...]) -> list[tuple[int, int, int, int]]:
+    """(front anchor, front block, back anchor, back block) of each link of a route, in order."""
+    return [(a.anchor, a.last, b.anchor, b.first) for a, b in zip(route, route[1:])]
+
+
+def _with_link(route: tuple[Segment, ...], old: tuple[int, int, int, int],
+               new: tuple[int, int, int, int]) -> tuple[Segment, ...]:
+    """`route` with its link `old` moved to `new` (same anchors): the segments on each side end or
+    start at the new blocks."""
+    segs = list(route)
+    for i, link in enumerate(_links(route)):
+        if link == old:
+            segs[i] = Segment(segs[i].anchor, segs[i].first, new[1])
+            segs[i + 1] = Segment(segs[i + 1].anchor, new[3], segs[i + 1].last)
+    return tuple(segs)
 
 
 def _point4(v) -> tuple[int, int, int, int]:

@@ -68,9 +68,10 @@ def graph_value(plan: StitchPlan | None, r2: dict[int, float] | None = None, hig
         links = [[a.anchor, a.last, b.anchor, b.first] for a, b in zip(s.route, s.route[1:])]
         route = {"stitch": highlight, "nodes": nodes, "edges": links, "text": plan.describe_route(highlight)}
     n_stitches = len(plan.stitches) - len(plan.anchors)
+    # two_way: links run both ways (drawn with arrows), and a click adds a route of one or two links
     return {"anchors": anchors, "edges": edges, "route": route, "message": message, "error": error,
-            "fitted": fitted, "count": {"stitches": len(plan.stitches), "between_anchors": n_stitches,
-                                        "layers": len(plan.layers)}}
+            "fitted": fitted, "two_way": bool(plan.options.get("two_way")),
+            "count": {"stitches": len(plan.stitches), "between_anchors": n_stitches, "layers": len(plan.layers)}}
 
 
 def plan_count_md(plan: StitchPlan | None) -> str:
@@ -78,6 +79,11 @@ def plan_count_md(plan: StitchPlan | None) -> str:
         return "No plan yet."
     n = len(plan.stitches)
     a = len(plan.anchors)
+    if plan.options.get("two_way"):
+        back = sum(len(s.route) == 3 for s in plan.stitches)
+        return (f"**{n} stitches** ({a} anchors + {n - a - back} one-link routes + {back} there and back) · "
+                f"{len(plan.layers)} stitching layers · two-way (SN-Netv2)"
+                f"{' · edited by hand' if plan.options.get('custom_routes') else ''}")
     return (f"**{n} stitches** ({a} anchors + {n - a} stitched routes) · {len(plan.layers)} stitching layers · "
             f"kernel {plan.options.get('kernel')}, stride {plan.options.get('stride')}, "
             f"{'all pairs' if plan.options.get('all_pairs') else 'nearest pairs'}"
@@ -108,10 +114,12 @@ def progress_html(snap: dict | None) -> str:
     text = " · ".join(bits)
     msg = html.escape(snap.get("message") or "", quote=False)      # text, never inside an attribute
     recipe = html.escape(snap.get("recipe") or "", quote=False)
+    judged = html.escape(snap.get("judged") or "", quote=False)   # "N of M stitches within 1 point of ..."
     return (f"<div class='zc-progress {html.escape(state)}' data-state='{html.escape(state)}' data-step='{step}'>"
             f"<div class='zc-progress-track'><div class='zc-progress-fill' style='width:{100 * min(1.0, frac):.1f}%'></div></div>"
             f"<div class='zc-progress-text'><b>{html.escape(state)}</b> · {html.escape(text, quote=False)}"
             f"{' · ' + msg if msg else ''}</div>"
+            f"{f'<div class=zc-progress-judged>{judged}</div>' if judged else ''}"
             f"{f'<div class=zc-progress-recipe>recipe: {recipe}</div>' if recipe else ''}</div>")
 
 
