@@ -22,6 +22,8 @@ top-1 on the same images) and the share within 1 point, the stitching layers' tr
 and last step: start-up and evaluation left out; wall and CPU).
 
     python bench/bench_two_way.py --steps 150 --json /tmp/two_way.json
+    python bench/bench_two_way.py --steps 150 --recipe frozen --json /tmp/two_way_frozen.json
+    python bench/bench_two_way.py --step-times --json /tmp/two_way_steps.json   # full vs low rank, interleaved
     python bench/bench_two_way.py --table /tmp/two_way.json
 """
 from __future__ import annotations
@@ -109,10 +111,35 @@ def timed_train(run: Path, train_folder: Path, eval_folder: Path, config: TrainC
             "steps_per_cpu_s": round(n / (marks[-1][1] - marks[0][1]), 3) if n > 0 else None}
 
 
+def step_times(full, low, repeats: int = 5, rounds: int = 3) -> dict:
+    """Seconds per training step (batch 64, a route there and back, channels_last as training runs
+    CNNs) through full and low-rank stitching layers, the two interleaved so that both see the same
+    load on a shared machine (the best of `rounds` medians); with the anchors trained and frozen."""
+    from bench.bench_train import step_time
+    three = [s.id for s in full.plan.stitches if len(s.route) == 3]
+    sid = three[len(three) // 2]
+    x = torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (64,))
+    out = {"stitch": sid, "route": full.plan.describe_route(sid)}
+    for frozen in (False, True):
+        for net in (full, low):
+            net.to(memory_format=torch.channels_last).select(sid)
+            net.anchors.requires_grad_(not frozen)
+        a, b = [], []
+        for _ in range(rounds):
+            a.append(step_time(full, x, y, repeats))
+            b.append(step_time(low, x, y, repeats))
+        out["frozen" if frozen else "default"] = {"full_s": min(a), "low_rank_s": min(b), "ratio": min(b) / min(a)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=150, help="fine-tune steps of every run")
     p.add_argument("--depths", type=int, nargs=2, default=[20, 56], help="the two CIFAR ResNets")
+    p.add_argument("--recipe", choices=["default", "frozen"], default="default",
+                   help="default: composer.train's CNN recipe (anchors train too); frozen: stitching layers (and "
+                        "each stitch's own BatchNorm parameters) only, the anchors stay as published")
     p.add_argument("--rank", type=int, default=4, help="rank of the low-rank stitching layers")
     p.add_argument("--macs-gap", type=float, default=10e6, help="MACs step of the FLOPs-gap groups")
     p.add_argument("--eval-limit", type=int, default=1000, help="seeded subset of the 10,000 test JPEGs")
@@ -121,6 +148,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_two_way"))
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--table", type=Path, help="print the table of a --json file and exit")
+    p.add_argument("--step-times", action="store_true",
+                   help="only time training steps through full and low-rank layers, interleaved (see step_times)")
     args = p.parse_args()
     if args.table:
         print(table(json.loads(args.table.read_text())))
@@ -132,10 +161,20 @@ def main() -> None:
     splits, train_folder = cifar10_splits(), cifar10_train()
     all_specs = cifar_anchor_specs()
     specs = [all_specs[DEPTHS.index(d)] for d in args.depths]
-    recipe = TrainConfig(steps=args.steps, eval_limit=50, checkpoint_every=10**9)
+    recipe = TrainConfig(steps=args.steps, eval_limit=50, checkpoint_every=10**9,
+                         stitch_layers_only=args.recipe == "frozen")
     results = {"anchors": [f"resnet{d}" for d in args.depths], "steps": args.steps, "threads": 1,
+               "recipe": args.recipe,
                "eval_images": args.eval_limit, "config": asdict(recipe), "runs": []}
     plans = {"one-way": {}, "two-way": {"two_way": True}}
+    if args.step_times:
+        full = load_run(fitted(args.work, specs, train_folder, "two-way", None, two_way=True)).net
+        low = load_run(fitted(args.work, specs, train_folder, f"two-way-r{args.rank}", args.rank, two_way=True)).net
+        results = {"anchors": results["anchors"], "rank": args.rank, "step_times": step_times(full, low)}
+        print(json.dumps(results, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+        return
     runs = {"one-way": ("one-way", None, recipe), "two-way": ("two-way", None, recipe),
             "rank": ("two-way", args.rank, recipe),
             "gap": ("two-way", None, replace(recipe, sampling="flops_gap", macs_gap=args.macs_gap))}
@@ -147,12 +186,17 @@ def main() -> None:
                          **plans[plan_name])
         if plan_name not in base:   # least squares: the original anchors' top-1 is every run's reference
             net = load_run(fit_run).net
-            base[plan_name] = {"test": evaluate(net, splits.test, args.eval_limit),
-                               "exact": evaluate(net, splits.exact846, None)}
+            cache = args.work / f"least_squares-{plan_name}-{args.eval_limit}.json"
+            if cache.is_file():
+                base[plan_name] = {k: {int(i): v for i, v in d.items()} for k, d in json.loads(cache.read_text()).items()}
+            else:
+                base[plan_name] = {"test": evaluate(net, splits.test, args.eval_limit),
+                                   "exact": evaluate(net, splits.exact846, None)}
+                cache.write_text(json.dumps(base[plan_name]))
             results["runs"].append(row(f"{plan_name} least squares", net, base[plan_name], base[plan_name],
                                        {"steps": 0, **trained_parameters(net, config)}))
             print(json.dumps(short(results["runs"][-1])), flush=True)
-        run = args.work / f"trained-{kind}"
+        run = args.work / f"trained-{args.recipe}-{kind}"
         shutil.rmtree(run, ignore_errors=True)
         shutil.copytree(fit_run, run)
         extra = timed_train(run, train_folder, splits.test, config)
@@ -187,7 +231,8 @@ def short(r: dict) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = [f"anchors {' + '.join(results['anchors'])}, {results['steps']} steps, one thread; "
+    lines = [f"anchors {' + '.join(results['anchors'])}, recipe {results.get('recipe', 'default')}, "
+             f"{results['steps']} steps, one thread; "
              f"{results['eval_images']} test JPEGs | 846 exact images. front = points on the Pareto front "
              "(inside the anchors' MACs range); area = mean best top-1 within a MACs budget over that range; "
              "gap = median gap to the original anchors' line; st/s = steps per wall (CPU) second",

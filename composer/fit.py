@@ -37,14 +37,16 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+from torch import nn
 
 from composer.costs import channels, positions as count_positions
 from composer.device import autocast, ieee_fp32
-from composer.snnet import StitchedNetwork, prefix_outputs
+from composer.snnet import RouteStats, StitchedNetwork, prefix_outputs
 
 HOLDOUT_EVERY = 5   # every 5th calibration image is held out for R^2
 
@@ -410,6 +412,11 @@ def calibrate_route_stats(net: StitchedNetwork, images: Iterable[torch.Tensor], 
     was_training = net.training
     # momentum is set per batch below; the shared counters must not count this calibration
     saved = {n: (m.momentum, m.num_batches_tracked.clone()) for n, m in back_bns.items()}
+    # each back segment's anchor alone over the same blocks and images, for `_relative_to_anchor`
+    alone = {s.id: _alone_passes(net, s) for s in stitches}
+    for s in stitches:
+        for seg in s.route[1:]:
+            needed[seg.anchor].add(seg.first - 1)
     net.eval()
     seen = batches = 0
     try:
@@ -428,6 +435,14 @@ def calibrate_route_stats(net: StitchedNetwork, images: Iterable[torch.Tensor], 
                     net.run_from(s, outs[(first.anchor, first.last)], start=first.last + 1)
                     for m in bns:
                         m.eval()
+                    for seg, route, names, scratch in alone[s.id]:   # the anchor alone, into scratch statistics
+                        mine = [back_bns[n] for n in names]
+                        for m in mine:
+                            m.train()
+                        with _statistics_into(mine, scratch):
+                            net.run_from(route, outs[(seg.anchor, seg.first - 1)], start=seg.first)
+                        for m in mine:
+                            m.eval()
             seen += x.shape[0]
             batches += 1
             if progress is not None:
@@ -436,6 +451,7 @@ def calibrate_route_stats(net: StitchedNetwork, images: Iterable[torch.Tensor], 
             counts = all_reduce_sum(torch.tensor([seen, batches], dtype=torch.float64))
             seen, total_batches = int(counts[0]), float(counts[1])
             bufs = [b for s in stitches for b in net.route_stats[str(s.id)].buffers()]
+            bufs += [b for passes in alone.values() for *_, scratch in passes for b in scratch.buffers()]
             flat = torch.cat([b.double().reshape(-1) * batches for b in bufs])
             all_reduce_sum(flat)
             flat /= max(total_batches, 1.0)
@@ -450,4 +466,55 @@ def calibrate_route_stats(net: StitchedNetwork, images: Iterable[torch.Tensor], 
         net.train(was_training)
     if seen == 0:
         raise ValueError("no calibration images: the data set is empty")
+    for sid, passes in alone.items():
+        names = net.route_bn_names(net.plan.stitches[sid])
+        for _, _, mine, scratch in passes:
+            index = [names.index(n) for n in mine]
+            _relative_to_anchor(net.route_stats[str(sid)], index, scratch, [back_bns[n] for n in mine])
     return seen
+
+
+def _alone_passes(net: StitchedNetwork, stitch) -> list[tuple]:
+    """(segment, its anchor's own route, the BatchNorms of the stitch in that segment, scratch
+    statistics for them) for every segment behind the stitch point: each segment's anchor runs alone
+    from the same block, so that its BatchNorms there measure the anchor's own features."""
+    names = net.route_bn_names(stitch)
+    passes = []
+    for seg in stitch.route[1:]:
+        # consecutive segments belong to different anchors, and the first segment's BatchNorms are
+        # not the stitch's: the stitch's BatchNorms of this anchor all lie in this segment
+        mine = [n for n in names if n.startswith(f"anchors.{seg.anchor}.")]
+        if mine:
+            route = next(s for s in net.plan.stitches if s.is_anchor and s.route[0].anchor == seg.anchor)
+            passes.append((seg, route, mine, RouteStats([net.get_submodule(n) for n in mine])))
+    return passes
+
+
+@contextmanager
+def _statistics_into(bns: list[nn.Module], scratch: "RouteStats"):
+    """BatchNorms `bns` write their running statistics into `scratch` for the duration."""
+    saved = [(m.running_mean, m.running_var) for m in bns]
+    for i, m in enumerate(bns):
+        m._buffers["running_mean"], m._buffers["running_var"] = scratch.mean(i), scratch.var(i)
+    try:
+        yield
+    finally:
+        for m, (mean, var) in zip(bns, saved):
+            m._buffers["running_mean"], m._buffers["running_var"] = mean, var
+
+
+@torch.no_grad()
+def _relative_to_anchor(stats: RouteStats, index: list[int], anchor_here: RouteStats, bns: list[nn.Module]) -> None:
+    """A stitch's statistics as its anchor's own running statistics, moved by how far the stitch's
+    features lie from the anchor's on the calibration images (in the anchor's standard deviations).
+
+    Calibration images can come from another domain than the anchor's training data (the CIFAR-10
+    training copy is JPEG, the exact test images are not). Statistics measured on them alone make each
+    stitch a specialist of that domain; relative to the anchor, a stitch whose features equal its
+    anchor's gets exactly the anchor's statistics, and runs as the anchor does on any data."""
+    for j, (i, m) in enumerate(zip(index, bns)):   # i: the BatchNorm's index among the stitch's
+        mu_s, var_s = stats.mean(i), stats.var(i)
+        mu_a, var_a = anchor_here.mean(j), anchor_here.var(j).clamp_min(m.eps)
+        scale = (m.running_var / var_a).sqrt()
+        mu_s.copy_(m.running_mean + (mu_s - mu_a) * scale)
+        var_s.copy_(var_s * m.running_var / var_a)

@@ -96,33 +96,63 @@ def test_a_stitch_runs_on_its_own_statistics_and_the_anchors_on_theirs():
     assert all(torch.equal(fast.predictions[i], slow.predictions[i]) for i in fast.predictions)
 
 
+def _anchor_batch_stats(net, sid, x):
+    """The back anchor run alone on x, with the BatchNorms behind the stitch's point in train mode
+    (momentum 1: their running statistics become the batch's), the rest as at inference."""
+    s = net.stitches[sid]
+    b = s.route[1]
+    anchor = copy.deepcopy(net.anchors[b.anchor]).eval()
+    names = [n.split(".", 2)[2] for n in net.route_bn_names(s)]
+    for n in names:
+        anchor.get_submodule(n).train()
+        anchor.get_submodule(n).momentum = 1.0
+    anchor(x)
+    return [(anchor.get_submodule(n).running_mean, anchor.get_submodule(n).running_var) for n in names]
+
+
 @torch.no_grad()
-def test_calibration_gives_each_stitch_the_statistics_of_its_own_features():
+def test_calibration_gives_each_stitch_its_anchors_statistics_moved_by_its_own_features():
     net = _random_layers(cifar_family().eval(), seed=1)
     anchors_state = {k: v.clone() for k, v in net.anchors.state_dict().items()}
     x = torch.randn(16, 3, 32, 32)
-    assert calibrate_route_stats(net, [x[:8], x[8:]]) == 16
+    assert calibrate_route_stats(net, [x]) == 16
     assert all(torch.equal(v, net.anchors.state_dict()[k]) for k, v in anchors_state.items())
-    for s in net.stitches:
-        if s.is_anchor:
-            continue
-        # over two batches the running mean is the average of the batch means: exact for the first
-        # BatchNorm behind the stitch point (its input does not depend on batch statistics)
+    for s in [s for s in net.stitches if not s.is_anchor]:
+        # by hand: the stitch's and the anchor's batch statistics on the same images, and the
+        # anchor's own running statistics r: mean r + (stitch - anchor) x sqrt(r_var / anchor_var),
+        # variance r_var x stitch_var / anchor_var
         _, back, names = _by_hand(net, s.id, x, back_train=True)
+        here = _anchor_batch_stats(net, s.id, x)
         stats = net.route_stats[str(s.id)]
-        torch.testing.assert_close(stats.mean(0), back.get_submodule(names[0]).running_mean, rtol=1e-4, atol=1e-5)
-        assert all(bool((stats.var(i) > 0).all()) for i in range(len(names)))
-    # one batch: every statistic is exactly the batch's, as BatchNorm in train mode computes it
-    net2 = cifar_family().eval()
-    net2.load_state_dict(net.state_dict())
-    calibrate_route_stats(net2, [x])
-    for s in [s for s in net2.stitches if not s.is_anchor][:3]:
-        _, back, names = _by_hand(net2, s.id, x, back_train=True)
         for i, n in enumerate(names):
-            torch.testing.assert_close(net2.route_stats[str(s.id)].mean(i), back.get_submodule(n).running_mean,
-                                       rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(net2.route_stats[str(s.id)].var(i), back.get_submodule(n).running_var,
-                                       rtol=1e-4, atol=1e-5)
+            bn = net.get_submodule(net.route_bn_names(s)[i])
+            mu_s, var_s = back.get_submodule(n).running_mean, back.get_submodule(n).running_var
+            mu_a, var_a = here[i]
+            want_mean = bn.running_mean + (mu_s - mu_a) * (bn.running_var / var_a).sqrt()
+            torch.testing.assert_close(stats.mean(i), want_mean, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(stats.var(i), var_s * bn.running_var / var_a, rtol=1e-3, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_stitch_whose_features_equal_its_anchors_gets_exactly_the_anchors_statistics():
+    """Two copies of one anchor stitched with identity layers: every stitch computes the anchor's
+    features, so calibration on any images (here far from the anchor's data) leaves it the anchor."""
+    from tests.engine_models import cifar, network
+    twin = network([cifar(20, 1), cifar(20, 1)], (3, 32, 32))
+    twin.anchors[1].load_state_dict(twin.anchors[0].state_dict())
+    for layer in twin.stitch_layers.values():
+        layer.weight.copy_(torch.eye(layer.weight.shape[0], layer.weight.shape[1]))
+        layer.bias.zero_()
+    assert sum(not s.is_anchor for s in twin.stitches) >= 3
+    calibrate_route_stats(twin.eval(), [torch.randn(8, 3, 32, 32) * 3 + 1])
+    x = torch.randn(2, 3, 32, 32)
+    for s in twin.stitches:
+        if not s.is_anchor:
+            stats = twin.route_stats[str(s.id)]
+            for i, n in enumerate(twin.route_bn_names(s)):
+                torch.testing.assert_close(stats.mean(i), twin.get_submodule(n).running_mean, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(stats.var(i), twin.get_submodule(n).running_var, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(twin.select(s.id)(x), twin.select(0)(x), rtol=1e-4, atol=1e-4)
 
 
 def test_fitted_runs_keep_route_statistics_and_old_weights_load_on_anchor_statistics(tmp_path):

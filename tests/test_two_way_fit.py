@@ -115,16 +115,28 @@ def test_route_statistics_and_shared_prefix_evaluation_there_and_back():
         assert third
         i = names.index(third[-1])
         assert not torch.allclose(net.route_stats[str(sid)].mean(i), net.get_submodule(third[-1]).running_mean)
-        # with one calibration batch, inference on that batch equals normalising by its own statistics
-        # (the BatchNorms behind the stitch point in train mode), up to the unbiased variance's n / (n-1)
+        # by hand, for the third segment: the stitch's batch statistics (its BatchNorms in train mode,
+        # momentum 1), the anchor's alone from the same block (the anchor run whole, those BatchNorms in
+        # train mode), and the anchor's running statistics r: r + (stitch - anchor) x sqrt(r_var / anchor_var)
         probe = copy.deepcopy(net).eval()
+        alone = copy.deepcopy(net.anchors[last.anchor]).eval()
         with torch.no_grad():
-            want = probe.select(sid)(calib)
-            with probe.route_statistics(s):
-                for n in names:
-                    probe.get_submodule(n).train()
-                got = probe.select(sid)(calib)
-        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+            for n in names:
+                probe.get_submodule(n).train().momentum = 1.0
+            probe.select(sid)(calib)          # writes into the probe's route statistics of this stitch
+            for n in third:
+                alone.get_submodule(n.split(".", 2)[2]).train().momentum = 1.0
+            alone(calib)
+        for n in third:
+            i = names.index(n)
+            mu_s, var_s = probe.route_stats[str(sid)].mean(i), probe.route_stats[str(sid)].var(i)
+            a = alone.get_submodule(n.split(".", 2)[2])
+            r = net.get_submodule(n)
+            torch.testing.assert_close(net.route_stats[str(sid)].mean(i),
+                                       r.running_mean + (mu_s - a.running_mean) * (r.running_var / a.running_var).sqrt(),
+                                       rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(net.route_stats[str(sid)].var(i), var_s * r.running_var / a.running_var,
+                                       rtol=1e-3, atol=1e-5)
 
     torch.manual_seed(6)
     x, y = torch.randn(20, 3, 16, 16), torch.randint(0, 10, (20,))
