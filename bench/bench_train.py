@@ -232,7 +232,8 @@ def with_overrides(config: TrainConfig, assignments: list[str]) -> TrainConfig:
     return replace(config, **changes)
 
 
-def cpu_seconds_per_step(work: Path, fitted: Path, label: str, recipe: TrainConfig, steps: int = 60) -> float:
+def cpu_seconds_per_step(work: Path, fitted: Path, label: str, recipe: TrainConfig, data: str, eval_data: str,
+                         steps: int = 60) -> float:
     """CPU seconds (one thread) per training step of `recipe`, start-up included; cached per label."""
     cache = work / f"cpu_per_step_{label}.json"
     if cache.is_file():
@@ -242,7 +243,7 @@ def cpu_seconds_per_step(work: Path, fitted: Path, label: str, recipe: TrainConf
     shutil.copytree(fitted, run)
     cfg = replace(recipe, steps=steps, eval_limit=50, checkpoint_every=10**9)
     c0 = time.process_time()
-    train(run, str(cifar10_train()), cfg, eval_data=str(cifar10_splits().test))
+    train(run, data, cfg, eval_data=eval_data)
     per_step = (time.process_time() - c0) / steps
     cache.write_text(json.dumps({"cpu_s_per_step": per_step, "steps": steps, "threads": torch.get_num_threads()}))
     return per_step
@@ -258,6 +259,8 @@ def main() -> None:
                         "(for a quiet machine: what a user gets)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation (default 1)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="default")
+    p.add_argument("--family", choices=("cifar", "starter"), default="cifar",
+                   help="cifar: the real CIFAR-10 ResNets (../shared); starter: the built-in ViTs on their digits")
     p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                    help="override TrainConfig fields of the recipe, e.g. --set lr=3e-3 batch_size=32")
     p.add_argument("--eval-limit", type=int, default=None,
@@ -277,20 +280,26 @@ def main() -> None:
     if args.combine:
         print(table(combine([json.loads(f.read_text()) for f in args.combine])))
         return
-    if (reason := missing_shared_reason(train=True)):
+    if args.family == "cifar" and (reason := missing_shared_reason(train=True)):
         sys.exit(f"skipped: {reason}")
     recipe = with_overrides(RECIPES[args.recipe], args.set)
     label = args.recipe + "".join(f"+{kv}" for kv in args.set)
     torch.set_num_threads(args.threads)   # 1: budgets are single-thread CPU time (see the module docstring)
     args.work.mkdir(parents=True, exist_ok=True)
-    splits, train_folder = cifar10_splits(), cifar10_train()
-    specs = cifar_anchor_specs()
+    if args.family == "starter":   # the built-in ViTs: a transformer recipe measured too (issue 15)
+        from zoo.starter import ensure_starter
+        specs, train_folder, test, exact_set = ensure_starter().anchors, "starter:train", "starter:val", None
+        args.no_overhead = True        # the overhead measure is written for the CIFAR ResNets
+    else:
+        splits, train_folder = cifar10_splits(), cifar10_train()
+        specs, test, exact_set = cifar_anchor_specs(), splits.test, splits.exact846
     fitted = fitted_run(args.work, specs, train_folder)
     net = load_run(fitted).net
     plan = net.plan
-    eval_images = min(args.eval_limit or 10000, 10000)
+    eval_images = len(data.subset(data.open_dataset(str(test), data.data_config(net.anchors[0])), args.eval_limit))
     results = {"recipe": label, "config": asdict(recipe), "threads": args.threads,
-               "protocol": "training set: fit and fine-tune on cifar10-train, evaluate on the test JPEGs",
+               "protocol": ("starter: fit and fine-tune on starter:train, evaluate on starter:val" if args.family == "starter"
+                            else "training set: fit and fine-tune on cifar10-train, evaluate on the test JPEGs"),
                "eval_images": eval_images, "runs": []}
     if not args.no_overhead:
         o = results["overhead"] = overhead_ratio(net)
@@ -301,12 +310,12 @@ def main() -> None:
 
     def measure(name: str, run_net, extra: dict, exact: bool, run_dir: Path | None = None) -> dict:
         t0 = time.time()
-        top1 = evaluate(run_net, splits.test, args.eval_limit)
+        top1 = evaluate(run_net, test, args.eval_limit)
         if run_dir is not None:   # so that `python -m composer curve RUN` draws this evaluation
-            write_evaluation(run_dir, plan, top1, str(splits.test), eval_images, extra.get("steps", 0))
+            write_evaluation(run_dir, plan, top1, str(test), eval_images, extra.get("steps", 0))
         row = {"name": name, **extra, **judged(plan, top1, _top1(base) if base else top1)}
-        if exact:
-            e = evaluate(run_net, splits.exact846, None)
+        if exact and exact_set is not None:
+            e = evaluate(run_net, exact_set, None)
             row["exact846"] = judged(plan, e, _top1(base["exact846"]) if base else e)
         row["eval_s"] = round(time.time() - t0, 1)
         results["runs"].append(row)
@@ -329,7 +338,8 @@ def main() -> None:
     elif args.wall:
         limits = [("wall_min", b, None) for b in args.budgets]
     else:
-        per_step = results["cpu_s_per_step"] = cpu_seconds_per_step(args.work, fitted, label, recipe)
+        per_step = results["cpu_s_per_step"] = cpu_seconds_per_step(args.work, fitted, label, recipe, str(train_folder).removesuffix(":train"),
+                                                                    str(test))
         print(f"calibration: {per_step:.3f} CPU s per step ({label}, one thread)", flush=True)
         limits = [("budget_min", b, max(1, int(b * 60 / per_step))) for b in args.budgets]
     for kind, value, steps in limits:
@@ -343,7 +353,7 @@ def main() -> None:
             cfg = replace(recipe, steps=steps, time_budget_min=value if kind == "wall_min" else None,
                           eval_limit=50, checkpoint_every=10**9)
             t0, c0 = time.time(), time.process_time()
-            r = train(run, str(train_folder), cfg, eval_data=str(splits.test))
+            r = train(run, str(train_folder).removesuffix(":train"), cfg, eval_data=str(test))
             extra = {"steps": r["step"], "steps_per_cpu_s": round(r["step"] / (time.process_time() - c0), 3),
                      "cpu_min": round((time.process_time() - c0) / 60, 2), "wall_min": round((time.time() - t0) / 60, 2)}
             if kind == "wall_min":

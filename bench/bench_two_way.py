@@ -111,10 +111,11 @@ def timed_train(run: Path, train_folder: Path, eval_folder: Path, config: TrainC
             "steps_per_cpu_s": round(n / (marks[-1][1] - marks[0][1]), 3) if n > 0 else None}
 
 
-def step_times(full, low, repeats: int = 5, rounds: int = 3) -> dict:
+def step_times(full, low, repeats: int = 5, rounds: int = 4) -> dict:
     """Seconds per training step (batch 64, a route there and back, channels_last as training runs
     CNNs) through full and low-rank stitching layers, the two interleaved so that both see the same
-    load on a shared machine (the best of `rounds` medians); with the anchors trained and frozen."""
+    load on a shared machine (the best of `rounds` medians, the order alternating); with the anchors
+    trained and frozen."""
     from bench.bench_train import step_time
     three = [s.id for s in full.plan.stitches if len(s.route) == 3]
     sid = three[len(three) // 2]
@@ -126,9 +127,9 @@ def step_times(full, low, repeats: int = 5, rounds: int = 3) -> dict:
             net.to(memory_format=torch.channels_last).select(sid)
             net.anchors.requires_grad_(not frozen)
         a, b = [], []
-        for _ in range(rounds):
-            a.append(step_time(full, x, y, repeats))
-            b.append(step_time(low, x, y, repeats))
+        for r in range(rounds):   # which one goes first alternates, so neither gains from its place
+            for net, times in ((full, a), (low, b))[::1 if r % 2 else -1]:
+                times.append(step_time(net, x, y, repeats))
         out["frozen" if frozen else "default"] = {"full_s": min(a), "low_rank_s": min(b), "ratio": min(b) / min(a)}
     return out
 

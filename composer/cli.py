@@ -316,10 +316,13 @@ def _train_args(sp) -> None:
     sp.add_argument("--weight-decay", type=_nonnegative)
     sp.add_argument("--warmup-steps", type=_natural)
     sp.add_argument("--anchor-lr-scale", type=_nonnegative, help="anchors' lr = lr x this (stitching layers get lr)")
-    sp.add_argument("--sampling", choices=["uniform", "macs_grouped", "flops_gap"], default="uniform",
+    sp.add_argument("--sampling", choices=["uniform", "macs_grouped", "flops_gap", "need"],
                     help="uniform over stitches (SN-Net), or a MACs group first, then a stitch in it: --groups equal "
                          "groups (macs_grouped), or groups cut where MACs jump by more than --macs-gap (flops_gap, "
-                         "SN-Netv2)")
+                         "SN-Netv2); or half by need, the stitches whose loss lies furthest above their anchors' "
+                         "(default: per family, see composer.train)")
+    sp.add_argument("--anchor-share", type=_checked(number, 0, 1), metavar="P",
+                    help="probability that a step trains an anchor's own route (default: per family)")
     sp.add_argument("--groups", type=_positive, default=4, help="MACs groups for --sampling macs_grouped")
     sp.add_argument("--macs-gap", type=_checked(count, 1), metavar="MACS",
                     help="for --sampling flops_gap: a group starts more than this many MACs above the first stitch "
@@ -353,7 +356,7 @@ def cmd_train(args) -> None:
         raise UserError("--macs-gap goes with --sampling flops_gap, and flops_gap needs --macs-gap (e.g. 10M)")
     config = TrainConfig(steps=args.steps, time_budget_min=args.time_budget, lr=args.lr, batch_size=args.batch_size,
                          optimizer=args.optimizer, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                         sampling=args.sampling, groups=args.groups, macs_gap=args.macs_gap,
+                         sampling=args.sampling, groups=args.groups, macs_gap=args.macs_gap, anchor_share=args.anchor_share,
                          stitches_per_step=args.stitches_per_step,
                          stitch_layers_only=args.stitch_layers_only,
                          distill=args.distill, distill_weight=args.distill_weight, eval_every=args.eval_every,

@@ -367,8 +367,11 @@ def test_defaults_per_family(vit_family, cnn_family, tmp_path):
     vit = load_run(make_run(tmp_path, vit_family, "v")).net
     cnn = load_run(make_run(tmp_path, cnn_family, "c")).net
     v, c = resolve(TrainConfig(steps=1), vit), resolve(TrainConfig(steps=1), cnn)
-    assert (v.optimizer, v.anchor_lr_scale, v.freeze_bn, v.distill) == ("adamw", 1.0, False, "anchors")
-    assert (c.optimizer, c.anchor_lr_scale, c.freeze_bn, c.distill) == ("adamw", 1.0, True, "anchors")
+    assert (v.optimizer, v.anchor_lr_scale, v.freeze_bn, v.distill, v.sampling, v.anchor_share) == (
+        "adamw", 1.0, False, "anchors", "uniform", None)
+    assert (c.optimizer, c.anchor_lr_scale, c.freeze_bn, c.distill, c.sampling, c.anchor_share) == (
+        "adamw", 0.3, True, "anchors", "need", 0.3)
+    assert resolve(TrainConfig(steps=1, sampling="uniform", anchor_share=0.1), cnn).sampling == "uniform"   # as asked
     assert resolve(TrainConfig(steps=1), cnn, teachers=False).distill == "off"   # random anchors: nothing to learn from
     assert resolve(TrainConfig(steps=1, lr=0.5, distill="none"), cnn).lr == 0.5
     assert resolve(TrainConfig(steps=1, distill=""), cnn).distill == "off"

@@ -34,7 +34,8 @@ DISTILL = [("family default", "default"), ("none", "none"),
            ("largest anchor", "largest"), ("each route's own anchor", "anchors")]
 # the form's choice -> composer.train.TrainConfig.distill (None: the family default, resolved by the trainer)
 DISTILL_CONFIG = {"default": None, "none": "off", "off": "off", "largest": "largest", "anchors": "anchors"}
-SAMPLING = [("uniform (SN-Net)", "uniform"), ("grouped by MACs (SN-Netv2)", "macs_grouped")]
+SAMPLING = [("family default", "default"), ("uniform (SN-Net)", "uniform"), ("grouped by MACs", "macs_grouped"),
+            ("by need (stitches furthest below the line)", "need")]
 
 
 def plotly_js() -> Path:
@@ -223,7 +224,7 @@ def exports_view(s: Session):
 
 def train_form(s: Session, config: AppConfig) -> list:
     """The fine-tune form as last started in this session (the defaults before that)."""
-    f = {"steps": 100, "lr": 0, "batch": 64, "sampling": "uniform", "distill": "default", "eval_every": 25,
+    f = {"steps": 100, "lr": 0, "batch": 64, "sampling": "default", "distill": "default", "eval_every": 25,
          **s.train_form}
     return [f["steps"], f["lr"], f["batch"], f["sampling"], f["distill"], f["eval_every"]]
 
@@ -556,7 +557,8 @@ def finetune_section(page: Page, data: gr.Dropdown) -> TrainWidgets:
             lr = gr.Number(value=0, label="learning rate", info="0: the family default")
             batch = gr.Number(value=64, label="batch")
         with gr.Row():
-            sampling = gr.Dropdown(SAMPLING, value="uniform", label="stitch sampling")
+            sampling = gr.Dropdown(SAMPLING, value="default", label="stitch sampling",
+                                   info="default: by need with anchors' routes 30 % for CNNs, uniform for ViTs")
             distill = gr.Dropdown(DISTILL, value="default", label="distillation",
                                   info="default: each route's own anchor (pretrained anchors)")
             eval_every = gr.Number(value=25, label="evaluate every (steps)", info="0: only at the end")
@@ -582,10 +584,11 @@ def finetune_section(page: Page, data: gr.Dropdown) -> TrainWidgets:
                 raise AppError(f"stitch sampling must be one of {', '.join(v for _, v in SAMPLING)}, "
                                f"not '{str(sampling_kind)[:20]}'")
             cfg = TrainConfig(
-                lr=rate or None, batch_size=whole(batch_size, "batch", 1, 4096), sampling=str(sampling_kind),
+                lr=rate or None, batch_size=whole(batch_size, "batch", 1, 4096),
+                sampling=None if str(sampling_kind) == "default" else str(sampling_kind),
                 distill=DISTILL_CONFIG[str(distill_kind)], eval_every=whole(every, "evaluate every (steps)", 0),
                 eval_limit=page.config.eval_limit, checkpoint_every=25)
-            form_values = {"lr": rate, "batch": cfg.batch_size, "sampling": cfg.sampling, "distill": str(distill_kind),
+            form_values = {"lr": rate, "batch": cfg.batch_size, "sampling": str(sampling_kind), "distill": str(distill_kind),
                            "eval_every": cfg.eval_every}
             job = s.start_training(add, cfg, data_spec, form=form_values)
             first = job.config.steps - add
