@@ -281,6 +281,9 @@ def _curve_args(sp) -> None:
     sp.add_argument("--x", choices=["macs", "params", "activations", "latency"], default="macs",
                     help="x axis (MACs: 1 multiply-add = 1; latency needs RUN/latency.json)")
     sp.add_argument("--out", required=True, type=Path, help="FILE.html (offline, plotly inline), FILE.json or FILE.png")
+    sp.add_argument("--reference", type=Path, metavar="FILE",
+                    help="an evaluation.json (or run folder) measured before fine-tuning on the same images: its "
+                         "anchors drawn as a dashed line (default: the run's own step-0 evaluation, when it has one)")
 
 
 @command("curve", _curve_args)
@@ -288,15 +291,17 @@ def cmd_curve(args) -> None:
     """Draw the accuracy curve of a run (one point per stitch, Pareto front, the other builders'
     candidates) from its latest evaluation."""
     from composer.curve import check_curve_out, curve_figure, curve_rows, write_curve
-    from composer.run import load_plan_of_run, read_candidates, read_latency, read_top1
+    from composer.judge import read_reference
+    from composer.run import load_plan_of_run, read_candidates, read_latency, read_original_top1, read_top1
     check_curve_out(args.out)
     plan = load_plan_of_run(args.run)
     top1, source = read_top1(args.run)
+    reference = read_reference(args.reference).top1_for(plan) if args.reference else read_original_top1(args.run)
     latency = read_latency(args.run) if args.x == "latency" else None
     candidates = read_candidates(args.run)
     # the title names the run's folder and the data by name (read_top1's phrase), never a cache path
     fig = curve_figure(plan, top1, args.x, latency=latency, title=f"{args.run.resolve().name}: {source}",
-                       candidates=candidates)
+                       candidates=candidates, reference=reference)
     rows = curve_rows(plan, top1, args.x, latency, candidates)
     write_curve(fig, rows, args.out)
     drawn = sum(c["top1"] is not None and c["x"] is not None for c in rows["candidates"])

@@ -273,3 +273,20 @@ def test_cli_refuses_a_reference_of_other_images(tiny_run, main):
     r = main("evaluate", run, "--data", other, "--reference", root / "before.json")
     assert r.returncode == 2 and "the line must come from the same images" in r.stderr
     assert (run / "evaluation.json").read_bytes() == before
+
+
+def test_cli_curve_draws_the_reference_anchors_dashed(tiny_run, main, tmp_path):
+    from composer.run import load_plan_of_run
+    root, run, data = tiny_run
+    plan = load_plan_of_run(run)
+    before = {s["id"]: s["top1"] for s in json.loads((root / "before.json").read_text())["stitches"]}
+    r = main("curve", run, "--reference", root / "before.json", "--out", tmp_path / "c.html")
+    assert r.returncode == 0, r.stderr
+    html = (tmp_path / "c.html").read_text()
+    # the figure's JSON inside the page: the reference trace, dashed, through the original anchors' top-1
+    trace = html[html.index('"name":"original anchors (before fine-tuning)"') - 2000:]
+    trace = trace[trace.rindex('{"hovertemplate"', 0, 2000):]
+    data = json.JSONDecoder().raw_decode(trace)[0]
+    assert data["line"]["dash"] == "dash"
+    assert sorted(data["y"]) == sorted(before[s.id] for s in plan.stitches if s.is_anchor)
+    assert main("curve", run, "--reference", root / "nothing.json", "--out", tmp_path / "d.json").returncode == 2
