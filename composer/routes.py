@@ -11,8 +11,8 @@ Every junction gets the stitching layer `two_way_plan` gives that direction and 
 direction and position, as SN-Netv2 shares them), so a route added by hand shares its layers with
 SN-Netv2's routes through the same points.
 
-This is plan.py's kind of code: `build_plan(infos, routes=...)` would be its home. It lives apart
-only while plan.py is being changed for the two-way engine.
+It shares plan.py's private helpers (`_layer`, `_layout_ok`, `_check_layers`); a later change may
+fold it into `build_plan(infos, routes=...)`.
 """
 from __future__ import annotations
 
