@@ -327,7 +327,8 @@ def _train_args(sp) -> None:
                          "SN-Netv2); or half by need, the stitches whose loss lies furthest above their anchors' "
                          "(default: per family, see composer.train)")
     sp.add_argument("--anchor-share", type=_checked(number, 0, 1), metavar="P",
-                    help="probability that a step trains an anchor's own route (default: per family)")
+                    help="probability that a step trains an anchor's own route (default: 0.3 with --sampling need, "
+                         "else as any route)")
     sp.add_argument("--groups", type=_positive, default=4, help="MACs groups for --sampling macs_grouped")
     sp.add_argument("--macs-gap", type=_checked(count, 1), metavar="MACS",
                     help="for --sampling flops_gap: a group starts more than this many MACs above the first stitch "

@@ -99,8 +99,8 @@ class TrainConfig:
     device: str | None = None           # None: torchrun's / the first GPU, else the CPU; or "cpu", "cuda:N"
     #                                     (composer.pipeline.train_run resolves --device into this)
     precision: str | None = None        # autocast: None / "auto" = bf16 on a GPU that has it, else fp32; "fp32", "bf16", "fp16"
-    anchor_share: float | None = None   # probability that a step trains an anchor's own route (None: the family
-    #                                     default; where the family has none, an anchor's route is drawn as any route)
+    anchor_share: float | None = None   # probability that a step trains an anchor's own route (None: 0.3 with
+    #                                     sampling "need", else an anchor's route is drawn as any route)
     macs_gap: float | None = None       # sampling "flops_gap": a new group starts more than this many MACs above
     #                                     the first stitch of the current one (SN-Netv2's FLOPs step)
 
@@ -117,7 +117,8 @@ class TrainConfig:
 VIT_DEFAULTS = dict(optimizer="adamw", lr=3e-4, weight_decay=0.0, anchor_lr_scale=1.0, freeze_bn=False,
                     distill="anchors", sampling="uniform")
 CNN_DEFAULTS = dict(optimizer="adamw", lr=1e-3, weight_decay=0.0, anchor_lr_scale=0.3, freeze_bn=True,
-                    distill="anchors", sampling="need", anchor_share=0.3)
+                    distill="anchors", sampling="need")
+NEED_ANCHOR_SHARE = 0.3   # sampling "need": the anchors' own routes this often unless anchor_share says otherwise
 
 
 def token_family(net: StitchedNetwork) -> bool:
@@ -132,6 +133,8 @@ def resolve(config: TrainConfig, net: StitchedNetwork, data: str = "", teachers:
         defaults["distill"] = "off"
     c = replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
     c.optimizer = c.optimizer.lower()
+    if c.sampling == "need" and c.anchor_share is None:
+        c.anchor_share = NEED_ANCHOR_SHARE
     if c.distill in ("", "none"):
         c.distill = "off"
     if c.hflip is None:

@@ -372,6 +372,7 @@ def test_defaults_per_family(vit_family, cnn_family, tmp_path):
     assert (c.optimizer, c.anchor_lr_scale, c.freeze_bn, c.distill, c.sampling, c.anchor_share) == (
         "adamw", 0.3, True, "anchors", "need", 0.3)
     assert resolve(TrainConfig(steps=1, sampling="uniform", anchor_share=0.1), cnn).sampling == "uniform"   # as asked
+    assert resolve(TrainConfig(steps=1, sampling="uniform"), cnn).anchor_share is None    # SN-Net's uniform, exactly
     assert resolve(TrainConfig(steps=1), cnn, teachers=False).distill == "off"   # random anchors: nothing to learn from
     assert resolve(TrainConfig(steps=1, lr=0.5, distill="none"), cnn).lr == 0.5
     assert resolve(TrainConfig(steps=1, distill=""), cnn).distill == "off"
