@@ -300,6 +300,17 @@ def test_fit_reopen_and_export_a_route_added_by_hand(zoo, tmp_path):
     assert s.plan.stitches[sid].route == (Segment(0, 0, 0), Segment(1, 2, 3), Segment(0, 3, 3))
     saved = json.loads((s.run_dir / "plan.json").read_text())
     assert saved["options"] == {"two_way": True, "custom_routes": True}
+    # a short fine-tune of the two-way run, evaluated as it goes, and its curve with the original line
+    from composer.train import TrainConfig
+    job = s.start_training(2, TrainConfig(batch_size=4, eval_every=1, eval_limit=6, distill="off"), str(data))
+    job._thread.join(180)
+    snap = s.training_snapshot()
+    assert snap["state"] == "done" and snap["step"] == 2, snap
+    assert f"of {len(s.plan.stitches) - 2} stitches within 1 point of the original line" in snap["judged"]
+    fig = s.curve_figure()
+    assert any(t.name.startswith("original anchors") for t in fig.data)
+    assert sorted(i for t in fig.data if t.name in ("stitches", "anchors") for i in t.customdata) == \
+        list(range(len(s.plan.stitches)))
     # a plan edit starts a new plan beside the run; reopening the run restores the two-way plan as it was
     s.set_two_way(False)
     s.open_run("run-1")
