@@ -412,8 +412,11 @@ def calibrate_route_stats(net: StitchedNetwork, images: Iterable[torch.Tensor], 
     was_training = net.training
     # momentum is set per batch below; the shared counters must not count this calibration
     saved = {n: (m.momentum, m.num_batches_tracked.clone()) for n, m in back_bns.items()}
-    # each back segment's anchor alone over the same blocks and images, for `_relative_to_anchor`
-    alone = {s.id: _alone_passes(net, s) for s in stitches}
+    # each back segment's anchor alone over the same blocks and images, for `_relative_to_anchor`; stitches
+    # entering an anchor at the same block share one such pass (same input, same BatchNorms)
+    shared: dict[tuple, tuple] = {}
+    alone = {s.id: [shared.setdefault((seg.anchor, seg.first, tuple(mine)), (seg, route, mine, scratch))
+                    for seg, route, mine, scratch in _alone_passes(net, s)] for s in stitches}
     for s in stitches:
         for seg in s.route[1:]:
             needed[seg.anchor].add(seg.first - 1)
@@ -435,14 +438,14 @@ def calibrate_route_stats(net: StitchedNetwork, images: Iterable[torch.Tensor], 
                     net.run_from(s, outs[(first.anchor, first.last)], start=first.last + 1)
                     for m in bns:
                         m.eval()
-                    for seg, route, names, scratch in alone[s.id]:   # the anchor alone, into scratch statistics
-                        mine = [back_bns[n] for n in names]
-                        for m in mine:
-                            m.train()
-                        with _statistics_into(mine, scratch):
-                            net.run_from(route, outs[(seg.anchor, seg.first - 1)], start=seg.first)
-                        for m in mine:
-                            m.eval()
+                for seg, route, names, scratch in shared.values():   # the anchors alone, into scratch statistics
+                    mine = [back_bns[n] for n in names]
+                    for m in mine:
+                        m.train()
+                    with _statistics_into(mine, scratch):
+                        net.run_from(route, outs[(seg.anchor, seg.first - 1)], start=seg.first)
+                    for m in mine:
+                        m.eval()
             seen += x.shape[0]
             batches += 1
             if progress is not None:
@@ -451,7 +454,7 @@ def calibrate_route_stats(net: StitchedNetwork, images: Iterable[torch.Tensor], 
             counts = all_reduce_sum(torch.tensor([seen, batches], dtype=torch.float64))
             seen, total_batches = int(counts[0]), float(counts[1])
             bufs = [b for s in stitches for b in net.route_stats[str(s.id)].buffers()]
-            bufs += [b for passes in alone.values() for *_, scratch in passes for b in scratch.buffers()]
+            bufs += [b for *_, scratch in shared.values() for b in scratch.buffers()]
             flat = torch.cat([b.double().reshape(-1) * batches for b in bufs])
             all_reduce_sum(flat)
             flat /= max(total_batches, 1.0)

@@ -253,9 +253,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_the_api_sets_two_way_and_adds_routes(zoo, tmp_path):
-    gradio_client = pytest.importorskip("gradio_client")
+def _launched(zoo, tmp_path):
+    """The app on the tiny zoo, served on a free local port: (the Blocks, the port)."""
     from composer.ui import build_app, launch
     models, specs, data = zoo
     config = AppConfig(runs_root=tmp_path / "runs", exports_dir=tmp_path / "exports", data_roots=[data],
@@ -263,6 +262,14 @@ def test_the_api_sets_two_way_and_adds_routes(zoo, tmp_path):
     demo = build_app(config)
     port = _free_port()
     launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    return demo, port
+
+
+@pytest.mark.slow
+def test_the_api_sets_two_way_and_adds_routes(zoo, tmp_path):
+    gradio_client = pytest.importorskip("gradio_client")
+    demo, port = _launched(zoo, tmp_path)
+    models, specs, data = zoo
     try:
         client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
         named = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
@@ -335,13 +342,8 @@ def test_browser_draws_both_directions_and_adds_routes_by_clicks(zoo, tmp_path):
     if not Path(chromium).exists():
         pytest.skip(f"no Chromium at {chromium} (apt-get install -y chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    from composer.ui import build_app, launch
+    demo, port = _launched(zoo, tmp_path)
     models, specs, data = zoo
-    config = AppConfig(runs_root=tmp_path / "runs", exports_dir=tmp_path / "exports", data_roots=[data],
-                       model_roots=[models], eval_limit=12)
-    demo = build_app(config)
-    port = _free_port()
-    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
     # the session is prepared on the server, and the page opens it (?session=): no starter family needed
     s = demo.store.new()
     s.custom_family(", ".join(specs[:2]))
