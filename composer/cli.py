@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from composer.checks import count, number, whole
 from composer.errors import UserError
-from composer.run import stitch_rows
+from composer.run import check_resolution, stitch_rows
 
 COMMANDS = {}   # name -> (function that adds the command's arguments, function that runs it)
 
@@ -87,9 +87,11 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--points", help="JSON list of [[front_anchor, block], [back_anchor, block]]: exactly these stitches")
     p.add_argument("--two-way", action="store_true",
                    help="SN-Netv2's routes between two anchors: both ways and there and back (134 for DeiT3-S + DeiT3-L)")
-    p.add_argument("--resolution", type=_checked(whole, 8, 4096), metavar="N",
-                   help="run every anchor at N x N pixels, costs counted there (members trained at different sizes, "
-                        "e.g. EfficientNet-B0/B1); `fit` keeps it in the run for every later command")
+    p.add_argument("--resolution", type=_checked(check_resolution), metavar="N|native",
+                   help="members trained at different sizes (e.g. EfficientNet-B0/B1): N runs every anchor at N x N "
+                        "pixels; 'native' runs each at its own size, a route at its first anchor's, the stitching "
+                        "layers resampling onto the next anchor's grid. Costs are counted at the sizes run; `fit` "
+                        "keeps the choice in the run for every later command")
 
 
 def _pretrained(p: argparse.ArgumentParser) -> None:
@@ -187,13 +189,16 @@ def cmd_plan(args) -> None:
                             resolution=args.resolution)
     plan = build_plan(infos, **_plan_kwargs(args))
     rows = stitch_rows(plan)
-    size = "x".join(str(d) for d in infos[0].input_size[1:])
+    size = "x".join(str(d) for d in plan.infos[0].input_size[1:])
     if args.json:
-        print(json.dumps({"anchors": plan.anchors, "resolution": args.resolution, "input_size": list(infos[0].input_size),
-                          "stitches": rows}))
+        print(json.dumps({"anchors": plan.anchors, "resolution": args.resolution, "input_size": list(plan.infos[0].input_size),
+                          "input_sizes": [list(i.input_size) for i in plan.infos], "stitches": rows}))
     else:
         print(_table(plan, rows, []))
-        at = (f" all at {size} px with the first anchor's normalisation (--resolution)" if args.resolution
+        sizes = ", ".join("x".join(map(str, i.input_size[1:])) for i in plan.infos)
+        at = (f" each at its own size: {sizes} px; stitching layers resample (--resolution native)"
+              if plan.native_resolution else
+              f" all at {size} px with the first anchor's normalisation (--resolution)" if args.resolution
               else f" at {size} px")
         print(f"{len(plan.stitches)} stitches ({len(plan.anchors)} anchors{at}), {len(plan.layers)} stitching layers")
 

@@ -159,6 +159,8 @@ def curve_figure(plan: StitchPlan, top1: dict[int, float], x: str = "macs", high
     pts = curve_points(plan, top1, x, latency)
     cands = [c for c in candidate_points(candidates, x) if c.drawn]
     axis_title, _ = AXES[x]
+    if x != "params":   # per-image counts depend on the image size each route runs at
+        axis_title += f" at {input_sizes_text(plan)}"
     unit = "ms" if x == "latency" else "M"
     fig = go.Figure()
 
@@ -209,6 +211,15 @@ def curve_figure(plan: StitchPlan, top1: dict[int, float], x: str = "macs", high
         xaxis_title=axis_title, yaxis_title="top-1 (%)", legend=dict(orientation="h", y=-0.2),
         hovermode="closest", clickmode="event", uirevision=x)
     return fig
+
+
+def input_sizes_text(plan: StitchPlan) -> str:
+    """The image size(s) the routes run at: "32x32 px", or with anchors at their own sizes
+    (`--resolution native`) "each route at its first anchor's size (224x224, 240x240 px)"."""
+    sizes = ["x".join(map(str, i.input_size[1:])) for i in plan.infos]
+    if plan.native_resolution:
+        return f"each route at its first anchor's size ({', '.join(dict.fromkeys(sizes))} px)"
+    return f"{sizes[0]} px"
 
 
 def reference_points(plan: StitchPlan, pts: list[CurvePoint], reference: dict[int, float] | None) -> list[CurvePoint]:

@@ -28,18 +28,23 @@ class DataError(UserError):
     """A data spec that gives no usable images; the message says why."""
 
 
+class SizeMismatch(DataError):
+    """Anchors trained at different input sizes (`--resolution` says how to run them)."""
+
+
 def data_config(model: nn.Module) -> dict:
     return resolve_data_config(model=model)
 
 
-def check_same_preprocessing(models: list[nn.Module], names: list[str]) -> dict:
-    """Stitched anchors see the same images, so they must agree on size and normalisation."""
+def check_same_preprocessing(models: list[nn.Module], names: list[str], same_size: bool = True) -> dict:
+    """Stitched anchors see the same images, so they must agree on size and normalisation (only on
+    normalisation with `same_size=False`: anchors at their own sizes, see composer.run.set_native)."""
     cfgs = [data_config(m) for m in models]
-    keys = ("input_size", "mean", "std")
+    keys = ("input_size", "mean", "std") if same_size else ("mean", "std")
     for name, cfg in zip(names[1:], cfgs[1:]):
         for k in keys:
             if tuple(cfg[k]) != tuple(cfgs[0][k]):
-                raise DataError(f"anchors disagree on preprocessing: {names[0]} has {k}={tuple(cfgs[0][k])}, "
+                raise (SizeMismatch if k == "input_size" else DataError)(f"anchors disagree on preprocessing: {names[0]} has {k}={tuple(cfgs[0][k])}, "
                                 f"{name} has {tuple(cfg[k])}")
     return cfgs[0]
 

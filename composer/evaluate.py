@@ -146,10 +146,12 @@ def stitch_latencies(net, stitch_ids: list[int] | None = None, repeats: int = 10
     """Median batch-1 latency (ms) of every stitch on the network's device (composer.costs' timer)."""
     from composer.costs import measure_latency as time_ms
     net.eval()
-    x = torch.zeros(1, *net.plan.infos[0].input_size, device=next(net.parameters()).device)
+    device = next(net.parameters()).device
     ids = list(range(len(net.plan.stitches))) if stitch_ids is None else stitch_ids
     out = {}
     for n, i in enumerate(ids):
+        # a route at its first anchor's input size (they differ only with `--resolution native`)
+        x = torch.zeros(1, *net.plan.infos[net.plan.stitches[i].route[0].anchor].input_size, device=device)
         out[i] = time_ms(net.select(i), x, repeats=repeats)
         if progress is not None:
             progress(n + 1, len(ids))

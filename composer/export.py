@@ -292,7 +292,7 @@ def export_stitch(run_dir, stitch_id: int, out_dir) -> Path:
     top1 = _top1_of(evaluation, stitch_id)
     config = {
         "format": FORMAT, "version": 1, "stitch": stitch_id, "description": plan.describe_route(stitch),
-        **description, "preprocessing": preprocessing_of(net.anchors[0]),
+        **description, "preprocessing": preprocessing_of(net.anchors[stitch.route[0].anchor]),   # its first anchor's size
         "cost": plan.cost(stitch).to_dict(), "num_classes": net.anchors[stitch.route[-1].anchor].num_classes,
         "top1": top1, "top1_source": {k: evaluation.get(k) for k in ("data", "images", "step")} if top1 is not None else None,
         "trained_steps": _trained_steps(run.manifest), "run": str(run_dir), "folder": out_dir.name,
@@ -362,8 +362,12 @@ def _save_torchscript(module: nn.Module, x: torch.Tensor, out_dir: Path):
 
 
 def _resolution_text(manifest: dict) -> str:
-    """A sentence for cards when the run chose one resolution for every anchor (fit --resolution)."""
+    """A sentence for cards when the run chose how anchors trained at different sizes run (fit --resolution)."""
     n = manifest.get("resolution")
+    if n == "native":
+        return ("\nEach anchor runs at its own input size (`fit --resolution native`): a route takes its first "
+                "anchor's resolution and its stitching layers resample the features onto the next anchor's grid "
+                "(bilinear); costs and top-1 are at the sizes actually run.")
     return (f"\nEvery anchor runs at resolution {n} x {n} with the first anchor's normalisation (`fit --resolution "
             f"{n}`), whatever size it was trained at; costs and top-1 are at that size.") if n else ""
 
@@ -477,7 +481,7 @@ def export_snnet(run_dir, out_dir, latency: bool = False, device: torch.device |
              "latency_device": timed}
     config = {"format": SNNET_FORMAT, "version": 1,
               "anchors": [anchor_entry(i, spec, m) for i, (spec, m) in enumerate(zip(plan.anchors, net.anchors))],
-              "preprocessing": preprocessing_of(net.anchors[0]), "trained_steps": _trained_steps(run.manifest),
+              "preprocessing": preprocessing_of(net.anchors[net.input_anchor]), "trained_steps": _trained_steps(run.manifest),
               "run": str(run_dir), "folder": out_dir.name, "versions": {"torch": torch.__version__, "timm": timm.__version__}}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors_atomic(out_dir / "snnet.safetensors", net.merged_state_dict())   # plain layers: load_snnet's

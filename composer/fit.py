@@ -46,7 +46,7 @@ from torch import nn
 
 from composer.costs import channels, positions as count_positions
 from composer.device import autocast, ieee_fp32
-from composer.snnet import RouteStats, StitchedNetwork, prefix_outputs
+from composer.snnet import RouteStats, StitchedNetwork, prefix_outputs, resample
 
 HOLDOUT_EVERY = 5   # every 5th calibration image is held out for R^2
 
@@ -58,10 +58,22 @@ class FitReport:
     held_out: int
 
 
-def _key_shape(plan, key: tuple[int, int]) -> tuple[int, ...]:
-    """Shape (without batch) of the output of unit `key[1]` of anchor `key[0]` (-1: the stem's)."""
+def _key_shape(plan, key: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape (without batch) of the output of unit `key[1]` of anchor `key[0]` (-1: the stem's),
+    resampled onto grid key[2:] when the key has one (see `_front_key`)."""
     info = plan.infos[key[0]]
-    return tuple(info.in_shapes[0] if key[1] < 0 else info.out_shapes[key[1]])
+    shape = tuple(info.in_shapes[0] if key[1] < 0 else info.out_shapes[key[1]])
+    return shape[:1] + tuple(key[2:]) if len(key) > 2 else shape
+
+
+def _front_key(plan, front: tuple[int, int], back: tuple[int, int]) -> tuple[int, ...]:
+    """A junction's front features: (anchor, unit), and the back's grid when the anchors run at their
+    own resolutions and the grids differ. The stitching layer resamples its output onto that grid,
+    which equals mapping resampled features (bilinear weights sum to 1), so those are what is fitted."""
+    f, b = _key_shape(plan, front), _key_shape(plan, back)
+    if plan.infos[front[0]].layout == "nchw" and f[1:] != b[1:]:
+        return front + b[1:]
+    return front
 
 
 def _as_bpc(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -144,7 +156,7 @@ def fit_stitches(net: StitchedNetwork, images: Iterable[torch.Tensor], ridge: fl
     for s in plan.stitches:
         if s.is_anchor:
             continue
-        junctions[s.id] = [((f.anchor, f.last), (b.anchor, b.first - 1), key)
+        junctions[s.id] = [(_front_key(plan, (f.anchor, f.last), (b.anchor, b.first - 1)), (b.anchor, b.first - 1), key)
                            for f, b, key in zip(s.route, s.route[1:], s.layers)]
         for fkey, bkey, _ in junctions[s.id]:
             needed[fkey[0]].add(fkey[1])
@@ -185,6 +197,9 @@ def fit_stitches(net: StitchedNetwork, images: Iterable[torch.Tensor], ridge: fl
                     x = part[j:j + step] if step else part
                     with autocast(precision, device):
                         outs = prefix_outputs(net, x, needed)
+                        for k in layout:
+                            if len(k) > 2:   # front features onto a back anchor's grid (`_front_key`)
+                                outs[k] = resample(outs[k[:2]], k[2:])
                     if not shift_set:   # the fixed per-key shift: the first images' column means (rank 0's for all)
                         for k in shift:
                             shift[k] = _as_bpc(outs[k], layout[k]).mean((0, 1), dtype=torch.float32)

@@ -152,7 +152,7 @@ def fit_run(anchors: list[str], data: str, out: Path, *, calib: int = 256, ridge
             plan_options: dict | None = None, pretrained: bool | None = None, batch_size: int = 64,
             workers: int = 0, seed: int = 0, manifest_extra: dict | None = None, force: bool = False,
             device: str | torch.device | None = "auto", precision: str | None = "auto",
-            resolution: int | None = None, stitch_rank: int | None = None,
+            resolution: int | str | None = None, stitch_rank: int | None = None,
             progress: Progress | None = None) -> FitResult:
     """Anchors -> plan -> SN-Net, every stitching layer fitted by least squares on `calib` images of
     `data` (a seeded subset), each stitch's BatchNorm statistics re-estimated on the same images;
@@ -169,7 +169,9 @@ def fit_run(anchors: list[str], data: str, out: Path, *, calib: int = 256, ridge
     layers are one process's (within float64 rounding); only rank 0 writes the run.
 
     resolution: every anchor runs at N x N pixels (members trained at different sizes: EfficientNet
-    B0..B7), costs counted there; stored in the manifest, so every later command loads the run at N.
+    B0..B7), costs counted there; or "native": each anchor at its own size, a route at its first
+    anchor's, stitching layers resampling onto the next anchor's grid (composer.run.set_native).
+    Stored in the manifest, so every later command loads the run the same way.
 
     stitch_rank: SN-Netv2's low-rank stitching layers (composer.snnet.StitchLayer): least squares
     fits the weight, which training keeps frozen while it learns a rank-R update and the bias;
@@ -181,8 +183,8 @@ def fit_run(anchors: list[str], data: str, out: Path, *, calib: int = 256, ridge
     workers = checks.whole(workers, "workers", 0)
     seed = checks.whole(seed, "seed")
     if resolution is not None:
-        from composer.run import RESOLUTION_RANGE
-        resolution = checks.whole(resolution, "resolution", *RESOLUTION_RANGE)
+        from composer.run import check_resolution
+        resolution = check_resolution(resolution)
     if stitch_rank is not None:
         stitch_rank = checks.whole(stitch_rank, "stitch rank", 1)
     where, precision = resolve_where(device, precision)
@@ -203,7 +205,7 @@ def _fit(anchors, data, out, calib, ridge, plan_options, pretrained, batch_size,
     net = build_network(resolve_anchors(anchors), pretrained, resolution=resolution, stitch_rank=stitch_rank,
                         **(plan_options or {}))
     _report(progress, "anchors", 1, 1, "anchors")
-    cfg = data_mod.data_config(net.anchors[0])
+    cfg = data_mod.data_config(net.anchors[net.input_anchor])
     ds = data_mod.subset(data_mod.open_dataset(data, cfg), calib, seed=seed)
     ds = shard(ds, ranks.rank, ranks.world, align=_shard_align(batch_size))   # the whole set in one process
     multi = ranks.world > 1
@@ -310,7 +312,7 @@ def _evaluate(run_dir, data, limit, latency, batch_size, workers, seed, split, n
         read_manifest(run_dir)   # still a run folder
         home = next(net.parameters()).device   # the caller's network goes back there
     step = checkpoint_step(run_dir)
-    cfg = data_mod.data_config(net.anchors[0])
+    cfg = data_mod.data_config(net.anchors[net.input_anchor])
     ds = data_mod.subset(data_mod.open_dataset(data, cfg, split=split), limit, seed=seed)
     part = shard(ds, ranks.rank, ranks.world)   # the whole set in one process
     stitches = len(net.plan.stitches)

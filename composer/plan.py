@@ -86,6 +86,13 @@ class StitchPlan:
                                               positions(info.out_shapes[seg.last], info.layout))
         return total
 
+    @property
+    def native_resolution(self) -> bool:
+        """Anchors run at their own input sizes (`fit --resolution native`; composer.run.load_anchors
+        refuses different sizes otherwise): images are resized to a route's first anchor's size and
+        stitching layers resample onto the next anchor's grid (composer.snnet)."""
+        return len({tuple(i.input_size) for i in self.infos}) > 1
+
     def describe_route(self, stitch: Stitch | int) -> str:
         s = self.stitches[stitch] if isinstance(stitch, int) else stitch
         return " -> ".join(f"{short_name(self.anchors[g.anchor])}[{g.first}..{g.last}]" for g in s.route)
@@ -179,6 +186,8 @@ def _layout_ok(front: AnchorInfo, back: AnchorInfo, j: int, k: int) -> str | Non
     # The layer maps each position (pixel or token) independently, so positions must match one to
     # one; this also refuses a class-token ViT fed from a CNN (197 tokens vs 196 pixels).
     out_shape, in_shape = front.out_shapes[j], back.in_shapes[k]
+    if front.input_size != back.input_size and front.layout == back.layout == "nchw":
+        return None   # anchors at their own resolutions: the stitching layer resamples onto the back's grid
     if positions(out_shape, front.layout) != positions(in_shape, back.layout):
         return (f"{front.name} block {j} outputs {out_shape} ({front.layout}) but {back.name} block {k} "
                 f"takes {in_shape} ({back.layout}): spatial sizes / token counts differ")

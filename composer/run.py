@@ -49,25 +49,56 @@ class RunError(UserError):
 
 
 def load_anchors(specs: list[str], pretrained: bool | None = None, device: str | None = None,
-                 resolution: int | None = None):
+                 resolution: int | str | None = None):
     """Models and their measured infos, in the order given (device="meta": architecture only).
 
-    resolution: run every anchor at N x N pixels (a family whose members were trained at different
-    sizes, e.g. EfficientNet-B0/B1): see set_resolution."""
+    resolution, for a family whose members were trained at different sizes (EfficientNet-B0/B1):
+    N runs every anchor at N x N pixels (see set_resolution); "native" runs each at its own size
+    (see set_native). None: the anchors must agree on their input size."""
     if not specs:
         raise RunError("give at least one anchor")
     twice = sorted({s for s in specs if specs.count(s) > 1})
     if twice:
         raise RunError(f"the same anchor is given twice: {', '.join(twice)}")
     models = [create_anchor(s, pretrained, device) for s in specs]
-    if resolution is not None:
+    if resolution == NATIVE:
+        set_native(models)
+    elif resolution is not None:
         set_resolution(models, specs, resolution)
-    check_same_preprocessing(models, specs)
+    check_same_preprocessing(models, specs, same_size=resolution != NATIVE)
     infos = [describe(s, adapt(m)) for s, m in zip(specs, models)]
     return models, infos
 
 
 RESOLUTION_RANGE = (8, 4096)
+NATIVE = "native"   # --resolution native: every anchor at its own input size
+
+
+def check_resolution(value, what: str = "resolution") -> int | str:
+    """--resolution as typed: "native", or a whole number of pixels in RESOLUTION_RANGE."""
+    from composer import checks
+    if isinstance(value, str) and value.strip().lower() == NATIVE:
+        return NATIVE
+    try:
+        return checks.whole(value, what or "resolution", *RESOLUTION_RANGE)
+    except UserError:
+        raise RunError(f"{what or 'resolution'} must be 'native' (each anchor at its own size) or a whole number "
+                       f"of pixels from {RESOLUTION_RANGE[0]} to {RESOLUTION_RANGE[1]}, not '{str(value)[:30]}'") from None
+
+
+def set_native(models: list) -> None:
+    """Each anchor at its own input size (SN-Net across members trained at different sizes, e.g.
+    EfficientNet-B0..B7): images are read once at the largest anchor's size and preprocessing, a route
+    resizes them to its first anchor's size and its stitching layers resample the features onto the
+    next anchor's grid (composer.snnet). Every anchor takes the largest one's normalisation and
+    resizing (mean, std, interpolation, crop mode), so that one image feeds them all; each keeps its
+    input size and crop fraction, which an exported route states as its own preprocessing."""
+    cfgs = [dict(getattr(m, "pretrained_cfg", None) or {}) for m in models]
+    area = [(c.get("input_size") or (3, 224, 224))[1] * (c.get("input_size") or (3, 224, 224))[2] for c in cfgs]
+    largest = cfgs[area.index(max(area))]
+    shared = {k: largest[k] for k in ("mean", "std", "interpolation", "crop_mode") if k in largest}
+    for model, cfg in zip(models, cfgs):
+        model.pretrained_cfg = {**cfg, **shared}
 
 
 SHARED_PREPROCESSING = ("mean", "std", "interpolation", "crop_pct", "crop_mode")

@@ -28,6 +28,13 @@ from composer.plan import LayerSpec, Stitch, StitchPlan
 from zoo.adapters import BlockAdapter, adapt
 
 
+def resample(x: torch.Tensor, size) -> torch.Tensor:
+    """Channels-first maps or images onto another grid (bilinear; antialiased when shrinking)."""
+    size = tuple(int(v) for v in size)
+    shrink = x.shape[-2] > size[0] or x.shape[-1] > size[1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
 class StitchLayer(nn.Module):
     """A per-position affine map between two anchors' widths.
 
@@ -65,7 +72,11 @@ class StitchLayer(nn.Module):
     def forward(self, x: torch.Tensor, out_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         weight = self.merged_weight()
         if self.in_layout == self.out_layout == "nchw":
-            return F.conv2d(x, weight[:, :, None, None], self.bias)
+            y = F.conv2d(x, weight[:, :, None, None], self.bias)
+            # anchors run at their own resolutions (`fit --resolution native`): onto the next anchor's grid.
+            # Bilinear weights sum to 1, so resampling after the map equals mapping resampled features
+            # (what least squares fits, composer.fit) and the map runs on the front's grid (its cost).
+            return y if out_shape is None or y.shape[-2:] == tuple(out_shape[-2:]) else resample(y, out_shape[-2:])
         rows = x.flatten(2).transpose(1, 2) if self.in_layout == "nchw" else x   # (B, ..., C)
         y = F.linear(rows, weight, self.bias)
         if self.out_layout == self.in_layout:
@@ -116,10 +127,24 @@ class StitchedNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(self.plan.stitches[self.stitch_id], x)
 
+    @property
+    def input_anchor(self) -> int:
+        """The anchor whose preprocessing the data follows: the first, or with native resolutions the
+        one with the largest input size (the others take their images from it, resized)."""
+        sizes = [info.input_size[1] * info.input_size[2] for info in self.plan.infos]
+        return sizes.index(max(sizes)) if self.plan.native_resolution else 0
+
+    def stem(self, anchor: int, x: torch.Tensor) -> torch.Tensor:
+        """Anchor `anchor`'s stem on images (resized to its input size when anchors run at their own)."""
+        size = self.plan.infos[anchor].input_size[1:]
+        if self.plan.native_resolution and tuple(x.shape[-2:]) != tuple(size):
+            x = resample(x, size)
+        return self.adapters[anchor].stem(x)
+
     def run(self, stitch: Stitch, x: torch.Tensor) -> torch.Tensor:
         """Logits of one route from images."""
         first = stitch.route[0]
-        return self.run_from(stitch, self.adapters[first.anchor].stem(x), start=first.first)
+        return self.run_from(stitch, self.stem(first.anchor, x), start=first.first)
 
     def run_from(self, stitch: Stitch, x: torch.Tensor, start: int) -> torch.Tensor:
         """Finish a route from the input of unit `start` of its first segment (shared prefixes)."""
@@ -253,7 +278,7 @@ def prefix_outputs(net: StitchedNetwork, x: torch.Tensor, needed: dict[int, set[
         if not js:
             continue
         ad = net.adapters[a]
-        h = ad.stem(x)
+        h = net.stem(a, x)
         if -1 in js:
             out[(a, -1)] = h
         for u in range(max(js) + 1):

@@ -397,6 +397,10 @@ def _teachers(run, c: TrainConfig, device, memory_format) -> Callable[[int], nn.
         m = create_anchor(spec, pretrained).to(device, memory_format=memory_format).eval()
         for p in m.parameters():
             p.requires_grad_(False)
+        if spec in plan.anchors:   # an anchor's original: preprocessed as the run runs that anchor (--resolution)
+            i = plan.anchors.index(spec)
+            m.pretrained_cfg = run.net.anchors[i].pretrained_cfg
+            return _Resized(m, plan.infos[i].input_size[1:]) if plan.native_resolution else m
         data_mod.check_same_preprocessing([run.net.anchors[0], m], [plan.anchors[0], spec])
         return m
 
@@ -407,6 +411,19 @@ def _teachers(run, c: TrainConfig, device, memory_format) -> Callable[[int], nn.
         return _live_teachers(run.net, c)
     teacher = build(plan.anchors[-1] if c.distill == "largest" else c.distill)
     return lambda sid: teacher
+
+
+class _Resized(nn.Module):
+    """A teacher at its own input size in a run whose anchors run at their own sizes: images come
+    at the largest anchor's size and are resized as the SN-Net resizes them (composer.snnet)."""
+
+    def __init__(self, model: nn.Module, size):
+        super().__init__()
+        self.model, self.size = model, tuple(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from composer.snnet import resample
+        return self.model(x if tuple(x.shape[-2:]) == self.size else resample(x, self.size))
 
 
 def _live_teachers(net: StitchedNetwork, c: TrainConfig) -> Callable[[int], Callable]:
@@ -853,7 +870,7 @@ def _datasets(data: str, eval_data: str | None, net: StitchedNetwork, c: TrainCo
               main: bool, train_ds: Dataset | None = None) -> tuple[Dataset, int, Dataset | None, str]:
     """(training set, its size, held-out set (rank 0 only), its spec): train-time transform on `data`,
     eval transform on the held-out split. `train_ds`: the training set when already opened."""
-    cfg = data_mod.data_config(net.anchors[0])
+    cfg = data_mod.data_config(net.anchors[net.input_anchor])
     if train_ds is None:
         train_ds = data_mod.open_dataset(data, cfg, train=True)
     train_ds.transform = train_transform(cfg, c.hflip, c.min_crop)  # timm datasets apply `.transform` per item

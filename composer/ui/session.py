@@ -257,8 +257,12 @@ class Session:
             _hub_reachable_for(entry)
             if progress:
                 progress(0.5, "measuring members (shapes and MACs, no weights)")
-            from composer.run import load_anchors
-            _, infos = load_anchors(entry.specs, pretrained=False, device="meta")
+            from composer.data import SizeMismatch
+            from composer.run import NATIVE, load_anchors
+            try:
+                _, infos = load_anchors(entry.specs, pretrained=False, device="meta")
+            except SizeMismatch:   # members trained at different sizes (EfficientNet-B0..B7): each at its own
+                _, infos = load_anchors(entry.specs, pretrained=False, device="meta", resolution=NATIVE)
             self.family = entry
             self.member_infos = dict(zip(entry.specs, infos))
             self.two_way = False    # a new family starts from SN-Net's defaults (two-way takes exactly two anchors)
@@ -511,6 +515,9 @@ class Session:
         self.run_dir, self.net, self.r2, self.top1, self.top1_source = None, None, {}, {}, ""
         self.latency, self.selected, self.reference = None, None, None
         self.job = None    # never running here (_no_running_job): its run is an earlier run now
+        if plan.native_resolution:
+            from composer.curve import input_sizes_text
+            message += f" · members trained at different sizes: {input_sizes_text(plan)}, stitching layers resample"
         self.message, self.error = message + kept, False
         return plan
 
@@ -527,6 +534,13 @@ class Session:
 
     def _route_text(self, route: tuple[Segment, ...]) -> str:
         return " -> ".join(f"{short_name(self.infos[g.anchor].name)}[{g.first}..{g.last}]" for g in route)
+
+    @property
+    def resolution(self) -> str | None:
+        """"native" when the chosen anchors were trained at different sizes: each runs at its own, a
+        route at its first anchor's, stitching layers resampling (composer.run.set_native)."""
+        from composer.run import NATIVE
+        return NATIVE if len({tuple(i.input_size) for i in self.infos or []}) > 1 else None
 
     def plan_options(self) -> dict:
         """The plan as composer.pipeline.fit_run's plan_options rebuild it."""
@@ -613,6 +627,7 @@ class Session:
             run_dir = self._new_run_dir()
             try:
                 fitted = fit_run(self.specs, spec, run_dir, calib=calib, plan_options=self.plan_options(),
+                                 resolution=self.resolution,
                                  manifest_extra={"app": {"family": self.family.name if self.family else None,
                                                          "family_tag": self.family.tag if self.family else ""}},
                                  progress=show)
