@@ -94,8 +94,8 @@ def set_native(models: list) -> None:
     resizing (mean, std, interpolation, crop mode), so that one image feeds them all; each keeps its
     input size and crop fraction, which an exported route states as its own preprocessing."""
     cfgs = [dict(getattr(m, "pretrained_cfg", None) or {}) for m in models]
-    area = [(c.get("input_size") or (3, 224, 224))[1] * (c.get("input_size") or (3, 224, 224))[2] for c in cfgs]
-    largest = cfgs[area.index(max(area))]
+    sizes = [tuple(c.get("input_size") or (3, 224, 224)) for c in cfgs]
+    largest = cfgs[max(range(len(cfgs)), key=lambda i: sizes[i][1] * sizes[i][2])]
     shared = {k: largest[k] for k in ("mean", "std", "interpolation", "crop_mode") if k in largest}
     for model, cfg in zip(models, cfgs):
         model.pretrained_cfg = {**cfg, **shared}
