@@ -763,8 +763,13 @@ def _step(t: _Setup, step: int, x: torch.Tensor, y: torch.Tensor, progress: floa
                 if sid_r >= 0:
                     t.sampler.need.observe(int(sid_r), loss_r)
     t.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    t.opt.step()
+    if t.scaler is None:
+        loss.backward()
+        t.opt.step()
+    else:   # fp16: gradients scaled past fp16's underflow; a step whose gradients overflowed is skipped
+        t.scaler.scale(loss).backward()
+        t.scaler.step(t.opt)
+        t.scaler.update()
     return float(loss.detach()), sid, c.lr * factor
 
 
@@ -789,6 +794,7 @@ class _Setup:
     cycle_start: int                  # the step where the lr schedule's warmup + cosine cycle starts
     budget_s: float | None
     diverged_before: dict | None = None   # the manifest's record of an earlier run that diverged
+    scaler: torch.amp.GradScaler | None = None   # fp16 only: loss scaling (bf16 and fp32 need none)
 
 
 def _setup(run_dir: Path, data: str, config: TrainConfig, eval_data: str | None, dist: _Dist) -> _Setup:
@@ -836,13 +842,19 @@ def _setup(run_dir: Path, data: str, config: TrainConfig, eval_data: str | None,
     loader = DataLoader(_SeededItems(train_ds), batch_sampler=batches, num_workers=c.workers,
                         pin_memory=device.type == "cuda")
     from composer.device import autocast as _autocast, resolve_precision
-    autocast = _autocast(resolve_precision(c.precision, device), device)
+    precision = resolve_precision(c.precision, device)
+    autocast = _autocast(precision, device)
+    scaler = None
+    if precision == "fp16":
+        scaler = torch.amp.GradScaler(device.type)
+        if state is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
     budget_s = c.time_budget_min * 60 if c.time_budget_min else None
     cycle_start = step if budget_s else 0   # a time budget is one warmup + cosine cycle per invocation
     return _Setup(c=c, dist=dist, net=net, model=model, opt=opt, teacher_of=teacher_of, sampler=sampler,
                   loader=loader, eval_ds=eval_ds, ev_spec=ev_spec, device=device, memory_format=memory_format,
                   autocast=autocast, state=state, step=step, cycle_start=cycle_start, budget_s=budget_s,
-                  diverged_before=manifest.get("train_diverged"))
+                  diverged_before=manifest.get("train_diverged"), scaler=scaler)
 
 
 def _training_set_of(data: str, manifest: dict, config: TrainConfig) -> Dataset | None:
@@ -910,7 +922,8 @@ def _trainer_state(t: _Setup, step: int, history: list[dict]) -> dict:
             "schedule": {"cycle_start": t.cycle_start, "warmup_steps": c.warmup_steps, "lr": c.lr},
             "sampler": {"kind": c.sampling, "groups": c.groups, "seed": c.seed, "world": t.dist.world,
                         **({"need": t.sampler.need.state()} if t.sampler.need is not None else {})},
-            "config": asdict(c), "history": history}
+            "config": asdict(c), "history": history,
+            **({"scaler": t.scaler.state_dict()} if t.scaler is not None else {})}
 
 
 def _eta(t: _Setup, start_step: int, step: int, elapsed: float) -> float:

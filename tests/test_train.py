@@ -229,6 +229,30 @@ def test_stop_and_resume_equals_one_run(tmp_path, vit_family):
     assert again["step"] == 6 and all(torch.equal(b[k], v) for k, v in weights(resumed).items())
 
 
+def test_fp16_scales_the_loss_and_resumes_as_one_run(tmp_path, vit_family):
+    """fp16 training uses a gradient scaler (fp16 gradients underflow without one); its scale is
+    trainer state: a resume with a fresh scale would skip or scale steps differently."""
+    cfg = dict(optimizer="adamw", lr=1e-3, warmup_steps=2, precision="fp16", device="cpu")
+    straight = make_run(tmp_path, vit_family, "straight")
+    start = load_run(straight).net.state_dict()
+    train(straight, vit_family[1], small(steps=6, **cfg), eval_data=vit_family[2])
+    state = torch.load(next((straight / CHECKPOINT).glob("trainer-*.pt")), weights_only=True)
+    assert 0 < state["scaler"]["scale"] <= 65536.0
+    after = weights(straight)
+    assert any(not torch.equal(after[k], v) for k, v in start.items() if v.is_floating_point())   # steps were taken
+
+    resumed = make_run(tmp_path, vit_family, "resumed")
+    cancel = threading.Event()
+    train(resumed, vit_family[1], small(steps=6, **cfg), eval_data=vit_family[2], cancel=cancel,
+          events=lambda e: cancel.set() if e["type"] == "step" and e["step"] == 3 else None)
+    assert checkpoint_step(resumed) == 3
+    train(resumed, vit_family[1], small(steps=6, **cfg), eval_data=vit_family[2])
+    assert all(torch.equal(after[k], v) for k, v in weights(resumed).items())
+    # the scaler went on from its saved state (a fresh one would have counted 3 steps since its last change)
+    again = torch.load(next((resumed / CHECKPOINT).glob("trainer-*.pt")), weights_only=True)
+    assert again["scaler"] == state["scaler"] and state["scaler"]["_growth_tracker"] == 6
+
+
 def test_resume_refuses_another_optimizer(tmp_path, vit_family):
     run = make_run(tmp_path, vit_family)
     train(run, vit_family[1], small(steps=1, optimizer="adamw"), eval_data=vit_family[2])
