@@ -63,7 +63,7 @@ def test_bf16_evaluation_agrees_with_fp32_on_a_tiny_model():
         assert torch.equal(fp32.predictions[s.id], ref.argmax(-1))
 
 
-@pytest.mark.slow   # fits 40 CIFAR networks and evaluates 16 of them twice on 846 images: minutes on 2 cores
+@pytest.mark.slow   # fits 40 CIFAR networks and evaluates 10 of them twice on 846 images: a minute on 2 cores
 def test_bf16_top1_of_real_cifar_stitches_within_half_a_point(tmp_path):
     """On the 846 exact CIFAR-10 test images (../shared/data/README.md: the first 846 of the official
     test batch with their exact pixels), bf16 autocast changes no network's top-1 by more than 0.5
@@ -83,7 +83,8 @@ def test_bf16_top1_of_real_cifar_stitches_within_half_a_point(tmp_path):
     batches = list(data.loader(data.open_dataset(str(splits.exact846), cfg), 256))
     assert sum(len(y) for _, y in batches) == 846
     n_anchors = len(net.plan.anchors)
-    ids = list(range(n_anchors)) + list(range(n_anchors, len(net.plan.stitches), 3))   # anchors + every 3rd stitch
+    # anchors + every 6th stitch (both stages, every anchor pair): bf16 runs 2-4x slower than fp32 on this CPU
+    ids = list(range(n_anchors)) + list(range(n_anchors, len(net.plan.stitches), 6))
     fp32 = evaluate_all(net, batches, stitch_ids=ids, precision="fp32")
     bf16 = evaluate_all(net, batches, stitch_ids=ids, precision="bf16")
     gaps = {i: abs(bf16.top1[i] - fp32.top1[i]) for i in ids}
