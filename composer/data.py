@@ -44,8 +44,11 @@ def check_same_preprocessing(models: list[nn.Module], names: list[str], same_siz
     for name, cfg in zip(names[1:], cfgs[1:]):
         for k in keys:
             if tuple(cfg[k]) != tuple(cfgs[0][k]):
-                raise (SizeMismatch if k == "input_size" else DataError)(f"anchors disagree on preprocessing: {names[0]} has {k}={tuple(cfgs[0][k])}, "
-                                f"{name} has {tuple(cfg[k])}")
+                text = f"anchors disagree on preprocessing: {names[0]} has {k}={tuple(cfgs[0][k])}, {name} has {tuple(cfg[k])}"
+                if k == "input_size":
+                    raise SizeMismatch(text + ": run them with --resolution N (all at N x N) or --resolution native "
+                                              "(each at its own size)")
+                raise DataError(text)
     return cfgs[0]
 
 
