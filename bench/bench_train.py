@@ -65,7 +65,7 @@ from composer.judge import line_gaps  # noqa: E402
 from composer.evaluate import evaluate_all  # noqa: E402
 from composer.fit import calibrate_route_stats, fit_stitches  # noqa: E402
 from composer.run import build_network, load_run, save_fitted, write_evaluation  # noqa: E402
-from composer.train import TrainConfig, train  # noqa: E402
+from composer.train import TrainConfig, checkpoint_step, train  # noqa: E402
 
 RECIPES = {
     "snnet": TrainConfig(optimizer="sgd", lr=0.01, weight_decay=5e-5, anchor_lr_scale=1.0, freeze_bn=False),
@@ -272,7 +272,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_train_trainset"),
                    help="runs and caches (per protocol: the least-squares run and its evaluations are reused)")
     p.add_argument("--json", type=Path, help="also write the results here")
-    p.add_argument("--reuse", action="store_true", help="measure a budget's run again without retraining it")
+    p.add_argument("--reuse", action="store_true", help="measure a budget's run already trained in --work (by an earlier bench, or by "
+                        "`composer train WORK/LABEL-wall_min-M --time-budget M` itself) without retraining it")
     p.add_argument("--average", type=float, nargs="*", default=[], metavar="ALPHA",
                    help="also measure each fine-tune averaged toward the fitted weights: fitted + ALPHA x (trained - fitted)")
     p.add_argument("--combine", type=Path, nargs="+", help="print one table from these --json files and exit")
@@ -345,8 +346,10 @@ def main() -> None:
     for kind, value, steps in limits:
         run = args.work / f"{label}-{kind}-{value:g}"
         done = run / "train.json"
-        if args.reuse and done.is_file() and (steps is None or json.loads(done.read_text())["steps"] == steps):
-            extra = json.loads(done.read_text())     # trained before (e.g. a killed bench): measure only
+        trained_here = json.loads(done.read_text()) if done.is_file() else (
+            {"steps": checkpoint_step(run)} if checkpoint_step(run) else None)   # e.g. by `composer train` itself
+        if args.reuse and trained_here and (steps is None or trained_here["steps"] == steps):
+            extra = trained_here     # trained before (a killed bench, or the CLI): measure only
         else:
             shutil.rmtree(run, ignore_errors=True)
             shutil.copytree(fitted, run)
