@@ -181,6 +181,7 @@ def _plan_args(sp) -> None:
 @command("plan", _plan_args)
 def cmd_plan(args) -> None:
     """Enumerate stitches offline from architectures alone."""
+    from composer.curve import input_sizes_text
     from composer.pipeline import resolve_anchors
     from composer.plan import build_plan
     from composer.run import load_anchors
@@ -195,8 +196,7 @@ def cmd_plan(args) -> None:
                           "input_sizes": [list(i.input_size) for i in plan.infos], "stitches": rows}))
     else:
         print(_table(plan, rows, []))
-        sizes = ", ".join("x".join(map(str, i.input_size[1:])) for i in plan.infos)
-        at = (f" each at its own size: {sizes} px; stitching layers resample (--resolution native)"
+        at = (f", {input_sizes_text(plan)}; stitching layers resample (--resolution native)"
               if plan.native_resolution else
               f" all at {size} px with the first anchor's normalisation (--resolution)" if args.resolution
               else f" at {size} px")

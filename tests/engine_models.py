@@ -73,6 +73,32 @@ def tiny_vit_zoo(root: Path, dims: tuple[int, ...] = (16, 24), depth: int = 2, p
     return specs, data
 
 
+def mixed_size_cifar_zoo(root: Path, image_size: int = 44) -> tuple[list[str], Path]:
+    """Two random-weight CIFAR ResNets (3 classes) in local-dir format, ResNet-20 at its 32 px and
+    ResNet-32 saved as if trained at 40 px, and root/images: a 3-class ImageFolder of 4 random
+    `image_size`-px PNGs per class. Returns the anchors' "local-dir:" specs and the image folder."""
+    import json
+
+    import zoo.cifar_resnet  # noqa: F401  (registers the CIFAR ResNets with timm)
+    specs = []
+    for i, (arch, size) in enumerate((("cifar_resnet20", 32), ("cifar_resnet32", 40))):
+        torch.manual_seed(i)
+        d = root / arch
+        save_for_hf(timm.create_model(arch, num_classes=3), d, safe_serialization=True)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["pretrained_cfg"]["input_size"] = [3, size, size]
+        (d / "config.json").write_text(json.dumps(cfg))
+        specs.append(f"local-dir:{d}")
+    data = root / "images"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (data / f"class{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)).save(
+                data / f"class{c}" / f"{i}.png")
+    return specs, data
+
+
 def network(models, size, **plan_options) -> StitchedNetwork:
     infos = [describe(f"m{i}", adapt(m), size) for i, m in enumerate(models)]
     plan = build_plan(infos, **plan_options)

@@ -13,15 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
-from timm.models import save_for_hf
 
 from composer.cli import main, parser
-from tests.engine_models import tiny_vit_zoo
+from tests.engine_models import mixed_size_cifar_zoo, tiny_vit_zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_CUDA = "needs a CUDA GPU (torch.cuda.is_available() is False here)"
@@ -251,25 +248,8 @@ def test_resolution_refuses_a_fixed_size_vit(capsys):
 def test_resolution_is_kept_by_the_run_and_the_export(tmp_path, capsys):
     """Two CIFAR ResNets, one saved as if trained at 40 px: refused as they are; `fit --resolution 32`
     runs both at 32, and evaluate / export read it from the manifest."""
-    import timm
-
-    import zoo.cifar_resnet  # noqa: F401  (registers the CIFAR ResNets with timm)
     from composer.run import read_manifest
-    specs = []
-    for i, (arch, size) in enumerate((("cifar_resnet20", 32), ("cifar_resnet32", 40))):
-        torch.manual_seed(i)
-        d = tmp_path / arch
-        save_for_hf(timm.create_model(arch), d, safe_serialization=True)
-        cfg = json.loads((d / "config.json").read_text())
-        cfg["pretrained_cfg"]["input_size"] = [3, size, size]
-        (d / "config.json").write_text(json.dumps(cfg))
-        specs.append(f"local-dir:{d}")
-    data = tmp_path / "images"
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (data / f"class{c}").mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(data / f"class{c}" / f"{i}.png")
+    specs, data = mixed_size_cifar_zoo(tmp_path, image_size=36)
     run = tmp_path / "RUN"
     base = ["fit", *specs, "--data", str(data), "--calib", "12", "--batch-size", "4", "--out", str(run), "--device", "cpu"]
     assert main(base) == 2 and "disagree on preprocessing" in capsys.readouterr().err

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import zoo.cifar_resnet  # noqa: F401  (registers the CIFAR ResNets with timm)
 from composer.cli import main
@@ -24,7 +22,7 @@ from composer.export import load_stitched, route_of
 from composer.fit import HOLDOUT_EVERY, fit_stitches
 from composer.plan import PlanError, build_plan
 from composer.snnet import StitchedNetwork, prefix_outputs
-from tests.engine_models import cifar
+from tests.engine_models import cifar, mixed_size_cifar_zoo
 from zoo.adapters import adapt
 
 SIZES = (32, 40)
@@ -143,25 +141,7 @@ def test_plan_efficientnets_each_at_its_own_size_offline(capsys):
 
 @pytest.fixture
 def family(tmp_path):
-    """Two CIFAR ResNets in local-dir format, the second saved as trained at 40 px, and a 3-class
-    ImageFolder of 44-px PNGs."""
-    from timm.models import save_for_hf
-    specs = []
-    for i, (arch, size) in enumerate((("cifar_resnet20", 32), ("cifar_resnet32", 40))):
-        torch.manual_seed(i)
-        d = tmp_path / arch
-        save_for_hf(timm.create_model(arch, num_classes=3), d, safe_serialization=True)
-        cfg = json.loads((d / "config.json").read_text())
-        cfg["pretrained_cfg"]["input_size"] = [3, size, size]
-        (d / "config.json").write_text(json.dumps(cfg))
-        specs.append(f"local-dir:{d}")
-    data = tmp_path / "images"
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (data / f"class{c}").mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (44, 44, 3), dtype=np.uint8)).save(data / f"class{c}" / f"{i}.png")
-    return specs, data
+    return mixed_size_cifar_zoo(tmp_path)
 
 
 def test_cli_native_run_fits_trains_evaluates_and_exports_at_each_size(family, tmp_path, capsys):
