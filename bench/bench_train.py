@@ -64,7 +64,7 @@ from composer import data  # noqa: E402
 from composer.judge import line_gaps  # noqa: E402
 from composer.evaluate import evaluate_all  # noqa: E402
 from composer.fit import calibrate_route_stats, fit_stitches  # noqa: E402
-from composer.run import build_network, load_run, save_fitted, write_evaluation  # noqa: E402
+from composer.run import average_toward, build_network, load_run, save_fitted, write_evaluation  # noqa: E402
 from composer.train import TrainConfig, checkpoint_step, train  # noqa: E402
 
 RECIPES = {
@@ -202,15 +202,11 @@ def fitted_run(work: Path, specs: list[str], calib: Path, n_calib: int = 256) ->
     return run
 
 
-@torch.no_grad()
 def averaged(fitted, trained, alpha: float):
-    """Weight averaging toward the originals (WiSE-FT): every float tensor of the fine-tuned SN-Net
-    moved back to fitted + alpha x (trained - fitted); alpha 1 is the fine-tune, 0 least squares."""
+    """The fine-tuned SN-Net averaged toward the fitted one (`composer.run.average_toward`, what
+    `train --average` gives); alpha 1 is the fine-tune, 0 least squares."""
     net = copy.deepcopy(trained)
-    start = fitted.state_dict()
-    for k, v in net.state_dict().items():
-        if v.is_floating_point():
-            v.copy_(start[k] + alpha * (v - start[k]))
+    net.load_state_dict(average_toward(fitted.state_dict(), trained.state_dict(), alpha))
     return net
 
 
@@ -365,8 +361,9 @@ def main() -> None:
         trained = load_run(run).net
         measure(f"{label} {kind}={value:g}", trained, extra,
                       exact=args.exact_for is None or value in args.exact_for, run_dir=run)
-        for alpha in args.average:
-            measure(f"{label} {kind}={value:g} averaged {alpha:g}", averaged(net, trained, alpha), extra,
+        for alpha in args.average:   # toward the fitted weights from the weights as trained
+            raw = load_run(run, average=False).net
+            measure(f"{label} {kind}={value:g} averaged {alpha:g}", averaged(net, raw, alpha), extra,
                     exact=args.exact_for is None or value in args.exact_for)
         if args.json:   # after every run, so a later kill keeps the finished ones
             args.json.write_text(json.dumps(results, indent=1))

@@ -184,9 +184,25 @@ class Run:
         return self.net.plan
 
 
-def load_run(run_dir: Path, trained: bool = True) -> Run:
+def average_toward(fitted: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
+                   alpha: float) -> dict[str, torch.Tensor]:
+    """Weight averaging toward the fitted weights (WiSE-FT, Wortsman et al. 2022): every floating
+    tensor of `trained` that `fitted` has, moved back to fitted + alpha x (trained - fitted)."""
+    return {k: (fitted[k] + alpha * (v - fitted[k]) if v.is_floating_point() and k in fitted else v)
+            for k, v in trained.items()}
+
+
+def trained_average(manifest: dict) -> float:
+    """The weight of the fine-tune in the run's weights (`TrainConfig.average`; 1: as trained)."""
+    value = ((manifest.get("train") or {}).get("config") or {}).get("average")
+    return 1.0 if value is None else float(value)
+
+
+def load_run(run_dir: Path, trained: bool = True, average: bool = True) -> Run:
     """Rebuild the SN-Net of a run: anchors from their specs, the saved plan and weights.
-    With trained=True the latest training checkpoint (if any) replaces the fitted weights."""
+    With trained=True the latest training checkpoint (if any) replaces the fitted weights, averaged
+    toward them as the fine-tune asked (`TrainConfig.average`); average=False: the checkpoint's weights
+    as the optimizer left them (what a resumed fine-tune continues from)."""
     run_dir = Path(run_dir).expanduser()
     manifest = read_manifest(run_dir)
     try:
@@ -206,7 +222,10 @@ def load_run(run_dir: Path, trained: bool = True) -> Run:
                 raise RuntimeError(f"missing BatchNorm statistics {missing[:3]}")
         trained_file = run_dir / CHECKPOINT / TRAINED
         if trained and trained_file.is_file():
-            net.load_state_dict(load_file(trained_file))
+            weights, alpha = load_file(trained_file), trained_average(manifest)
+            if average and alpha != 1.0:
+                weights = average_toward(net.state_dict(), weights, alpha)
+            net.load_state_dict(weights)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise RunError(f"{run_dir}: weights could not be loaded ({str(e).splitlines()[0]})") from None
     return Run(run_dir, net, manifest)

@@ -103,6 +103,9 @@ class StitchedNetwork(nn.Module):
         self.adapters: list[BlockAdapter] = [adapt(m) for m in anchors]
         self.stitch_layers = nn.ModuleDict({k: StitchLayer(s, stitch_rank) for k, s in plan.layers.items()})
         self.stitch_id = 0
+        # Training only what lies behind a stitch point (`TrainConfig.frozen_fronts`): a stitch's route
+        # runs its first anchor's blocks without gradient, so they learn only from that anchor's own route.
+        self.frozen_fronts = False
         # stitch id -> names of the BatchNorms behind its stitch point; their private statistics
         all_bns = {n: m for n, m in self.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
         self._route_bns: dict[int, list[str]] = {}
@@ -144,7 +147,13 @@ class StitchedNetwork(nn.Module):
     def run(self, stitch: Stitch, x: torch.Tensor) -> torch.Tensor:
         """Logits of one route from images."""
         first = stitch.route[0]
-        return self.run_from(stitch, self.stem(first.anchor, x), start=first.first)
+        if not (self.frozen_fronts and stitch.layers and torch.is_grad_enabled()):
+            return self.run_from(stitch, self.stem(first.anchor, x), start=first.first)
+        with torch.no_grad():
+            x = self.stem(first.anchor, x)
+            for u in range(first.first, first.last + 1):
+                x = self.adapters[first.anchor].unit(u, x)
+        return self.run_from(stitch, x, start=first.last + 1)
 
     def run_from(self, stitch: Stitch, x: torch.Tensor, start: int) -> torch.Tensor:
         """Finish a route from the input of unit `start` of its first segment (shared prefixes)."""

@@ -50,8 +50,8 @@ from composer.errors import UserError
 from composer.evaluate import evaluate_all
 from composer.judge import line_gaps
 from composer.io import save_safetensors_atomic
-from composer.run import (CHECKPOINT, TRAINED, append_metrics, load_run, read_manifest, read_metrics, trim_metrics,
-                          write_evaluation, write_manifest)
+from composer.run import (CHECKPOINT, TRAINED, append_metrics, average_toward, load_run, read_manifest, read_metrics,
+                          trim_metrics, write_evaluation, write_manifest)
 from composer.snnet import StitchedNetwork
 from zoo.sources import create_anchor, is_sourced
 
@@ -81,11 +81,17 @@ class TrainConfig:
     stitches_per_step: int = 1          # the batch split among this many sampled stitches, one optimizer
     #                                     step for all: what SN-Net's 8 GPUs do (8 stitches per step), in one process
     stitch_layers_only: bool = False
+    frozen_fronts: bool = False         # a stitch's route trains only what lies behind its stitch point: the
+    #                                     first anchor's blocks before it learn only from that anchor's own route
     distill: str | None = None          # None: family default ("anchors" where the anchors have pretrained
     #                                     weights) | "off" | "largest" (largest anchor, frozen copy) | "anchors"
     #                                     (each route learns from the original of its last anchor) | "live"
     #                                     (from its last anchor as fine-tuned so far, no copy) | any anchor spec
     distill_weight: float = 0.5         # KL on logits (temperature 1)
+    average: float | None = None        # the run's weights are fitted + average x (trained - fitted): weight
+    #                                     averaging toward the fitted weights (WiSE-FT), applied wherever the
+    #                                     run is evaluated, exported or loaded; the checkpoint keeps the trained
+    #                                     weights, so a resume continues them. None: family default
     eval_every: int = 0                 # steps; 0: only at the end
     eval_limit: int | None = 500        # held-out images for periodic evaluation (shared-prefix evaluate_all)
     checkpoint_every: int = 50
@@ -115,9 +121,9 @@ class TrainConfig:
 # lossless images; anchors at 0.3x lr, their own routes drawn 30 % of the time and the rest by need
 # kept every anchor within 1 point of its published accuracy there.
 VIT_DEFAULTS = dict(optimizer="adamw", lr=3e-4, weight_decay=0.0, anchor_lr_scale=1.0, freeze_bn=False,
-                    distill="anchors", sampling="uniform")
+                    distill="anchors", sampling="uniform", average=1.0)
 CNN_DEFAULTS = dict(optimizer="adamw", lr=1e-3, weight_decay=0.0, anchor_lr_scale=0.3, freeze_bn=True,
-                    distill="anchors", sampling="need")
+                    distill="anchors", sampling="need", average=0.7)
 NEED_ANCHOR_SHARE = 0.3   # sampling "need": the anchors' own routes this often unless anchor_share says otherwise
 
 
@@ -153,6 +159,7 @@ def resolve(config: TrainConfig, net: StitchedNetwork, data: str = "", teachers:
         (c.sampling in SAMPLINGS, f"unknown sampling '{c.sampling}' (choose {', '.join(SAMPLINGS)})"),
         (c.groups >= 1, f"groups must be >= 1, got {c.groups}"),
         (0 <= c.distill_weight <= 1, f"the distillation weight must be in [0, 1], got {c.distill_weight}"),
+        (0 < c.average <= 1, f"the fine-tune's weight in the average must be in (0, 1] (1: as trained), got {c.average}"),
         (c.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {c.checkpoint_every}"),
         (c.eval_every >= 0, f"eval_every must be >= 0, got {c.eval_every}"),
         (c.anchor_lr_scale >= 0, f"anchor_lr_scale must be >= 0, got {c.anchor_lr_scale}"),
@@ -605,7 +612,8 @@ def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dic
             return {}
         if last_eval is not None and last_eval[0] == step:   # these weights were just evaluated
             return last_eval[1]
-        res = evaluate_all(net, data_mod.loader(t.eval_ds, c.batch_size, workers=c.workers))
+        with _averaged(net, t.fitted, c.average):   # what load_run, evaluate and export will see
+            res = evaluate_all(net, data_mod.loader(t.eval_ds, c.batch_size, workers=c.workers))
         _set_train_modes(net, c)
         record = {"type": "eval", "step": step, "images": res.images, "top1": {str(k): v for k, v in res.top1.items()}}
         if reference is not None and reference[0] == res.images:
@@ -685,6 +693,26 @@ def _train(run_dir, data, config, events, cancel, eval_data, dist: _Dist) -> dic
               "checkpoint": str(run_dir / CHECKPOINT)}
     events({"type": status, "step": step})
     return result
+
+
+@contextlib.contextmanager
+def _averaged(net: StitchedNetwork, fitted: dict[str, torch.Tensor] | None, alpha: float):
+    """The network's weights averaged toward the fitted ones (`TrainConfig.average`) inside, the
+    trained weights again after."""
+    if fitted is None:
+        yield
+        return
+    state = net.state_dict()    # tensors sharing the parameters' storage
+    trained = {k: state[k].clone() for k in fitted}
+    with torch.no_grad():
+        for k, v in average_toward(fitted, trained, alpha).items():
+            state[k].copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in trained.items():
+                state[k].copy_(v)
 
 
 def _reference_of(run_dir: Path, t: "_Setup") -> tuple[int, dict[int, float]] | None:
@@ -795,6 +823,7 @@ class _Setup:
     budget_s: float | None
     diverged_before: dict | None = None   # the manifest's record of an earlier run that diverged
     scaler: torch.amp.GradScaler | None = None   # fp16 only: loss scaling (bf16 and fp32 need none)
+    fitted: dict[str, torch.Tensor] | None = None   # the fitted weights, where evaluations average toward them
 
 
 def _setup(run_dir: Path, data: str, config: TrainConfig, eval_data: str | None, dist: _Dist) -> _Setup:
@@ -803,7 +832,7 @@ def _setup(run_dir: Path, data: str, config: TrainConfig, eval_data: str | None,
     manifest = read_manifest(run_dir)   # a clear refusal when RUN is not a run folder
     main = dist.rank == 0
     early = _training_set_of(data, manifest, config)   # a batch bigger than the data: refused before loading
-    run = load_run(run_dir)                 # includes the checkpoint's weights if there is one
+    run = load_run(run_dir, average=False)   # includes the checkpoint's weights if there is one
     net = run.net
     pretrained = run.manifest.get("pretrained")
     c = resolve(config, net, data, teachers=all(pretrained or is_sourced(a) for a in run.plan.anchors))
@@ -823,6 +852,11 @@ def _setup(run_dir: Path, data: str, config: TrainConfig, eval_data: str | None,
     if c.stitch_layers_only:
         for p in net.anchors.parameters():
             p.requires_grad_(False)
+    net.frozen_fronts = c.frozen_fronts
+    fitted = None     # what evaluations average toward (TrainConfig.average): least squares, the original anchors
+    if c.average != 1.0:
+        source = net if state is None else load_run(run_dir, trained=False).net
+        fitted = {k: v.detach().to(device, copy=True) for k, v in source.state_dict().items() if v.is_floating_point()}
     opt = _optimizer(net, c, state, run_dir)
     teacher_of = _teachers(run, c, device, memory_format)
     model: nn.Module = net
@@ -854,7 +888,7 @@ def _setup(run_dir: Path, data: str, config: TrainConfig, eval_data: str | None,
     return _Setup(c=c, dist=dist, net=net, model=model, opt=opt, teacher_of=teacher_of, sampler=sampler,
                   loader=loader, eval_ds=eval_ds, ev_spec=ev_spec, device=device, memory_format=memory_format,
                   autocast=autocast, state=state, step=step, cycle_start=cycle_start, budget_s=budget_s,
-                  diverged_before=manifest.get("train_diverged"), scaler=scaler)
+                  diverged_before=manifest.get("train_diverged"), scaler=scaler, fitted=fitted)
 
 
 def _training_set_of(data: str, manifest: dict, config: TrainConfig) -> Dataset | None:

@@ -199,6 +199,35 @@ def test_warmup_then_cosine():
     assert lr_factor(99, 0, 4, 1.0) == pytest.approx(0.0)
 
 
+def test_average_toward_the_fitted_weights(tmp_path, vit_family):
+    """average=0.5: the checkpoint keeps the weights as trained (a resume continues them: two
+    invocations equal one); the run's weights, and its evaluation, are fitted + 0.5 x (trained - fitted)."""
+    cfg = dict(optimizer="adamw", lr=1e-2, warmup_steps=1, average=0.5)
+    straight = make_run(tmp_path, vit_family, "straight")
+    fitted = load_run(straight, trained=False).net.state_dict()
+    train(straight, vit_family[1], small(steps=4, **cfg), eval_data=vit_family[2])
+    resumed = make_run(tmp_path, vit_family, "resumed")
+    cancel = threading.Event()
+    train(resumed, vit_family[1], small(steps=4, **cfg), eval_data=vit_family[2], cancel=cancel,
+          events=lambda e: e["type"] == "step" and e["step"] == 2 and cancel.set())
+    assert checkpoint_step(resumed) == 2
+    result = train(resumed, vit_family[1], small(steps=4, **cfg), eval_data=vit_family[2])
+    raw = weights(straight)
+    assert all(torch.equal(raw[k], v) for k, v in weights(resumed).items())
+    net = load_run(resumed).net
+    got = net.state_dict()
+    moved = [k for k, v in fitted.items() if v.is_floating_point() and not torch.equal(v, raw[k])]
+    assert moved
+    for k in moved:   # by hand, and neither end
+        assert torch.allclose(got[k], (fitted[k] + raw[k]) / 2, atol=1e-6)
+        assert not torch.equal(got[k], raw[k])
+    assert all(torch.equal(v, raw[k]) for k, v in load_run(resumed, average=False).net.state_dict().items())
+    # the final evaluation is of the averaged weights: the same top-1 as evaluating them afresh
+    from composer.evaluate import evaluate_all
+    ev = data.subset(data.open_dataset(vit_family[2], data.data_config(net.anchors[0]), split="validation"), 8, seed=0)
+    assert evaluate_all(net.eval(), data.loader(ev, 4)).top1 == result["top1"]
+
+
 # --- resume, cancel, kill --------------------------------------------------------------------------
 
 def test_stop_and_resume_equals_one_run(tmp_path, vit_family):
@@ -320,6 +349,34 @@ def test_stitch_layers_only_keeps_anchors(tmp_path, cnn_family):
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("stitch_layers."))
 
 
+def test_frozen_fronts_train_only_what_lies_behind_the_stitch_point(tmp_path, vit_family):
+    """frozen_fronts: a stitch's step moves its stitching layer and the back anchor's blocks, never
+    the first anchor's blocks before the stitch point (nor its stem)."""
+    run = make_run(tmp_path, vit_family)
+    before = load_run(run).net
+    plan = before.plan
+    seed = next(s for s in range(100) if plan.stitches[StitchSampler(before, "uniform", 4, s).pick(0)].layers)
+    events = []
+    train(run, vit_family[1], small(steps=1, optimizer="sgd", lr=0.1, seed=seed, frozen_fronts=True),
+          events=events.append, eval_data=vit_family[2])
+    stitch = plan.stitches[[e for e in events if e["type"] == "step"][0]["stitch"]]
+    after = weights(run)
+    changed = {k for k, v in before.state_dict().items() if not torch.equal(v, after[k])}
+    front = stitch.route[0]
+    adapter = before.adapters[front.anchor]
+    front_prefixes = [f"anchors.{front.anchor}.{n}" for n in adapter.stem_modules] + [
+        f"anchors.{front.anchor}.{n}" for u in adapter.units[front.first:front.last + 1] for n in u.modules]
+    assert not any(k.startswith(p + ".") for k in changed for p in front_prefixes)
+    assert any(k.startswith("stitch_layers.") for k in changed)
+    back = stitch.route[-1].anchor
+    assert any(k.startswith(f"anchors.{back}.") for k in changed)
+    # the same network without the option: the front learns too (the check above can fail)
+    run2 = make_run(tmp_path, vit_family, "unfrozen")
+    train(run2, vit_family[1], small(steps=1, optimizer="sgd", lr=0.1, seed=seed), eval_data=vit_family[2])
+    moved = {k for k, v in before.state_dict().items() if not torch.equal(v, weights(run2)[k])}
+    assert any(k.startswith(p + ".") for k in moved for p in front_prefixes)
+
+
 @pytest.mark.slow   # two CNN runs fitted and trained: ~5 s
 def test_freeze_bn_keeps_statistics(tmp_path, cnn_family):
     run = make_run(tmp_path, cnn_family)
@@ -395,6 +452,7 @@ def test_defaults_per_family(vit_family, cnn_family, tmp_path):
         "adamw", 1.0, False, "anchors", "uniform", None)
     assert (c.optimizer, c.anchor_lr_scale, c.freeze_bn, c.distill, c.sampling, c.anchor_share) == (
         "adamw", 0.3, True, "anchors", "need", 0.3)
+    assert (v.average, c.average) == (1.0, 0.7)
     assert resolve(TrainConfig(steps=1, sampling="uniform", anchor_share=0.1), cnn).sampling == "uniform"   # as asked
     assert resolve(TrainConfig(steps=1, sampling="uniform"), cnn).anchor_share is None    # SN-Net's uniform, exactly
     assert resolve(TrainConfig(steps=1), cnn, teachers=False).distill == "off"   # random anchors: nothing to learn from
