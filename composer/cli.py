@@ -341,11 +341,9 @@ def _train_args(sp) -> None:
     sp.add_argument("--stitches-per-step", type=_positive, default=1, metavar="K",
                     help="split each batch among K sampled stitches, one optimizer step for all (as SN-Net's K GPUs)")
     sp.add_argument("--stitch-layers-only", action="store_true", help="freeze the anchors, train the stitching layers")
-    sp.add_argument("--frozen-fronts", action="store_true",
-                    help="a stitch's route trains only what lies behind its stitch point")
     sp.add_argument("--average", type=_checked(number, 0, 1, above=0), metavar="ALPHA",
                     help="the run's weights are fitted + ALPHA x (trained - fitted): weight averaging toward the "
-                         "fitted weights (WiSE-FT) keeps more of what the anchors knew (default: 0.7 for CNNs, "
+                         "fitted weights (WiSE-FT) keeps more of what the anchors knew (default: 0.8 for CNNs, "
                          "1 for ViTs; the checkpoint keeps the weights as trained)")
     sp.add_argument("--distill", metavar="anchors|live|largest|off|SPEC",
                     help="distil from each route's last anchor (default with pretrained anchors: its original "
@@ -375,8 +373,7 @@ def cmd_train(args) -> None:
                          optimizer=args.optimizer, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                          sampling=args.sampling, groups=args.groups, macs_gap=args.macs_gap, anchor_share=args.anchor_share,
                          stitches_per_step=args.stitches_per_step,
-                         stitch_layers_only=args.stitch_layers_only, frozen_fronts=args.frozen_fronts,
-                         average=args.average,
+                         stitch_layers_only=args.stitch_layers_only, average=args.average,
                          distill=args.distill, distill_weight=args.distill_weight, eval_every=args.eval_every,
                          eval_limit=args.eval_limit, checkpoint_every=args.checkpoint_every, seed=args.seed,
                          workers=args.workers, anchor_lr_scale=args.anchor_lr_scale, min_crop=args.min_crop,

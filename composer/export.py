@@ -35,7 +35,7 @@ from composer.data import data_config
 from composer.errors import UserError
 from composer.io import read_config, save_safetensors_atomic, write_json_atomic, write_text_atomic
 from composer.plan import LayerSpec, Stitch, StitchPlan, load_plan
-from composer.run import load_run, read_evaluation
+from composer.run import load_run, read_evaluation, trained_average
 from composer.snnet import StitchedNetwork, StitchLayer
 from zoo.adapters import BlockAdapter, UnsupportedModel, adapt
 
@@ -390,6 +390,9 @@ def _training_text(manifest: dict) -> str:
                      f"(batch {cfg.get('batch_size', '?')}, {cfg.get('optimizer', '?')}, lr {cfg.get('lr', '?')}, "
                      f"sampling {cfg.get('sampling', '?')}, distillation {cfg.get('distill') or 'none'}), "
                      f"evaluated on `{tr.get('eval_data', '?')}`")
+        alpha = trained_average(manifest)
+        if alpha != 1.0:
+            lines.append(f"- weights averaged toward the fitted ones (WiSE-FT): fitted + {alpha:g} x (fine-tuned - fitted)")
     else:
         lines.append("- not fine-tuned (least-squares stitching layers only)")
     return "\n".join(lines)

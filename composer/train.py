@@ -83,6 +83,7 @@ class TrainConfig:
     stitch_layers_only: bool = False
     frozen_fronts: bool = False         # a stitch's route trains only what lies behind its stitch point: the
     #                                     first anchor's blocks before it learn only from that anchor's own route
+    #                                     (a lever measured for issue 15; it lost, bench/RESULTS.md)
     distill: str | None = None          # None: family default ("anchors" where the anchors have pretrained
     #                                     weights) | "off" | "largest" (largest anchor, frozen copy) | "anchors"
     #                                     (each route learns from the original of its last anchor) | "live"
@@ -123,7 +124,7 @@ class TrainConfig:
 VIT_DEFAULTS = dict(optimizer="adamw", lr=3e-4, weight_decay=0.0, anchor_lr_scale=1.0, freeze_bn=False,
                     distill="anchors", sampling="uniform", average=1.0)
 CNN_DEFAULTS = dict(optimizer="adamw", lr=1e-3, weight_decay=0.0, anchor_lr_scale=0.3, freeze_bn=True,
-                    distill="anchors", sampling="need", average=0.7)
+                    distill="anchors", sampling="need", average=0.8)
 NEED_ANCHOR_SHARE = 0.3   # sampling "need": the anchors' own routes this often unless anchor_share says otherwise
 
 

@@ -226,6 +226,9 @@ def test_average_toward_the_fitted_weights(tmp_path, vit_family):
     from composer.evaluate import evaluate_all
     ev = data.subset(data.open_dataset(vit_family[2], data.data_config(net.anchors[0]), split="validation"), 8, seed=0)
     assert evaluate_all(net.eval(), data.loader(ev, 4)).top1 == result["top1"]
+    from composer.export import _training_text   # an exported stitch's model card says so
+    from composer.run import read_manifest
+    assert "fitted + 0.5 x (fine-tuned - fitted)" in _training_text(read_manifest(resumed))
 
 
 # --- resume, cancel, kill --------------------------------------------------------------------------
@@ -452,7 +455,7 @@ def test_defaults_per_family(vit_family, cnn_family, tmp_path):
         "adamw", 1.0, False, "anchors", "uniform", None)
     assert (c.optimizer, c.anchor_lr_scale, c.freeze_bn, c.distill, c.sampling, c.anchor_share) == (
         "adamw", 0.3, True, "anchors", "need", 0.3)
-    assert (v.average, c.average) == (1.0, 0.7)
+    assert (v.average, c.average) == (1.0, 0.8)
     assert resolve(TrainConfig(steps=1, sampling="uniform", anchor_share=0.1), cnn).sampling == "uniform"   # as asked
     assert resolve(TrainConfig(steps=1, sampling="uniform"), cnn).anchor_share is None    # SN-Net's uniform, exactly
     assert resolve(TrainConfig(steps=1), cnn, teachers=False).distill == "off"   # random anchors: nothing to learn from
@@ -482,6 +485,9 @@ def test_cli_train_json_and_errors(tmp_path, vit_family, capsys):
     assert "steps or a time budget" in capsys.readouterr().err
     assert cli.main(["train", str(tmp_path / "norun"), "--data", vit_family[1], "--steps", "1"]) == 2
     assert "not a run folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):       # argparse's own one-line error
+        cli.main(["train", str(run), "--data", vit_family[1], "--steps", "3", "--average", "0"])
+    assert "--average: must be greater than 0" in capsys.readouterr().err
     assert checkpoint_step(run) == 2      # nothing lost by the failed calls
 
 
