@@ -356,7 +356,7 @@ def _train_args(sp) -> None:
     sp.add_argument("--eval-limit", type=_positive, default=500, help="held-out images per evaluation")
     sp.add_argument("--checkpoint-every", type=_positive, default=50, help="steps between checkpoints")
     _where(sp)
-    _common(sp)
+    _common(sp, batch_size=None)
 
 
 @command("train", _train_args)
@@ -794,8 +794,9 @@ def _rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _common(sp) -> None:
-    sp.add_argument("--batch-size", type=_positive, default=64)
+def _common(sp, batch_size: int | None = 64) -> None:
+    sp.add_argument("--batch-size", type=_positive, default=batch_size,
+                    help=None if batch_size else "default: 32 on a CPU, 64 on a GPU (composer.train.BATCH_CPU/GPU)")
     sp.add_argument("--workers", type=_natural, default=0, help="DataLoader worker processes")
     sp.add_argument("--seed", type=_integer, default=0)
     sp.add_argument("--json", action="store_true")

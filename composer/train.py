@@ -70,7 +70,7 @@ class TrainConfig:
     steps: int | None = None            # stop after this many optimizer steps (total, across resumes)
     time_budget_min: float | None = None  # or when this wall-clock budget (this invocation) is spent
     lr: float | None = None             # None: family default
-    batch_size: int = 64
+    batch_size: int | None = None       # images per step (per process); None: BATCH_CPU on a CPU, BATCH_GPU on a GPU
     optimizer: str | None = None        # None: AdamW for ViT-like (token layout) anchors, SGD momentum 0.9 for CNNs
     weight_decay: float | None = None
     warmup_steps: int | None = None
@@ -120,11 +120,20 @@ class TrainConfig:
 # CPU minutes (532 steps): anchors at the stitching layers' lr with uniform sampling put 34 of 36
 # stitches within 1 point on the training set's JPEG domain but cost the anchors up to 5.3 points on
 # lossless images; anchors at 0.3x lr, their own routes drawn 30 % of the time and the rest by need
-# kept every anchor within 1 point of its published accuracy there.
+# kept every anchor within 1 point of its published accuracy there. Averaging the fine-tune 0.8 toward
+# the fitted weights (WiSE-FT) then helped on lossless images at every budget (10 minutes with 2 threads,
+# 1,304 steps: 15 of 36 stitches within 1 point instead of 11, every anchor within 0.5 point) and cost
+# nothing measurable on the JPEGs (35 of 36 either way). ViTs: not measured (the starter digits have
+# no second domain), so not averaged.
 VIT_DEFAULTS = dict(optimizer="adamw", lr=3e-4, weight_decay=0.0, anchor_lr_scale=1.0, freeze_bn=False,
                     distill="anchors", sampling="uniform", average=1.0)
 CNN_DEFAULTS = dict(optimizer="adamw", lr=1e-3, weight_decay=0.0, anchor_lr_scale=0.3, freeze_bn=True,
                     distill="anchors", sampling="need", average=0.8)
+# A time budget on a CPU buys steps in proportion to the batch; on a GPU a small step costs about as much
+# as a large one. Measured on the CIFAR ResNets, `train --time-budget 2` with 2 threads: batch 32 (472
+# steps) put 25 of 36 stitches within 1 point on the test JPEGs, batch 64 (229 steps) 14; batch 16 (706)
+# 30, but cost ResNet-44 1.1 points on lossless images (bench/RESULTS.md).
+BATCH_CPU, BATCH_GPU = 32, 64
 NEED_ANCHOR_SHARE = 0.3   # sampling "need": the anchors' own routes this often unless anchor_share says otherwise
 
 
@@ -146,6 +155,9 @@ def resolve(config: TrainConfig, net: StitchedNetwork, data: str = "", teachers:
         c.distill = "off"
     if c.hflip is None:
         c.hflip = 0.0 if data.startswith("starter") else 0.5
+    if c.batch_size is None:
+        on_gpu = torch.device(c.device).type != "cpu" if c.device else torch.cuda.is_available()
+        c.batch_size = BATCH_GPU if on_gpu else BATCH_CPU
     if c.steps is None and c.time_budget_min is None:
         raise TrainError("say when to stop: give a number of steps or a time budget (--steps N, a total across "
                          "resumes, or --time-budget MIN), or both")

@@ -456,6 +456,10 @@ def test_defaults_per_family(vit_family, cnn_family, tmp_path):
     assert (c.optimizer, c.anchor_lr_scale, c.freeze_bn, c.distill, c.sampling, c.anchor_share) == (
         "adamw", 0.3, True, "anchors", "need", 0.3)
     assert (v.average, c.average) == (1.0, 0.8)
+    # the batch follows the device: a CPU's time budget buys steps in proportion to it
+    assert resolve(TrainConfig(steps=1, device="cpu"), cnn).batch_size == 32
+    assert resolve(TrainConfig(steps=1, device="cuda:0"), vit).batch_size == 64
+    assert resolve(TrainConfig(steps=1, device="cpu", batch_size=8), cnn).batch_size == 8
     assert resolve(TrainConfig(steps=1, sampling="uniform", anchor_share=0.1), cnn).sampling == "uniform"   # as asked
     assert resolve(TrainConfig(steps=1, sampling="uniform"), cnn).anchor_share is None    # SN-Net's uniform, exactly
     assert resolve(TrainConfig(steps=1), cnn, teachers=False).distill == "off"   # random anchors: nothing to learn from

@@ -224,7 +224,7 @@ def exports_view(s: Session):
 
 def train_form(s: Session, config: AppConfig) -> list:
     """The fine-tune form as last started in this session (the defaults before that)."""
-    f = {"steps": 100, "lr": 0, "batch": 64, "sampling": "default", "distill": "default", "eval_every": 25,
+    f = {"steps": 100, "lr": 0, "batch": 0, "sampling": "default", "distill": "default", "eval_every": 25,
          **s.train_form}
     return [f["steps"], f["lr"], f["batch"], f["sampling"], f["distill"], f["eval_every"]]
 
@@ -555,7 +555,7 @@ def finetune_section(page: Page, data: gr.Dropdown) -> TrainWidgets:
         with gr.Row():
             steps = gr.Number(value=100, label="steps to add", info="more steps from where the run is")
             lr = gr.Number(value=0, label="learning rate", info="0: the family default")
-            batch = gr.Number(value=64, label="batch")
+            batch = gr.Number(value=0, label="batch", info="0: 32 on a CPU, 64 on a GPU")
         with gr.Row():
             sampling = gr.Dropdown(SAMPLING, value="default", label="stitch sampling",
                                    info="default: by need with anchors' routes 30 % for CNNs, uniform for ViTs")
@@ -584,11 +584,11 @@ def finetune_section(page: Page, data: gr.Dropdown) -> TrainWidgets:
                 raise AppError(f"stitch sampling must be one of {', '.join(v for _, v in SAMPLING)}, "
                                f"not '{str(sampling_kind)[:20]}'")
             cfg = TrainConfig(
-                lr=rate or None, batch_size=whole(batch_size, "batch", 1, 4096),
+                lr=rate or None, batch_size=whole(batch_size, "batch (0: the default)", 0, 4096) or None,
                 sampling=None if str(sampling_kind) == "default" else str(sampling_kind),
                 distill=DISTILL_CONFIG[str(distill_kind)], eval_every=whole(every, "evaluate every (steps)", 0),
                 eval_limit=page.config.eval_limit, checkpoint_every=25)
-            form_values = {"lr": rate, "batch": cfg.batch_size, "sampling": str(sampling_kind), "distill": str(distill_kind),
+            form_values = {"lr": rate, "batch": cfg.batch_size or 0, "sampling": str(sampling_kind), "distill": str(distill_kind),
                            "eval_every": cfg.eval_every}
             job = s.start_training(add, cfg, data_spec, form=form_values)
             first = job.config.steps - add

@@ -123,8 +123,10 @@ def recipe_text(config: dict) -> str:
     if not config:
         return ""
     distill = str(config.get("distill"))
+    average = config.get("average")
     return (f"lr {config.get('lr'):g} ({config.get('optimizer')}), batch {config.get('batch_size')}, "
-            f"{config.get('sampling')} sampling, {DISTILL_WORDS.get(distill, 'distillation from ' + distill)}")
+            f"{config.get('sampling')} sampling, {DISTILL_WORDS.get(distill, 'distillation from ' + distill)}"
+            + (f", weights averaged {average:g} toward the fitted ones (WiSE-FT)" if average not in (None, 1.0) else ""))
 
 
 class BuilderJob:
