@@ -289,7 +289,7 @@ def test_10_inputs_are_refused_not_changed(client, app):
     for steps in (2.5, 0, "x"):
         status = client.predict(key, steps, 0, 16, "uniform", "none", 0, "starter", api_name="/train_start")[-1]
         assert "⚠" in status and "steps to add" in status, (steps, status)
-    for batch in (16.5, 0):
+    for batch in (16.5, -1):    # 0 is the default batch (32 on a CPU, 64 on a GPU)
         assert "⚠" in client.predict(key, 2, 0, batch, "uniform", "none", 0, "starter", api_name="/train_start")[-1]
     assert "⚠" in client.predict(key, 2, -1, 16, "uniform", "none", 0, "starter", api_name="/train_start")[-1]
     assert "⚠" in client.predict(key, 1.5, 1, False, api_name="/set_options")[-1]

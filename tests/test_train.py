@@ -7,7 +7,6 @@ used by test_export.py and test_ddp.py.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
