@@ -11,11 +11,13 @@ the exact test images; both judged on the other 423 exact images against their o
 BatchNorm scale and shift), every step on it (AdamW, batch 64, training JPEGs, hflip), with
 `--loss kd` (0.5 cross-entropy with label smoothing 0.1 + 0.5 KL to its last anchor's logits: the
 default recipe's loss) or `--loss kl` (distillation only); its gap to the line between the original
-anchors (1,000 test JPEGs; the 846 exact images) printed as it trains.
+anchors (1,000 test JPEGs; the 846 exact images) printed as it trains. `--augment requality`: half
+of the training images re-encoded as JPEG at a random quality of 20-70 (a lever that lost).
 
     python bench/bench_exact_gap.py --calibration
     python bench/bench_exact_gap.py --one-stitch 17 21 38 --loss kd --steps 200
     python bench/bench_exact_gap.py --one-stitch 17 38 --loss kl --steps 200
+    python bench/bench_exact_gap.py --one-stitch 17 21 --steps 200 --augment requality
 """
 from __future__ import annotations
 
@@ -58,7 +60,27 @@ def calibration() -> None:
               f"{s['median_gap']:+.2f}, worst {s['worst_gap']:+.2f}, within 1 point {s['within']}", flush=True)
 
 
-def one_stitch(ids: list[int], loss_name: str, steps: int, lr: float, work: Path) -> None:
+class Requality:
+    """Training images re-encoded as JPEG at a random lower quality, half of the time: the stitch sees
+    the direction in which compression moves images, not one compression level alone."""
+
+    def __init__(self, low: int = 20, high: int = 70, p: float = 0.5):
+        self.low, self.high, self.p = low, high, p
+
+    def __call__(self, image):
+        import io
+        import random
+
+        from PIL import Image
+        if random.random() >= self.p:
+            return image
+        buf = io.BytesIO()
+        image.convert("RGB").save(buf, "JPEG", quality=random.randint(self.low, self.high))
+        buf.seek(0)
+        return Image.open(buf).convert("RGB")
+
+
+def one_stitch(ids: list[int], loss_name: str, steps: int, lr: float, work: Path, augment: str = "none") -> None:
     splits = cifar10_splits()
     net = load_run(fitted_run(work, cifar_anchor_specs(), cifar10_train())).net.eval()
     for p in net.parameters():
@@ -83,6 +105,9 @@ def one_stitch(ids: list[int], loss_name: str, steps: int, lr: float, work: Path
         lines[name] = {g.id: g.top1 - g.gap for g in line_gaps(plan, ref, ref).stitches}
     train_ds = data.open_dataset(str(cifar10_train()), cfg, train=True)
     train_ds.transform = train_transform(cfg, 0.5)
+    if augment == "requality":
+        from torchvision import transforms
+        train_ds.transform = transforms.Compose([Requality(), train_ds.transform])
     batches = data.forever(data.loader(train_ds, 64, shuffle=True), RuntimeError("no training images"))
     anchor_route = {s.route[0].anchor: s for s in plan.stitches if s.is_anchor}
     start = {k: v.clone() for k, v in net.state_dict().items()}
@@ -97,7 +122,7 @@ def one_stitch(ids: list[int], loss_name: str, steps: int, lr: float, work: Path
         def gaps() -> str:
             return "  ".join(f"{n} {top1(sid, xy) - lines[n][sid]:+.2f}" for n, xy in sets.items())
 
-        print(f"stitch {sid} {plan.describe_route(s)}, loss {loss_name}: least squares: {gaps()}", flush=True)
+        print(f"stitch {sid} {plan.describe_route(s)}, loss {loss_name}, augment {augment}: least squares: {gaps()}", flush=True)
         t0 = time.time()
         for step in range(1, steps + 1):
             x, y = next(batches)
@@ -122,6 +147,8 @@ def main() -> None:
     p.add_argument("--one-stitch", type=int, nargs="+", metavar="ID", help="train these stitches alone, anchors frozen")
     p.add_argument("--loss", choices=("kd", "kl"), default="kd")
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--augment", choices=("none", "requality"), default="none",
+                   help="requality: half of the training images re-encoded as JPEG at quality 20-70")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_exact_gap"), help="the fitted run is cached here")
     args = p.parse_args()
@@ -131,7 +158,7 @@ def main() -> None:
     if args.calibration:
         calibration()
     if args.one_stitch:
-        one_stitch(args.one_stitch, args.loss, args.steps, args.lr, args.work)
+        one_stitch(args.one_stitch, args.loss, args.steps, args.lr, args.work, args.augment)
     if not (args.calibration or args.one_stitch):
         p.error("give --calibration and/or --one-stitch IDS")
 

@@ -36,12 +36,20 @@ def pytest_collection_modifyitems(config, items):
 def starter_family(tmp_path_factory):
     """The built-in starter family, built once per test session into a temporary cache, which
     also becomes ZOO_COMPOSER_CACHE so that the "starter" data spec finds the same build.
-    Tests using it are marked slow (pytest_collection_modifyitems above)."""
+    Tests using it are marked slow (pytest_collection_modifyitems above). Under pytest-xdist the
+    workers share one build (the first builds it under a file lock, the others wait and read it)."""
+    from filelock import FileLock
+
     from zoo.starter import ensure_starter
-    cache = tmp_path_factory.mktemp("zoo_cache")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        cache = tmp_path_factory.getbasetemp().parent / "zoo_cache"    # the workers' common base
+    else:
+        cache = tmp_path_factory.mktemp("zoo_cache")
     old = os.environ.get("ZOO_COMPOSER_CACHE")
     os.environ["ZOO_COMPOSER_CACHE"] = str(cache)
-    family = ensure_starter(cache, progress=False)
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / ".build.lock")):
+        family = ensure_starter(cache, progress=False)
     yield family
     if old is None:
         os.environ.pop("ZOO_COMPOSER_CACHE", None)
